@@ -1,0 +1,250 @@
+"""The ``batchprod`` command line: thin — parse, call, print.
+
+Exit codes: 0 = the run (or command) fully succeeded, 1 = the run finished with failed or cancelled
+jobs, 2 = a user error (bad config, unknown run, ...) reported as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from batchprod.errors import BatchprodError
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+err_console = Console(stderr=True)
+
+ROOT_OPTION = click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="BATCHPROD_SUBMIT_ROOT",
+    default=None,
+    help="Directory holding run submit directories (default ./submit).",
+)
+
+
+def _user_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BatchprodError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="-o")
+        k, v = p.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+OVERRIDE_OPTION = click.option(
+    "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Set a config key (dotted path)."
+)
+
+
+@click.group()
+@click.version_option(package_name="batchprod")
+def main() -> None:
+    """batchprod: run scientific pipelines at scale, and say exactly what happened."""
+
+
+def _print_prepare(run: Any, timings: list[Any]) -> None:
+    from batchprod.graph import describe
+
+    wf = run.workflow
+    for t in timings:
+        console.print(f"  {t.stage:<22} {t.seconds:8.2f}s  peak {t.peak_mb:8.0f} MB", style="dim")
+    console.print(f"graph:    {describe(run.qgraph)}")
+    final = " + finalJob" if wf.final is not None else ""
+    console.print(f"workflow: {len(wf)} jobs{final}, {wf.n_dependencies} dependencies, groups: "
+                  + ", ".join(g.name for g in wf.groups))
+    console.print(f"run:      {run.name}\nsubmit:   {run.submit_dir}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@OVERRIDE_OPTION
+@_user_errors
+def prepare(config: Path, overrides: tuple[str, ...]) -> None:
+    """Build the quantum graph and workflow into a submit directory; run nothing."""
+    from batchprod.execution.run import prepare as do_prepare
+
+    timings: list[Any] = []
+    run = do_prepare(config, _overrides(overrides), timings)
+    _print_prepare(run, timings)
+
+
+def _execute_foreground(run: Any, show_progress: bool) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from batchprod.execution.states import RunState
+    from batchprod.report import render_table, summarize
+    from batchprod.wms.base import get_wms
+
+    wms = get_wms(run.wms_name())
+    total = run.store.run_info()["n_jobs"]
+    if show_progress and console.is_terminal:
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+        ) as bar:
+            task = bar.add_task(run.name, total=total, detail="")
+
+            def progress(counts: dict[str, int]) -> None:
+                done = sum(counts.get(s, 0) for s in ("SUCCEEDED", "FAILED", "UNREADY", "CANCELLED", "KILLED"))
+                detail = " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()) if v)
+                bar.update(task, completed=done, detail=detail)
+
+            state = wms.execute(run, progress)
+    else:
+        state = wms.execute(run)
+    console.print(render_table(summarize(run)))
+    return 0 if state == RunState.SUCCEEDED else 1
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@OVERRIDE_OPTION
+@click.option("--detach", is_flag=True, help="Run in the background; follow with 'batchprod report'.")
+@_user_errors
+def submit(config: Path, overrides: tuple[str, ...], detach: bool) -> None:
+    """Prepare and run a workflow (foreground with a live progress bar, or --detach)."""
+    from batchprod.execution.run import prepare as do_prepare
+
+    timings: list[Any] = []
+    run = do_prepare(config, _overrides(overrides), timings)
+    _print_prepare(run, timings)
+    if detach:
+        log = open(run.submit_dir / "orchestrator.log", "ab")  # noqa: SIM115 (handed to the child)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "batchprod.cli", "_execute", str(run.submit_dir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        console.print(f"detached: orchestrator pid {proc.pid}; follow with: batchprod report {run.submit_dir}")
+        return
+    sys.exit(_execute_foreground(run, show_progress=True))
+
+
+@main.command("_execute", hidden=True)
+@click.argument("submit_dir", type=click.Path(path_type=Path))
+@_user_errors
+def execute_cmd(submit_dir: Path) -> None:
+    """Run a prepared run in this process (used by --detach)."""
+    from batchprod.execution.run import Run
+
+    sys.exit(_execute_foreground(Run(submit_dir), show_progress=False))
+
+
+def _latest(root: Path | None) -> str:
+    from batchprod.errors import RunError
+    from batchprod.execution.run import list_runs
+
+    runs = list_runs(root)
+    if not runs:
+        raise RunError(f"no runs under {root or Path.cwd() / 'submit'}")
+    return str(runs[0])
+
+
+@main.command()
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@ROOT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_user_errors
+def report(run_ref: str | None, root: Path | None, as_json: bool) -> None:
+    """Job counts per task label and a run summary (latest run if RUN is omitted)."""
+    from batchprod.execution.run import find_run
+    from batchprod.report import render_table, summarize
+
+    run = find_run(run_ref or _latest(root), root)
+    s = summarize(run)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+    else:
+        console.print(render_table(s))
+    sys.exit(0 if s["status"] == "SUCCEEDED" else 1)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@ROOT_OPTION
+@_user_errors
+def cancel(run_ref: str, root: Path | None) -> None:
+    """Stop every running job of a run (whole process groups) and mark the run CANCELLED."""
+    from batchprod.execution.run import find_run
+    from batchprod.wms.base import get_wms
+
+    run = find_run(run_ref, root)
+    get_wms(run.wms_name()).cancel(run)
+    console.print(f"cancelled {run.name}")
+
+
+@main.command()
+@ROOT_OPTION
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def runs(root: Path | None, as_json: bool) -> None:
+    """List runs under the submit root, newest first."""
+    from rich.table import Table
+
+    from batchprod.execution.run import Run, list_runs
+    from batchprod.report import summarize
+
+    rows = [summarize(Run(d)) for d in list_runs(root)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title=f"runs under {root or Path.cwd() / 'submit'}")
+    for c in ("run", "status", "jobs", "succeeded", "failed", "elapsed", "submit dir"):
+        t.add_column(c)
+    for s in rows:
+        j = s["jobs"]
+        t.add_row(s["run"], s["status"], str(j["total"]), str(j["succeeded"]), str(j["failed"]),
+                  f"{s['elapsed_s']:.0f}s", s["submit_dir"])
+    console.print(t)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-run"))
+@click.option("--visits", default=8, show_default=True, help="Number of visits.")
+@click.option("--detectors", default=5, show_default=True, help="Detectors per visit.")
+@click.option("--sources", default=40, show_default=True, help="Injected point sources.")
+@_user_errors
+def demo(directory: Path, visits: int, detectors: int, sources: int) -> None:
+    """Make a synthetic sky survey, run the demo pipeline on it, and check the final catalog."""
+    from batchprod.demo import check_catalog, make_demo
+    from batchprod.execution.run import prepare as do_prepare
+
+    config = make_demo(directory, visits=visits, detectors=detectors, n_sources=sources)
+    console.print(f"demo data and config in {directory}")
+    timings: list[Any] = []
+    run = do_prepare(config, {}, timings)
+    _print_prepare(run, timings)
+    rc = _execute_foreground(run, show_progress=True)
+    result = check_catalog(directory, run)
+    style = "green" if result["ok"] else "red"
+    console.print(f"catalog check: {result['message']}", style=style)
+    sys.exit(rc or (0 if result["ok"] else 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Runs: prepare a submit directory (frozen config, graph, workflow, state store) and open it again.
+
+A submit directory is assembled under a temporary name and renamed into place only when complete,
+so a bad input or a crash during prepare leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchprod.config import BpsConfig, Context, load_config
+from batchprod.errors import ConfigError, RunError
+from batchprod.execution.store import STATE_FILE, StateStore
+from batchprod.graph import QuantumGraph, Registry, build_quantum_graph
+from batchprod.pipeline import load_pipeline
+from batchprod.workflow import GenericWorkflow, workflow_from_config
+from batchprod.workflow.generic import FinalJob
+
+QGRAPH_FILE = "qgraph.bpqg"
+WORKFLOW_FILE = "workflow.bpwf"
+CONFIG_FILE = "config.yaml"
+REGISTRY_FILE = "registry.db"
+LOG_DIR = "logs"
+
+
+@dataclass
+class Timing:
+    """Seconds and peak memory of one prepare stage (logged like ctrl_bps's stage timers)."""
+
+    stage: str
+    seconds: float
+    peak_mb: float
+
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Run:
+    """An existing run: its submit directory, state store, and (lazily) its graph and workflow."""
+
+    def __init__(self, submit_dir: str | Path) -> None:
+        self.submit_dir = Path(submit_dir).resolve()
+        if not (self.submit_dir / STATE_FILE).is_file():
+            raise RunError(f"{submit_dir}: not a batchprod run (no {STATE_FILE})")
+        self.store = StateStore(self.submit_dir / STATE_FILE)
+
+    @cached_property
+    def qgraph(self) -> QuantumGraph:
+        return QuantumGraph.load(self.submit_dir / QGRAPH_FILE)
+
+    @cached_property
+    def workflow(self) -> GenericWorkflow:
+        return GenericWorkflow.load(self.submit_dir / WORKFLOW_FILE, self.qgraph)
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.submit_dir / CONFIG_FILE).read_text())
+
+    @property
+    def name(self) -> str:
+        return str(self.store.run_info()["name"])
+
+    @property
+    def log_dir(self) -> Path:
+        return self.submit_dir / LOG_DIR
+
+    def site_budget(self) -> tuple[int | None, int | None]:
+        """(cores, memory MB) the site config grants the local executor, None = the machine's."""
+        site = self.config.get("computeSite") or "local"
+        s = (self.config.get("site") or {}).get(site) or {}
+        from batchprod.config.keys import SITE_KEYS
+
+        cores = SITE_KEYS["cores"](s["cores"]) if "cores" in s else None
+        mem = SITE_KEYS["memory"](s["memory"]) if "memory" in s else None
+        return cores, mem
+
+    def wms_name(self) -> str:
+        return str(self.store.run_info()["wms"])
+
+
+def find_run(ref: str | Path, submit_root: str | Path | None = None) -> Run:
+    """A run by submit directory path or by name (relative to the submit root, default ./submit)."""
+    p = Path(ref)
+    if (p / STATE_FILE).is_file():
+        return Run(p)
+    root = Path(submit_root) if submit_root else Path.cwd() / "submit"
+    if (root / ref / STATE_FILE).is_file():
+        return Run(root / ref)
+    raise RunError(f"run '{ref}' not found (looked in {p} and {root / ref})")
+
+
+def list_runs(submit_root: str | Path | None = None) -> list[Path]:
+    """Submit directories under the root (any depth), newest first."""
+    root = Path(submit_root) if submit_root else Path.cwd() / "submit"
+    if not root.is_dir():
+        return []
+    found = [p.parent for p in root.rglob(STATE_FILE)]
+    return sorted(found, key=lambda d: (d / STATE_FILE).stat().st_mtime, reverse=True)
+
+
+def _check_budget(cfg: BpsConfig, wf: GenericWorkflow) -> None:
+    """A job that can never fit the site is a config error now, not a hang later."""
+    from batchprod.config.keys import SITE_KEYS
+
+    site = cfg.get("computeSite")
+    sec = (cfg.data.get("site") or {}).get(site) or {}
+    cores = SITE_KEYS["cores"](sec["cores"]) if "cores" in sec else None
+    mem = SITE_KEYS["memory"](sec["memory"]) if "memory" in sec else None
+    groups = list(wf.groups) + ([] if wf.final is None else [_final_group(wf.final)])
+    for g in groups:
+        r = g.resources
+        if cores is not None and r.request_cpus > cores:
+            raise ConfigError(f"job group '{g.name}': requestCpus {r.request_cpus} exceeds site '{site}' cores {cores}")
+        if mem is not None and r.request_memory > mem:
+            raise ConfigError(
+                f"job group '{g.name}': requestMemory {r.request_memory} MB exceeds site '{site}' memory {mem} MB"
+            )
+
+
+def _final_group(f: FinalJob) -> Any:
+    from batchprod.workflow.generic import JobGroup
+
+    return JobGroup(FinalJob.NAME, (), (), f.resources)
+
+
+def _safe_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name) or ".." in name.split("/"):
+        raise ConfigError(f"run name {name!r} may only hold letters, digits, '_', '-', '.', '/'")
+    return name
+
+
+def prepare(
+    config_path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    timings: list[Timing] | None = None,
+) -> Run:
+    """Validate everything, build graph and workflow, then write the submit directory atomically."""
+    timings = timings if timings is not None else []
+    t0 = time.perf_counter()
+    cfg = load_config(config_path, overrides)
+    pipeline_path = cfg.resolve_path("pipelineYaml")
+    pipeline = load_pipeline(pipeline_path)
+    repo = cfg.resolve_path("repo")
+    if not (repo / REGISTRY_FILE).is_file():
+        raise ConfigError(f"{cfg.where(cfg.find_raw('repo')[1])}: key 'payload.repo': no {REGISTRY_FILE} in {repo}")
+    output_run = _safe_name(str(cfg.get("outputRun")))
+    submit_dir = Path(str(cfg.get("submitPath"))).resolve()
+    if submit_dir.exists():
+        raise RunError(f"{submit_dir}: submit directory already exists (use 'batchprod restart' to continue that run)")
+    query = cfg.get("dataQuery", default="")
+    timings.append(Timing("load config", time.perf_counter() - t0, _peak_mb()))
+
+    t0 = time.perf_counter()
+    registry = Registry(repo / REGISTRY_FILE)
+    try:
+        qg = build_quantum_graph(pipeline, registry, query, metadata={"output_run": output_run})
+    finally:
+        registry.close()
+    timings.append(Timing("build quantum graph", time.perf_counter() - t0, _peak_mb()))
+
+    t0 = time.perf_counter()
+    run_info = {"repo": str(repo), "output_run": output_run, "submit_dir": str(submit_dir), "name": output_run}
+    wf = workflow_from_config(qg, cfg, run_info)
+    _check_budget(cfg, wf)
+    timings.append(Timing("cluster + workflow", time.perf_counter() - t0, _peak_mb()))
+
+    t0 = time.perf_counter()
+    wms = str(cfg.get("wmsServiceClass", Context()))
+    tmp = submit_dir.with_name(f".{submit_dir.name}.preparing")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        shutil.copy(pipeline_path, tmp / "pipeline.yaml")
+        qg.save(tmp / QGRAPH_FILE)
+        wf.save(tmp / WORKFLOW_FILE)
+        (tmp / LOG_DIR).mkdir()
+        store = StateStore(tmp / STATE_FILE, create=True)
+        names = wf.job_names()
+        prio = wf.priorities()
+        mem = [g.resources.request_memory for g in wf.groups]
+        jobs = (
+            {
+                "id": j,
+                "name": names[j],
+                "label": wf.groups[int(wf.job_group[j])].name,
+                "n_quanta": int(wf.job_qptr[j + 1] - wf.job_qptr[j]),
+                "priority": int(prio[j]),
+                "request_memory": mem[int(wf.job_group[j])],
+            }
+            for j in range(len(wf))
+        )
+        if wf.final is not None:
+            jobs = _chain(jobs, {
+                "id": len(wf), "name": FinalJob.NAME, "label": FinalJob.NAME, "n_quanta": 0,
+                "priority": wf.final.resources.priority, "request_memory": wf.final.resources.request_memory,
+            })
+        store.init_run(output_run, str(submit_dir), wms, jobs)
+        store.close()
+        tmp.rename(submit_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    timings.append(Timing("write submit dir", time.perf_counter() - t0, _peak_mb()))
+    run = Run(submit_dir)
+    run.__dict__["qgraph"] = qg
+    run.__dict__["workflow"] = wf
+    return run
+
+
+def _chain(it: Any, last: dict[str, Any]) -> Any:
+    yield from it
+    yield last

@@ -1,0 +1,243 @@
+"""The run state store: the source of truth for report, cancel and restart.
+
+One SQLite file per run (WAL, SQLAlchemy Core, so PostgreSQL can serve the campaign service).
+Writers hand over whole rows and the store commits them in one transaction per flush: a state change
+costs ~µs, never a round trip per job on the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from batchprod.errors import RunError
+
+_md = sa.MetaData()
+
+run_t = sa.Table(
+    "run",
+    _md,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("submit_dir", sa.String, nullable=False),
+    sa.Column("wms", sa.String, nullable=False),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("n_jobs", sa.Integer, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("orchestrator_pid", sa.Integer),
+    sa.Column("orchestrator_host", sa.String),
+    sa.Column("message", sa.String),
+)
+
+job_t = sa.Table(
+    "job",
+    _md,
+    sa.Column("id", sa.Integer, primary_key=True),  # = index in the generic workflow; final job = n_jobs
+    sa.Column("name", sa.String, nullable=False, unique=True),
+    sa.Column("label", sa.String, nullable=False),
+    sa.Column("n_quanta", sa.Integer, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("status", sa.String, nullable=False, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("request_memory", sa.Integer, nullable=False),
+    sa.Column("failure_class", sa.String),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("message", sa.String),
+    sa.Column("updated", sa.Float),
+)
+
+attempt_t = sa.Table(
+    "attempt",
+    _md,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("job.id"), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("failure_class", sa.String),
+    sa.Column("exit_code", sa.Integer),
+    sa.Column("signal", sa.Integer),
+    sa.Column("request_memory", sa.Integer),
+    sa.Column("peak_rss_mb", sa.Float),
+    sa.Column("cpu_s", sa.Float),
+    sa.Column("wall_s", sa.Float),
+    sa.Column("host", sa.String),
+    sa.Column("pid", sa.Integer),
+    sa.Column("start", sa.Float),
+    sa.Column("end", sa.Float),
+    sa.Column("stdout", sa.String),
+    sa.Column("stderr", sa.String),
+    sa.Column("message", sa.String),
+)
+
+output_t = sa.Table(
+    "output",
+    _md,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("job.id"), nullable=False, index=True),
+    sa.Column("node_id", sa.String, nullable=False),
+    sa.Column("dataset_type", sa.String, nullable=False),
+    sa.Column("data_id", sa.String, nullable=False),
+    sa.Column("path", sa.String, nullable=False),
+    sa.Column("size", sa.BigInteger),
+    sa.Column("checksum", sa.String),
+)
+
+JOB_MUTABLE = ("status", "attempts", "request_memory", "failure_class", "exit_code", "message", "updated")
+ATTEMPT_COLUMNS = tuple(c.name for c in attempt_t.columns)
+
+STATE_FILE = "state.db"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class StateStore:
+    """Access to one run's state database."""
+
+    def __init__(self, url_or_path: str | Path, create: bool = False) -> None:
+        url = str(url_or_path)
+        if "://" not in url:
+            p = Path(url)
+            if not create and not p.is_file():
+                raise RunError(f"{p}: no run state store here")
+            url = f"sqlite:///{p}"
+        self.url = url
+        self.engine = sa.create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        if create:
+            _md.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _upsert(self, table: sa.Table, keys: Sequence[str]) -> Any:
+        ins = (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(table)
+        cols = {c.name: ins.excluded[c.name] for c in table.columns if c.name not in keys}
+        return ins.on_conflict_do_update(index_elements=list(keys), set_=cols)
+
+    # -- creation -----------------------------------------------------------------------------------
+    def init_run(self, name: str, submit_dir: str, wms: str, jobs: Iterable[Mapping[str, Any]]) -> int:
+        """Create the run row and every job row (PENDING) in one transaction."""
+        now = time.time()
+        rows = [
+            {
+                "id": j["id"],
+                "name": j["name"],
+                "label": j["label"],
+                "n_quanta": j["n_quanta"],
+                "priority": j["priority"],
+                "status": "PENDING",
+                "attempts": 0,
+                "request_memory": j["request_memory"],
+                "updated": now,
+            }
+            for j in jobs
+        ]
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(sa.func.count()).select_from(run_t)).scalar():
+                raise RunError(f"{self.url}: run already initialised")
+            conn.execute(
+                run_t.insert().values(
+                    id=1, name=name, submit_dir=submit_dir, wms=wms, status="PREPARED", n_jobs=len(rows),
+                    created=now, updated=now,
+                )
+            )
+            for i in range(0, len(rows), 50_000):
+                conn.execute(job_t.insert(), rows[i : i + 50_000])
+        return len(rows)
+
+    # -- run row ------------------------------------------------------------------------------------
+    def run_info(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(run_t)).mappings().first()
+        if row is None:
+            raise RunError(f"{self.url}: run not initialised")
+        return dict(row)
+
+    def set_run(self, **fields: Any) -> None:
+        fields["updated"] = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(run_t.update().where(run_t.c.id == 1).values(**fields))
+
+    # -- batched writes -----------------------------------------------------------------------------
+    def write(
+        self,
+        jobs: Sequence[Mapping[str, Any]] = (),
+        attempts: Sequence[Mapping[str, Any]] = (),
+        outputs: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """Commit job rows (id + JOB_MUTABLE), attempt rows (upsert) and outputs in one transaction."""
+        if not (jobs or attempts or outputs):
+            return
+        with self.engine.begin() as conn:
+            if jobs:
+                stmt = (
+                    job_t.update()
+                    .where(job_t.c.id == sa.bindparam("_id"))
+                    .values({c: sa.bindparam(c) for c in JOB_MUTABLE})
+                )
+                conn.execute(stmt, [{"_id": j["id"], **{c: j.get(c) for c in JOB_MUTABLE}} for j in jobs])
+            if attempts:
+                conn.execute(
+                    self._upsert(attempt_t, ("job_id", "number")),
+                    [{c: a.get(c) for c in ATTEMPT_COLUMNS} for a in attempts],
+                )
+            if outputs:
+                conn.execute(output_t.insert(), list(outputs))
+
+    # -- reads --------------------------------------------------------------------------------------
+    def jobs(self, status: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+        q = sa.select(job_t).order_by(job_t.c.id)
+        if isinstance(status, str):
+            q = q.where(job_t.c.status == status)
+        elif status is not None:
+            q = q.where(job_t.c.status.in_(list(status)))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def job_by_name(self, name: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(job_t).where(job_t.c.name == name)).mappings().first()
+        return dict(r) if r else None
+
+    def job_columns(self, *cols: str) -> list[tuple[Any, ...]]:
+        """Selected columns of every job, ordered by id (cheap bulk read for restart)."""
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.select(*[job_t.c[c] for c in cols]).order_by(job_t.c.id))]
+
+    def attempts(self, job_id: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        q = sa.select(attempt_t).order_by(attempt_t.c.job_id, attempt_t.c.number)
+        if job_id is not None:
+            q = q.where(attempt_t.c.job_id == job_id)
+        if status is not None:
+            q = q.where(attempt_t.c.status == status)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def outputs(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        q = sa.select(output_t).order_by(output_t.c.id)
+        if job_id is not None:
+            q = q.where(output_t.c.job_id == job_id)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def counts_by_label(self) -> list[tuple[str, str, int, int]]:
+        """(label, status, jobs, quanta) grouped in SQL: a report never loads every job."""
+        q = (
+            sa.select(job_t.c.label, job_t.c.status, sa.func.count(), sa.func.sum(job_t.c.n_quanta))
+            .group_by(job_t.c.label, job_t.c.status)
+            .order_by(sa.func.min(job_t.c.id))
+        )
+        with self.engine.connect() as conn:
+            return [(lab, st, int(n), int(nq or 0)) for lab, st, n, nq in conn.execute(q)]

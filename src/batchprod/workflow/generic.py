@@ -1,0 +1,269 @@
+"""The generic workflow: jobs (clusters of quanta) with resources, dependencies and a final job.
+
+Columnar like the quantum graph: a job is an index; its quanta, parents and resource group are array
+slices. Resources are resolved once per *group* (a task label or a cluster), never per job, so a
+million jobs cost one config lookup per label.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchprod._arrayfile import load_arrays, save_arrays
+from batchprod.errors import WorkflowError
+from batchprod.graph.quantum_graph import QuantumGraph
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a job asks for and how it is retried (ctrl_bps key names in the config)."""
+
+    request_cpus: int = 1
+    request_memory: int = 2048  # MB
+    request_walltime: int = 0  # seconds, 0 = unlimited
+    priority: int = 0
+    number_of_retries: int = 0
+    memory_multiplier: float = 1.0
+    memory_limit: int = 0  # MB, 0 = site memory
+    max_preemptions: int = 3
+
+    @classmethod
+    def from_settings(cls, s: dict[str, Any]) -> Resources:
+        return cls(
+            request_cpus=s["requestCpus"],
+            request_memory=s["requestMemory"],
+            request_walltime=s["requestWalltime"],
+            priority=s["priority"],
+            number_of_retries=s["numberOfRetries"],
+            memory_multiplier=s["memoryMultiplier"],
+            memory_limit=s["memoryLimit"],
+            max_preemptions=s["maxPreemptions"],
+        )
+
+    @staticmethod
+    def combine(items: list[Resources]) -> Resources:
+        """Resources of a job running several tasks one after another: the largest of each."""
+        return Resources(*(max(getattr(r, f) for r in items) for f in Resources.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class JobGroup:
+    """Jobs that share a name prefix, task labels, key dimensions and resources."""
+
+    name: str
+    labels: tuple[str, ...]
+    dimensions: tuple[str, ...]
+    resources: Resources
+
+
+@dataclass(frozen=True)
+class FinalJob:
+    """Runs after every other job: e.g. merge catalogs or ingest outputs."""
+
+    python: str | None
+    command: str | None
+    when_run: str  # ALWAYS | SUCCESS
+    resources: Resources = field(default_factory=Resources)
+
+    NAME = "finalJob"
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A read-only view of one job, built on demand."""
+
+    index: int
+    name: str
+    group: JobGroup
+    quanta: np.ndarray
+    parents: np.ndarray
+
+    @property
+    def resources(self) -> Resources:
+        return self.group.resources
+
+
+class GenericWorkflow:
+    """Jobs as arrays: group per job, quanta per job (CSR), parent jobs per job (CSR)."""
+
+    def __init__(
+        self,
+        groups: list[JobGroup],
+        job_group: np.ndarray,
+        job_qptr: np.ndarray,
+        job_qidx: np.ndarray,
+        dep_ptr: np.ndarray,
+        dep_idx: np.ndarray,
+        final: FinalJob | None,
+        qgraph: QuantumGraph,
+        run: dict[str, Any],
+    ) -> None:
+        self.groups = groups
+        self.job_group = np.asarray(job_group, dtype=np.int32)
+        self.job_qptr = np.asarray(job_qptr, dtype=np.int64)
+        self.job_qidx = np.asarray(job_qidx, dtype=np.int32)
+        self.dep_ptr = np.asarray(dep_ptr, dtype=np.int64)
+        self.dep_idx = np.asarray(dep_idx, dtype=np.int32)
+        self.final = final
+        self.qgraph = qgraph
+        #: run-level facts every job needs: repo, output run, submit dir, run name
+        self.run = dict(run)
+
+    def __len__(self) -> int:
+        return len(self.job_group)
+
+    @property
+    def n_dependencies(self) -> int:
+        return len(self.dep_idx)
+
+    def quanta(self, j: int) -> np.ndarray:
+        return self.job_qidx[self.job_qptr[j] : self.job_qptr[j + 1]]
+
+    def parents(self, j: int) -> np.ndarray:
+        return self.dep_idx[self.dep_ptr[j] : self.dep_ptr[j + 1]]
+
+    @cached_property
+    def _children(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self)
+        consumer = np.repeat(np.arange(n, dtype=np.int32), np.diff(self.dep_ptr))
+        order = np.argsort(self.dep_idx, kind="stable")
+        ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.dep_idx, minlength=n), out=ptr[1:])
+        return ptr, consumer[order]
+
+    def children(self, j: int) -> np.ndarray:
+        ptr, idx = self._children
+        return idx[ptr[j] : ptr[j + 1]]
+
+    def children_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._children
+
+    def group(self, j: int) -> JobGroup:
+        return self.groups[int(self.job_group[j])]
+
+    def job_name(self, j: int) -> str:
+        """Readable and unique: group name + the job's key dimension values."""
+        g = self.group(j)
+        did = self.qgraph.data_id(int(self.job_qidx[self.job_qptr[j]]))
+        key = "_".join(f"{d}{did[d]}" for d in g.dimensions)
+        return f"{g.name}_{key}" if key else g.name
+
+    def job_names(self) -> list[str]:
+        return [self.job_name(j) for j in range(len(self))]
+
+    def job(self, j: int) -> JobView:
+        return JobView(j, self.job_name(j), self.group(j), self.quanta(j), self.parents(j))
+
+    def priorities(self) -> np.ndarray:
+        return np.array([g.resources.priority for g in self.groups], dtype=np.int64)[self.job_group]
+
+    def job_spec(self, j: int) -> dict[str, Any]:
+        """Everything the job wrapper needs to run job j (JSON-serializable)."""
+        repo, run = self.run["repo"], self.run["output_run"]
+        qg = self.qgraph
+        quanta = []
+        for q in self.quanta(j):
+            q = int(q)
+            task = qg.tasks[int(qg.task_of[q])]
+            quanta.append(
+                {
+                    "node_id": qg.node_id(q),
+                    "label": task.label,
+                    "data_id": qg.data_id(q),
+                    "python": task.python,
+                    "command": task.command,
+                    "config": task.config or {},
+                    "inputs": [asdict(r) for r in qg.inputs(q, repo, run)],
+                    "outputs": [asdict(r) for r in qg.outputs(q, repo, run)],
+                }
+            )
+        return {"name": self.job_name(j), "repo": repo, "output_run": run, "quanta": quanta}
+
+    def final_spec(self) -> dict[str, Any] | None:
+        if self.final is None:
+            return None
+        return {
+            "name": FinalJob.NAME,
+            "repo": self.run["repo"],
+            "output_run": self.run["output_run"],
+            "final": {"python": self.final.python, "command": self.final.command},
+            "quanta": [],
+        }
+
+    def topological_order(self) -> np.ndarray:
+        """Kahn over job arrays; raises WorkflowError naming a group on a cycle."""
+        n = len(self)
+        indeg = np.diff(self.dep_ptr).tolist()
+        ptr, idx = self._children
+        ptr_l, idx_l = ptr.tolist(), idx.tolist()
+        ready = [j for j in range(n) if indeg[j] == 0]
+        order: list[int] = []
+        while ready:
+            j = ready.pop()
+            order.append(j)
+            for c in idx_l[ptr_l[j] : ptr_l[j + 1]]:
+                indeg[c] -= 1
+                if indeg[c] == 0:
+                    ready.append(c)
+        if len(order) != n:
+            stuck = sorted({self.group(j).name for j in range(n) if indeg[j] > 0})
+            raise WorkflowError(
+                f"clustering creates a cycle among jobs of: {', '.join(stuck)} "
+                "(a cluster must not contain tasks with an unclustered task between them)"
+            )
+        return np.array(order, dtype=np.int64)
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        header = {
+            "format": "batchprod-workflow",
+            "version": FORMAT_VERSION,
+            "groups": [
+                {"name": g.name, "labels": list(g.labels), "dimensions": list(g.dimensions), "resources": asdict(g.resources)}
+                for g in self.groups
+            ],
+            "final": None
+            if self.final is None
+            else {
+                "python": self.final.python,
+                "command": self.final.command,
+                "when_run": self.final.when_run,
+                "resources": asdict(self.final.resources),
+            },
+            "run": self.run,
+        }
+        save_arrays(
+            path,
+            header,
+            {
+                "job_group": self.job_group,
+                "job_qptr": self.job_qptr,
+                "job_qidx": self.job_qidx,
+                "dep_ptr": self.dep_ptr,
+                "dep_idx": self.dep_idx,
+            },
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, qgraph: QuantumGraph) -> GenericWorkflow:
+        try:
+            header, a = load_arrays(path)
+        except (OSError, zipfile.BadZipFile, KeyError, ValueError) as exc:
+            raise WorkflowError(f"{path}: cannot read workflow: {exc}") from None
+        if header.get("format") != "batchprod-workflow" or header.get("version") != FORMAT_VERSION:
+            raise WorkflowError(f"{path}: not a batchprod workflow of version {FORMAT_VERSION}")
+        groups = [
+            JobGroup(g["name"], tuple(g["labels"]), tuple(g["dimensions"]), Resources(**g["resources"]))
+            for g in header["groups"]
+        ]
+        f = header["final"]
+        final = None if f is None else FinalJob(f["python"], f["command"], f["when_run"], Resources(**f["resources"]))
+        return cls(groups, a["job_group"], a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, header["run"])
