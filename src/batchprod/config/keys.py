@@ -152,6 +152,7 @@ TOP_KEYS: dict[str, Converter] = {
 #: Sections: key -> (kind, key table). "map" sections hold one sub-table per name.
 SECTIONS: dict[str, tuple[str, dict[str, Converter]]] = {
     "payload": ("flat", PAYLOAD_KEYS),
+    "variables": ("free", {}),  # user-defined {names} for substitution
     "finalJob": ("flat", FINAL_JOB_KEYS),
     "pipetask": ("map", JOB_KEYS),
     "cluster": ("map", CLUSTER_KEYS),

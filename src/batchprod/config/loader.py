@@ -140,6 +140,7 @@ class BpsConfig:
                 sd = (_defaults().get("site") or {}).get(site) or {}
             out.append((f"site.{site}.", sd))
         out.append(("", d))
+        out.append(("variables.", d.get("variables") or {}))
         out.append(("payload.", d.get("payload") or {}))
         dflt = _defaults()
         out.append(("<defaults>.", dflt))
@@ -237,7 +238,13 @@ class BpsConfig:
                 kind, table = SECTIONS[key]
                 if not isinstance(value, Mapping):
                     raise ConfigError(f"{self.where(key)}: key '{key}': expected a mapping")
-                if kind == "flat":
+                if kind == "free":
+                    for name, v in value.items():
+                        if isinstance(v, (Mapping, list)):
+                            raise ConfigError(
+                                f"{self.where(f'{key}.{name}')}: key '{key}.{name}': expected a value"
+                            )
+                elif kind == "flat":
                     self._check_table(value, table, key)
                 else:
                     for name, sub in value.items():

@@ -120,6 +120,10 @@ def load_pipeline(path: str | Path) -> Pipeline:
     tasks = []
     for label, spec in data["tasks"].items():
         where = f"{p}: key 'tasks.{label}'"
+
+        def at(sub: str, label: str = str(label)) -> str:
+            return f"{p}: key 'tasks.{label}.{sub}'"
+
         if not _NAME.match(str(label)):
             raise ConfigError(f"{where}: task label must be an identifier")
         if not isinstance(spec, dict):
@@ -131,18 +135,18 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise ConfigError(f"{where}: give exactly one of 'python' (module:function) or 'command'")
         py = spec.get("python")
         if py is not None and (not isinstance(py, str) or not re.fullmatch(r"[\w.]+:[\w.]+", py)):
-            raise ConfigError(f"{where}.python: expected 'module:function', got {py!r}")
+            raise ConfigError(f"{at('python')}: expected 'module:function', got {py!r}")
         cfg = spec.get("config") or {}
         if not isinstance(cfg, dict):
-            raise ConfigError(f"{where}.config: expected a mapping")
-        outputs = _names(spec.get("outputs"), f"{where}.outputs")
+            raise ConfigError(f"{at('config')}: expected a mapping")
+        outputs = _names(spec.get("outputs"), f"{at('outputs')}")
         if not outputs:
-            raise ConfigError(f"{where}.outputs: a task must produce at least one dataset type")
+            raise ConfigError(f"{at('outputs')}: a task must produce at least one dataset type")
         tasks.append(
             TaskDef(
                 label=str(label),
-                dimensions=_names(spec.get("dimensions"), f"{where}.dimensions"),
-                inputs=_names(spec.get("inputs"), f"{where}.inputs"),
+                dimensions=_names(spec.get("dimensions"), f"{at('dimensions')}"),
+                inputs=_names(spec.get("inputs"), f"{at('inputs')}"),
                 outputs=outputs,
                 python=py,
                 command=spec.get("command"),
