@@ -1,0 +1,80 @@
+"""The CLI: bad input gives one line, exit 2 and nothing written; report/runs/prepare work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from batchprod.testing import write_submit
+
+
+def test_submit_report_runs(tmp_path: Path, toy_repo: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_submit(tmp_path, repo=toy_repo)
+    r = cli("submit", cfg)
+    assert r.exit_code == 0, r.output
+    assert "SUCCEEDED" in r.output
+    rep = cli("report", tmp_path / "submit" / "toy" / "run", "--json")
+    data = json.loads(rep.output)
+    assert rep.exit_code == 0
+    assert data["jobs"]["total"] == data["jobs"]["succeeded"] == 6
+    assert data["labels"]["coadd"]["succeeded"] == 2
+    # by name under the submit root, and the latest run when none is given
+    monkeypatch.chdir(tmp_path)
+    assert json.loads(cli("report", "toy/run", "--json").output)["run"] == "toy/run"
+    assert json.loads(cli("report", "--json").output)["run"] == "toy/run"
+    runs = json.loads(cli("runs", "--json").output)
+    assert [x["run"] for x in runs] == ["toy/run"]
+
+
+def test_resubmitting_the_same_run_is_refused(tmp_path: Path, toy_repo: Path, cli) -> None:
+    cfg = write_submit(tmp_path, repo=toy_repo)
+    assert cli("submit", cfg).exit_code == 0
+    r = cli("submit", cfg)
+    assert r.exit_code == 2
+    assert "submit directory already exists" in r.output
+
+
+def test_prepare_runs_nothing(tmp_path: Path, toy_repo: Path, cli) -> None:
+    cfg = write_submit(tmp_path, repo=toy_repo)
+    r = cli("prepare", cfg)
+    assert r.exit_code == 0, r.output
+    assert "6 quanta (calibrate=4, coadd=2)" in r.output
+    assert not (toy_repo / "toy").exists()  # no output written
+    data = json.loads(cli("report", tmp_path / "submit" / "toy" / "run", "--json").output)
+    assert data["status"] == "PREPARED" and data["jobs"]["pending"] == 6
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c.update(requestMemry=5), "unknown key 'requestMemry' (did you mean 'requestMemory'?)"),
+        (lambda c: c.update(requestCpus="x"), "key 'requestCpus': expected an integer"),
+        (lambda c: c.update(pipelineYaml="nope.yaml"), "key 'pipelineYaml': file not found"),
+        (lambda c: c["payload"].update(repo="/nonexistent/repo"), "key 'payload.repo': file not found"),
+        (lambda c: c["payload"].update(dataQuery="visit = = 1"), "query: expected a number"),
+        (lambda c: c["payload"].update(dataQuery="visti = 1"), "unknown dimension 'visti'"),
+        (lambda c: c.update(project="{undefinedThing}"), "undefined variable {undefinedThing}"),
+        (lambda c: c.update(cluster={"c": {"pipetasks": "calibrate,nosuch"}}), "unknown task label 'nosuch'"),
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, toy_repo: Path, cli, mutate, message) -> None:
+    cfg_path = write_submit(tmp_path, repo=toy_repo)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    mutate(cfg)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    r = cli("submit", cfg_path)
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert message in lines[0]
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "submit").exists() or not any((tmp_path / "submit").iterdir())
+    assert not (toy_repo / "toy").exists()
+
+
+def test_unknown_run(cli, tmp_path: Path) -> None:
+    r = cli("report", tmp_path / "nothing-here")
+    assert r.exit_code == 2 and "not found" in r.output
