@@ -75,6 +75,18 @@ def _float_ge1(v: Any) -> float:
     return f
 
 
+def _nonneg_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError("expected a number, got a boolean")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {v!r}") from None
+    if f < 0:
+        raise ValueError(f"expected a non-negative number, got {v!r}")
+    return f
+
+
 def _str(v: Any) -> str:
     if isinstance(v, (dict, list)):
         raise ValueError(f"expected a string, got a {type(v).__name__}")
@@ -110,6 +122,8 @@ JOB_KEYS: dict[str, Converter] = {
     "memoryMultiplier": _float_ge1,
     "memoryLimit": memory_mb,
     "maxPreemptions": _nonneg_int,
+    "infraRetryDelay": _nonneg_float,
+    "maxInfraRetries": _nonneg_int,
 }
 
 PAYLOAD_KEYS: dict[str, Converter] = {

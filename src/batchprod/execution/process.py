@@ -38,3 +38,36 @@ def group_members(pgid: int) -> list[int]:
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue
     return out
+
+
+def process_start(pid: int) -> float | None:
+    """Create time of a process (None if gone): with the pid it identifies one process for good."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def same_process_alive(pid: int | None, start: float | None) -> bool:
+    """Is the process we recorded (pid + create time) still alive? A reused pid does not count."""
+    if not pid or not pid_alive(pid):
+        return False
+    if start is None:
+        return True
+    now_start = process_start(pid)
+    return now_start is not None and abs(now_start - start) < 1.0
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment has name=value: finds a run's job processes even when the
+    orchestrator died before it could record their pids."""
+    out = []
+    for p in psutil.process_iter(["pid", "status"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if p.environ().get(name) == value:
+                out.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return out

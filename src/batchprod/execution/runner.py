@@ -1,8 +1,13 @@
-"""The job wrapper's in-job step: run every quantum of one job and write a result manifest.
+"""The job wrapper that runs on the compute side, in three phases.
 
-Started as ``python -m batchprod.execution.runner`` with the job spec (JSON) on stdin. Each quantum
-runs its Python function or shell command; outputs are checked, measured and checksummed here, on the
-compute side, so the orchestrator only reads a small manifest.
+* pre-job: stage-in check (every input exists, else an ``infrastructure`` failure);
+* in-job: every quantum of the job runs its Python function or shell command, writing its outputs
+  into an attempt-scoped staging directory (later quanta of the job read them there);
+* post-job: outputs are checksummed, a manifest is written (``.pending``), outputs are renamed into
+  place, and the manifest is committed (renamed to ``result.json``). A killed attempt leaves at most
+  staged files nobody reads; a kill during publication is rolled forward by restart.
+
+Started as ``python -m batchprod.execution.runner`` with the job spec (JSON) on stdin.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import importlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -23,10 +29,18 @@ from typing import Any
 
 from batchprod.pipeline.context import QuantumContext, Ref
 
-#: exit code for a payload that raised MemoryError: the wrapper reports it as an OOM
+#: exit code for a payload that raised MemoryError: reported as ``oom``
 EXIT_MEMORY_ERROR = 86
-#: exit code when a quantum claims success but did not write an output
+#: exit code when a quantum claims success but did not write an output: ``user_error``
 EXIT_MISSING_OUTPUT = 87
+#: exit code for stage-in or stage-out failure: ``infrastructure``
+EXIT_INFRASTRUCTURE = 89
+#: payload signals that mean "stopped from outside" rather than "crashed"
+KILL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+class StageError(Exception):
+    """Stage-in or stage-out failed: the data system's fault, not the payload's."""
 
 
 def file_checksum(path: str | Path) -> str:
@@ -43,6 +57,19 @@ def load_function(spec: str) -> Callable[..., Any]:
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def staging_dir(spec: dict[str, Any]) -> Path:
+    return Path(spec["repo"]) / spec["output_run"] / "_staging" / f"{spec['name']}.{spec.get('attempt', 1)}"
+
+
+def _local(q: dict[str, Any], staged: dict[str, str]) -> dict[str, Any]:
+    """The quantum with outputs pointing into staging and inputs made in this job read from there."""
+    return {
+        **q,
+        "inputs": [{**r, "path": staged.get(r["path"], r["path"])} for r in q["inputs"]],
+        "outputs": [{**r, "path": staged[r["path"]]} for r in q["outputs"]],
+    }
 
 
 def _context(q: dict[str, Any]) -> QuantumContext:
@@ -69,59 +96,114 @@ def render_command(template: str, q: dict[str, Any]) -> str:
     return template.format_map(fields)
 
 
-def run_quantum(q: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run one quantum; returns its output records. Raises on failure."""
-    for r in q["outputs"]:
+def _run_command(cmd: str, what: str) -> None:
+    print(f"+ {cmd}", flush=True)
+    rc = subprocess.call(cmd, shell=True)
+    if rc == 0:
+        return
+    if rc < 0 and -rc in KILL_SIGNALS:
+        # stopped from outside: die of the same signal so the orchestrator sees a kill, not an error
+        print(f"error: {what}: payload killed by {signal.Signals(-rc).name}", file=sys.stderr, flush=True)
+        signal.signal(-rc, signal.SIG_DFL)
+        os.kill(os.getpid(), -rc)
+    code = rc if rc > 0 else 128 - rc
+    print(f"error: {what}: command exited with code {code}: {cmd}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def run_quantum(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str, Any]]:
+    """Run one quantum into staging; returns its output records (final and staged paths)."""
+    lq = _local(q, staged)
+    what = f"{q['label']} {q['data_id']}"
+    for r in lq["outputs"]:
         Path(r["path"]).parent.mkdir(parents=True, exist_ok=True)
     if q.get("python"):
-        load_function(q["python"])(_context(q))
+        load_function(q["python"])(_context(lq))
     else:
-        cmd = render_command(q["command"], q)
-        print(f"+ {cmd}", flush=True)
-        rc = subprocess.call(cmd, shell=True)
-        if rc != 0:
-            print(f"error: {q['label']} {q['data_id']}: command exited with code {rc}: {cmd}", file=sys.stderr)
-            raise SystemExit(rc if rc > 0 else 128 - rc)
+        _run_command(render_command(q["command"], lq), what)
     out = []
-    for r in q["outputs"]:
-        p = Path(r["path"])
+    for r, lr in zip(q["outputs"], lq["outputs"], strict=True):
+        p = Path(lr["path"])
         if not p.is_file():
-            print(f"error: {q['label']} {q['data_id']}: output '{r['dataset_type']}' was not written: {p}", file=sys.stderr)
+            print(f"error: {what}: output '{r['dataset_type']}' was not written: {p}", file=sys.stderr)
             raise SystemExit(EXIT_MISSING_OUTPUT)
-        out.append({**r, "node_id": q["node_id"], "size": p.stat().st_size, "checksum": file_checksum(p)})
+        out.append({**r, "staged": str(p), "node_id": q["node_id"], "size": p.stat().st_size,
+                    "checksum": file_checksum(p)})
     return out
+
+
+def stage_in_check(spec: dict[str, Any]) -> None:
+    produced = {r["path"] for q in spec["quanta"] for r in q["outputs"]}
+    for q in spec["quanta"]:
+        for r in q["inputs"]:
+            if r["path"] not in produced and not os.path.exists(r["path"]):
+                raise StageError(f"stage-in: input {r['dataset_type']} {r['data_id']} missing: {r['path']}")
+
+
+def _write_json(path: str | Path, data: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def commit_outputs(result_path: str | Path) -> dict[str, Any]:
+    """Publish the outputs listed in ``<result>.pending`` and commit the manifest; idempotent, so
+    restart can roll a half-done publication forward. Raises StageError if an output cannot move."""
+    pending = Path(f"{result_path}.pending")
+    manifest = json.loads(pending.read_text())
+    for o in manifest["outputs"]:
+        staged, final = Path(o["staged"]), Path(o["path"])
+        if staged.exists():
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, final)
+            except OSError as exc:
+                raise StageError(f"stage-out: cannot publish {final}: {exc}") from None
+        elif not final.is_file():
+            raise StageError(f"stage-out: {o['dataset_type']} {o['data_id']} is neither staged nor published")
+    os.replace(pending, result_path)
+    return manifest
 
 
 def main() -> int:
     spec = json.loads(sys.stdin.read())
     result_path = spec.get("result_path")
-    outputs: list[dict[str, Any]] = []
     t0 = time.time()
+    staged: dict[str, str] = {}
+    sdir = staging_dir(spec)
+    for q in spec["quanta"]:
+        for r in q["outputs"]:
+            staged[r["path"]] = str(sdir / r["dataset_type"] / Path(r["path"]).name)
+    outputs: list[dict[str, Any]] = []
     try:
+        stage_in_check(spec)
         if spec.get("final"):
             final = spec["final"]
             if final.get("python"):
                 load_function(final["python"])(spec)
             else:
-                rc = subprocess.call(final["command"], shell=True)
-                if rc != 0:
-                    return rc if rc > 0 else 128 - rc
+                _run_command(final["command"], "finalJob")
         for q in spec["quanta"]:
             print(f"quantum {q['label']} {q['data_id']}", flush=True)
-            outputs.extend(run_quantum(q))
+            outputs.extend(run_quantum(q, staged))
+        if result_path:
+            _write_json(f"{result_path}.pending", {"outputs": outputs, "seconds": time.time() - t0,
+                                                   "attempt": spec.get("attempt")})
+            commit_outputs(result_path)
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INFRASTRUCTURE
     except MemoryError:
         traceback.print_exc()
         return EXIT_MEMORY_ERROR
     except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+        return exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         traceback.print_exc()
         return 1
-    if result_path:
-        tmp = result_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"outputs": outputs, "seconds": time.time() - t0, "pid": os.getpid()}, fh)
-        os.replace(tmp, result_path)
     return 0
 
 

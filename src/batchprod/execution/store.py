@@ -32,6 +32,7 @@ run_t = sa.Table(
     sa.Column("updated", sa.Float, nullable=False),
     sa.Column("orchestrator_pid", sa.Integer),
     sa.Column("orchestrator_host", sa.String),
+    sa.Column("orchestrator_start", sa.Float),  # process create time: a reused pid is not our orchestrator
     sa.Column("message", sa.String),
 )
 
@@ -44,8 +45,11 @@ job_t = sa.Table(
     sa.Column("n_quanta", sa.Integer, nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("status", sa.String, nullable=False, index=True),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("request_memory", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),  # every attempt ever (survives restart)
+    sa.Column("retries", sa.Integer, nullable=False, default=0),  # budget used since submit/restart
+    sa.Column("preemptions", sa.Integer, nullable=False, default=0),
+    sa.Column("infra_failures", sa.Integer, nullable=False, default=0),
+    sa.Column("request_memory", sa.Integer, nullable=False),  # learned: raised after an OOM
     sa.Column("failure_class", sa.String),
     sa.Column("exit_code", sa.Integer),
     sa.Column("message", sa.String),
@@ -72,6 +76,7 @@ attempt_t = sa.Table(
     sa.Column("stdout", sa.String),
     sa.Column("stderr", sa.String),
     sa.Column("message", sa.String),
+    sa.Column("error_line", sa.String),  # first causal error line of stderr
 )
 
 output_t = sa.Table(
@@ -87,7 +92,10 @@ output_t = sa.Table(
     sa.Column("checksum", sa.String),
 )
 
-JOB_MUTABLE = ("status", "attempts", "request_memory", "failure_class", "exit_code", "message", "updated")
+JOB_MUTABLE = (
+    "status", "attempts", "retries", "preemptions", "infra_failures", "request_memory", "failure_class",
+    "exit_code", "message", "updated",
+)
 ATTEMPT_COLUMNS = tuple(c.name for c in attempt_t.columns)
 
 STATE_FILE = "state.db"
@@ -139,6 +147,9 @@ class StateStore:
                 "priority": j["priority"],
                 "status": "PENDING",
                 "attempts": 0,
+                "retries": 0,
+                "preemptions": 0,
+                "infra_failures": 0,
                 "request_memory": j["request_memory"],
                 "updated": now,
             }
@@ -216,12 +227,14 @@ class StateStore:
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(sa.select(*[job_t.c[c] for c in cols]).order_by(job_t.c.id))]
 
-    def attempts(self, job_id: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
+    def attempts(self, job_id: int | None = None, status: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
         q = sa.select(attempt_t).order_by(attempt_t.c.job_id, attempt_t.c.number)
         if job_id is not None:
             q = q.where(attempt_t.c.job_id == job_id)
-        if status is not None:
+        if isinstance(status, str):
             q = q.where(attempt_t.c.status == status)
+        elif status is not None:
+            q = q.where(attempt_t.c.status.in_(list(status)))
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 

@@ -34,6 +34,8 @@ class Resources:
     memory_multiplier: float = 1.0
     memory_limit: int = 0  # MB, 0 = site memory
     max_preemptions: int = 3
+    infra_retry_delay: float = 10.0  # seconds, doubled per infrastructure failure
+    max_infra_retries: int = 8
 
     @classmethod
     def from_settings(cls, s: dict[str, Any]) -> Resources:
@@ -46,6 +48,8 @@ class Resources:
             memory_multiplier=s["memoryMultiplier"],
             memory_limit=s["memoryLimit"],
             max_preemptions=s["maxPreemptions"],
+            infra_retry_delay=s["infraRetryDelay"],
+            max_infra_retries=s["maxInfraRetries"],
         )
 
     @staticmethod
