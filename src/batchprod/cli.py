@@ -134,13 +134,7 @@ def submit(config: Path, overrides: tuple[str, ...], detach: bool) -> None:
     run = do_prepare(config, _overrides(overrides), timings)
     _print_prepare(run, timings)
     if detach:
-        log = open(run.submit_dir / "orchestrator.log", "ab")  # noqa: SIM115 (handed to the child)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "batchprod.cli", "_execute", str(run.submit_dir)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
-        log.close()
-        console.print(f"detached: orchestrator pid {proc.pid}; follow with: batchprod report {run.submit_dir}")
+        _detach(run)
         return
     sys.exit(_execute_foreground(run, show_progress=True))
 
@@ -169,19 +163,67 @@ def _latest(root: Path | None) -> str:
 @click.argument("run_ref", metavar="[RUN]", required=False)
 @ROOT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--failures", is_flag=True, help="Failed jobs grouped by failure signature, with causes.")
+@click.option("--job", "job_name", default=None, help="One job's whole history and log paths.")
 @_user_errors
-def report(run_ref: str | None, root: Path | None, as_json: bool) -> None:
-    """Job counts per task label and a run summary (latest run if RUN is omitted)."""
+def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool, job_name: str | None) -> None:
+    """Job counts per task label and a run summary (latest run if RUN is omitted).
+
+    Exit code 0 only if the whole run succeeded."""
     from batchprod.execution.run import find_run
     from batchprod.report import render_table, summarize
+    from batchprod.report.failures import failures as get_failures
+    from batchprod.report.failures import job_history, render_failures, render_history
 
     run = find_run(run_ref or _latest(root), root)
     s = summarize(run)
-    if as_json:
-        click.echo(json.dumps(s, indent=2))
+    if job_name:
+        data: Any = job_history(run, job_name)
+        rendered = render_history(data)
+    elif failures:
+        data = get_failures(run)
+        rendered = [render_table(s), *render_failures(data)]
     else:
-        console.print(render_table(s))
+        data, rendered = s, [render_table(s)]
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        for item in rendered:
+            console.print(item)
     sys.exit(0 if s["status"] == "SUCCEEDED" else 1)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@ROOT_OPTION
+@click.option("--detach", is_flag=True, help="Continue in the background.")
+@_user_errors
+def restart(run_ref: str, root: Path | None, detach: bool) -> None:
+    """Continue a run: succeeded jobs are kept; failed, unready, cancelled and interrupted jobs run
+    again with a fresh retry budget (learned memory and attempt counts are kept)."""
+    from batchprod.errors import RunError
+    from batchprod.execution.process import same_process_alive
+    from batchprod.execution.run import find_run
+
+    run = find_run(run_ref, root)
+    info = run.store.run_info()
+    if same_process_alive(info.get("orchestrator_pid"), info.get("orchestrator_start")):
+        raise RunError(f"run '{info['name']}' is still running (orchestrator pid {info['orchestrator_pid']}); "
+                       "cancel it first")
+    if detach:
+        _detach(run)
+        return
+    sys.exit(_execute_foreground(run, show_progress=True))
+
+
+def _detach(run: Any) -> None:
+    log = open(run.submit_dir / "orchestrator.log", "ab")  # noqa: SIM115 (handed to the child)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchprod.cli", "_execute", str(run.submit_dir)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )
+    log.close()
+    console.print(f"detached: orchestrator pid {proc.pid}; follow with: batchprod report {run.submit_dir}")
 
 
 @main.command()

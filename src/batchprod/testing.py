@@ -82,3 +82,61 @@ def write_submit(
     path = d / "submit.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+# -- payloads with controlled misbehaviour (importable by the job runner) ------------------------------
+def alloc_task(ctx: Any) -> None:
+    """Allocate and touch ``config.mb`` MB (or ``config.mb_by_attempt[attempt]``), hold it, then write."""
+    import os
+    import time
+
+    mb = int(ctx.config.get("mb", 10))
+    buf = bytearray(mb * 2**20)
+    for i in range(0, len(buf), 4096):
+        buf[i] = 1
+    time.sleep(float(ctx.config.get("hold", 1.0)))
+    for ref in ctx.outputs.values():
+        ref.path.write_text(f"{ctx.label} {ctx.data_id} attempt {os.environ.get('BATCHPROD_ATTEMPT')}\n")
+
+
+def memory_error_task(ctx: Any) -> None:
+    raise MemoryError("cannot allocate the coadd buffer")
+
+
+def abort_task(ctx: Any) -> None:
+    import os
+
+    os.abort()
+
+
+def chained_error_task(ctx: Any) -> None:
+    """Fails with a chained traceback: the cause (KeyError) is printed first."""
+    try:
+        {}["calib_dir"]
+    except KeyError as exc:
+        raise RuntimeError("task setup failed") from exc
+
+
+# -- driving an orchestrator from outside ----------------------------------------------------------------
+def start_orchestrator(submit_dir: str | Path, log: str | Path | None = None) -> Any:
+    """Run a prepared run's orchestrator as its own process (as ``submit --detach`` does)."""
+    import subprocess
+    import sys
+
+    out = open(log or Path(submit_dir) / "orchestrator.log", "ab")  # noqa: SIM115 (child owns it)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "batchprod.cli", "_execute", str(submit_dir)],
+                                stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        out.close()
+
+
+def wait_for(pred: Any, timeout: float = 30.0, interval: float = 0.02) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise TimeoutError("condition not reached in time")

@@ -61,10 +61,12 @@ def decide(
                                   f"retry in {delay:.0f}s", memory, delay)
         return Decision(False, f"infrastructure failed {counters.infra + 1} times (maxInfraRetries={res.max_infra_retries})",
                         memory)
+    cap = res.memory_limit or site_memory
     if counters.retries >= res.number_of_retries:
-        return Decision(False, f"{fclass}: retries exhausted ({res.number_of_retries})", memory)
+        # an OOM still teaches the job to ask for more next time (e.g. after a restart)
+        learned = min(cap, math.ceil(memory * res.memory_multiplier)) if fclass == FailureClass.OOM else memory
+        return Decision(False, f"{fclass}: retries exhausted ({res.number_of_retries})", max(memory, learned))
     if fclass == FailureClass.OOM:
-        cap = res.memory_limit or site_memory
         if memory >= cap or res.memory_multiplier <= 1.0:
             why = f"at memory cap {cap} MB" if memory >= cap else "memoryMultiplier is 1"
             return Decision(False, f"oom with requestMemory {memory} MB ({why}); not retried", memory)

@@ -238,6 +238,21 @@ class StateStore:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
+    def last_attempts(self, status: str | Sequence[str]) -> list[dict[str, Any]]:
+        """Jobs in the given state(s) joined with their last attempt (one query, for failure reports)."""
+        statuses = [status] if isinstance(status, str) else list(status)
+        j, a = job_t, attempt_t
+        q = (
+            sa.select(j.c.id, j.c.name, j.c.label, j.c.status, j.c.attempts, j.c.failure_class, j.c.exit_code,
+                      j.c.message, j.c.request_memory, a.c.signal, a.c.error_line, a.c.stderr, a.c.stdout,
+                      a.c.peak_rss_mb, a.c.host)
+            .select_from(j.outerjoin(a, sa.and_(a.c.job_id == j.c.id, a.c.number == j.c.attempts)))
+            .where(j.c.status.in_(statuses))
+            .order_by(j.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
     def outputs(self, job_id: int | None = None) -> list[dict[str, Any]]:
         q = sa.select(output_t).order_by(output_t.c.id)
         if job_id is not None:

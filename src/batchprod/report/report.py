@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from batchprod.execution.process import pid_alive
+from batchprod.execution.process import same_process_alive
 from batchprod.execution.run import Run
 from batchprod.execution.states import JobState, RunState
 
@@ -29,7 +29,7 @@ def run_status(run: Run) -> str:
     """The run's state; RUNNING with no live orchestrator is reported as INTERRUPTED."""
     info = run.store.run_info()
     status = info["status"]
-    if status == RunState.RUNNING and not pid_alive(info.get("orchestrator_pid")):
+    if status == RunState.RUNNING and not same_process_alive(info.get("orchestrator_pid"), info.get("orchestrator_start")):
         return RunState.INTERRUPTED
     return str(status)
 

@@ -7,7 +7,7 @@ import signal
 import time
 
 from batchprod.errors import RunError
-from batchprod.execution.process import kill_group, pid_alive
+from batchprod.execution.process import kill_group, pid_alive, same_process_alive
 from batchprod.execution.run import Run
 from batchprod.execution.states import JobState, RunState
 from batchprod.wms.base import BaseWmsService, Progress
@@ -25,7 +25,7 @@ class LocalService(BaseWmsService):
     def cancel(self, run: Run, timeout: float = 30.0) -> None:
         info = run.store.run_info()
         pid = info.get("orchestrator_pid")
-        if pid_alive(pid):
+        if same_process_alive(pid, info.get("orchestrator_start")):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
