@@ -4,6 +4,7 @@ them): a tiny data repository of text files and pipelines made of shell commands
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,6 @@ def write_submit(
 # -- payloads with controlled misbehaviour (importable by the job runner) ------------------------------
 def alloc_task(ctx: Any) -> None:
     """Allocate and touch ``config.mb`` MB (or ``config.mb_by_attempt[attempt]``), hold it, then write."""
-    import os
     import time
 
     mb = int(ctx.config.get("mb", 10))
@@ -104,7 +104,6 @@ def memory_error_task(ctx: Any) -> None:
 
 
 def abort_task(ctx: Any) -> None:
-    import os
 
     os.abort()
 
@@ -140,3 +139,118 @@ def wait_for(pred: Any, timeout: float = 30.0, interval: float = 0.02) -> None:
             return
         time.sleep(interval)
     raise TimeoutError("condition not reached in time")
+
+
+# -- crash safety: kill the orchestrator at random points and restart ----------------------------------
+def chaos_pipeline(executions_log: str | Path, sleep: float = 0.1) -> dict[str, Any]:
+    """Deterministic outputs (concatenations of inputs); each finished payload logs 'job attempt'."""
+    log = f"echo \"$BATCHPROD_JOB $BATCHPROD_ATTEMPT\" >> {executions_log}"
+    cal = f"sleep {sleep}; cat {{inputs.raw}} > {{outputs.calexp}}; echo calibrate {{dataId}} >> {{outputs.calexp}}; {log}"
+    co = f"sleep {sleep}; cat {{inputs.calexp}} > {{outputs.coadd}}; echo coadd {{dataId}} >> {{outputs.coadd}}; {log}"
+    return {"tasks": {
+        "calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"], cal),
+        "coadd": command_task(["tract", "patch"], ["calexp"], ["coadd"], co),
+    }}
+
+
+def _prepare_chaos(workdir: Path, cores: int) -> Any:
+    from batchprod.execution.run import prepare
+
+    repo = make_toy_repo(workdir / "repo", visits=(1, 2, 3), detectors=(0, 1, 2))
+    cfg = write_submit(workdir, chaos_pipeline(workdir / "executions.log"), repo=repo, site={"local": {"cores": cores}},
+                       finalJob={"command": f"cat {repo}/toy/run/coadd/* > {repo}/toy/run/final.txt", "whenRun": "SUCCESS"})
+    return prepare(cfg)
+
+
+def published_outputs(repo: Path) -> dict[str, str]:
+    """Relative path -> checksum of every published file of the toy run (staging excluded)."""
+    from batchprod.execution.runner import file_checksum
+
+    root = repo / "toy" / "run"
+    return {str(p.relative_to(root)): file_checksum(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and "_staging" not in p.parts}
+
+
+def reference_outputs(workdir: str | Path, cores: int = 2) -> dict[str, str]:
+    """Outputs of an uninterrupted run."""
+    from batchprod.wms.local import LocalExecutor
+
+    workdir = Path(workdir)
+    run = _prepare_chaos(workdir, cores)
+    state = LocalExecutor(run).execute()
+    if state != "SUCCEEDED":
+        raise RuntimeError(f"reference run ended {state}")
+    return published_outputs(workdir / "repo")
+
+
+def chaos_trial(workdir: str | Path, reference: dict[str, str], seed: int, kills: int = 3, cores: int = 2,
+                max_delay: float = 2.0) -> dict[str, Any]:
+    """Run with ``kills`` SIGKILLs of the orchestrator at random moments (every other one also kills
+    every job process, like a reboot), restarting each time; then check outputs and the store."""
+    import random
+    import signal as sig
+
+    from batchprod.execution.process import kill_group_of, processes_with_env
+    from batchprod.execution.states import JobState
+    from batchprod.wms.local.executor import ENV_SUBMIT_DIR
+
+    rnd = random.Random(seed)
+    workdir = Path(workdir)
+    run = _prepare_chaos(workdir, cores)
+    restarts = 0
+    for k in range(kills + 50):
+        orch = start_orchestrator(run.submit_dir)
+        if k >= kills:
+            rc = orch.wait(120)
+            if rc in (0, 1):
+                break
+            continue
+        try:
+            orch.wait(rnd.uniform(0.0, max_delay))
+            break  # it finished before the kill
+        except Exception:
+            pass
+        orch.send_signal(sig.SIGKILL)
+        orch.wait()
+        if k % 2 == 1:  # reboot-like: every job process is lost too
+            for pid in processes_with_env(ENV_SUBMIT_DIR, str(run.submit_dir)):
+                kill_group_of(pid, sig.SIGKILL)
+        restarts += 1
+
+    store = run.store
+    got = published_outputs(workdir / "repo")
+    lost = sum(1 for p, ck in reference.items() if got.get(p) != ck)
+    outs = store.outputs()
+    per_path: dict[str, int] = {}
+    for o in outs:
+        per_path[o["path"]] = per_path.get(o["path"], 0) + 1
+    duplicated = sum(c - 1 for c in per_path.values() if c > 1)
+    inconsistent = []
+    jobs = store.jobs()
+    atts = store.attempts()
+    by_job: dict[int, list[dict[str, Any]]] = {}
+    for a in atts:
+        by_job.setdefault(a["job_id"], []).append(a)
+    if store.run_info()["status"] != "SUCCEEDED":
+        inconsistent.append(f"run status {store.run_info()['status']}")
+    for j in jobs:
+        mine = by_job.get(j["id"], [])
+        if j["status"] != JobState.SUCCEEDED:
+            inconsistent.append(f"{j['name']}: {j['status']}")
+        if not mine or mine[-1]["number"] != j["attempts"] or mine[-1]["status"] != JobState.SUCCEEDED:
+            inconsistent.append(f"{j['name']}: last attempt does not match the job")
+        if sum(a["status"] == JobState.SUCCEEDED for a in mine) != 1:
+            inconsistent.append(f"{j['name']}: {sum(a['status'] == JobState.SUCCEEDED for a in mine)} successes")
+        if any(a["status"] in (JobState.RUNNING, JobState.QUEUED) for a in mine):
+            inconsistent.append(f"{j['name']}: attempt left RUNNING/QUEUED")
+    # no succeeded job ran again: no payload finished with an attempt after the successful one
+    ran_twice = 0
+    success_attempt = {j["name"]: j["attempts"] for j in jobs}
+    log = workdir / "executions.log"
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        name, attempt = line.split()
+        if int(attempt) > success_attempt.get(name, 1 << 30):
+            ran_twice += 1
+    return {"restarts": restarts, "lost": lost, "duplicated": duplicated + ran_twice,
+            "inconsistent": len(inconsistent), "problems": inconsistent[:5],
+            "attempts": len(atts), "jobs": len(jobs)}

@@ -71,3 +71,9 @@ def processes_with_env(name: str, value: str) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return out
+
+
+def kill_group_of(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal the whole process group a process belongs to (nothing if it is gone)."""
+    with contextlib.suppress(ProcessLookupError):
+        kill_group(os.getpgid(pid), sig)

@@ -31,7 +31,13 @@ import psutil
 
 from batchprod.execution.logs import first_error_line
 from batchprod.execution.policy import JobCounters, decide
-from batchprod.execution.process import kill_group, pid_alive, process_start, processes_with_env
+from batchprod.execution.process import (
+    kill_group,
+    kill_group_of,
+    pid_alive,
+    process_start,
+    processes_with_env,
+)
 from batchprod.execution.run import Run
 from batchprod.execution.runner import (
     EXIT_INFRASTRUCTURE,
@@ -173,8 +179,7 @@ class LocalExecutor:
         active = [j for j, s in enumerate(self.status) if s in (JobState.RUNNING, JobState.QUEUED, JobState.READY)]
         orphans = processes_with_env(ENV_SUBMIT_DIR, self.submit_key)
         for pid in orphans:
-            with contextlib.suppress(ProcessLookupError):
-                kill_group(os.getpgid(pid), signal.SIGKILL)
+            kill_group_of(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while any(pid_alive(p) for p in orphans) and time.monotonic() < deadline:
             time.sleep(0.02)

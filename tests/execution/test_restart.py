@@ -1,0 +1,101 @@
+"""Restart: never redo finished work, keep what jobs learned, survive kill -9 at any moment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from batchprod.execution.run import Run, prepare
+from batchprod.testing import (
+    chaos_trial,
+    command_task,
+    make_toy_repo,
+    reference_outputs,
+    start_orchestrator,
+    wait_for,
+    write_submit,
+)
+from batchprod.wms.local import LocalExecutor
+
+
+def test_restart_reruns_only_what_did_not_succeed(tmp_path: Path, toy_repo: Path, cli) -> None:
+    flag = tmp_path / "broken"
+    flag.touch()
+    pipeline = {"tasks": {
+        "calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"],
+                                  f"test {{detector}} != 1 || test ! -e {flag} || exit 3; cp {{inputs.raw}} {{outputs.calexp}}"),
+        "coadd": command_task(["tract", "patch"], ["calexp"], ["coadd"]),
+    }}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, numberOfRetries=1))
+    assert LocalExecutor(run).execute() == "FAILED"
+    before = {j["name"]: j for j in run.store.jobs()}
+    assert before["coadd_tract0_patch1"]["status"] == "UNREADY"
+    flag.unlink()  # the operator fixed the problem
+    r = cli("restart", run.submit_dir)
+    assert r.exit_code == 0, r.output
+    after = {j["name"]: j for j in run.store.jobs()}
+    assert all(j["status"] == "SUCCEEDED" for j in after.values())
+    for name, j in before.items():
+        if j["status"] == "SUCCEEDED":
+            assert after[name]["attempts"] == j["attempts"] == 1  # never re-run
+    assert after["calibrate_visit1_detector1"]["attempts"] == 3  # 2 failed + 1 after restart
+    assert after["calibrate_visit1_detector1"]["retries"] == 0  # fresh budget
+    assert after["coadd_tract0_patch1"]["attempts"] == 1
+    assert cli("restart", run.submit_dir).exit_code == 0  # nothing left to do: no-op
+
+
+def test_learned_memory_survives_restart(tmp_path: Path, cli) -> None:
+    repo = make_toy_repo(tmp_path / "repo", visits=(1,), detectors=(0,))
+    task = {"python": "batchprod.testing:alloc_task", "dimensions": ["visit", "detector"], "inputs": ["raw"],
+            "outputs": ["calexp"], "config": {"mb": 400, "hold": 1.0}}
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=repo, requestMemory=150,
+                               memoryMultiplier=2, numberOfRetries=1))
+    assert LocalExecutor(run).execute() == "FAILED"
+    assert run.store.jobs()[0]["request_memory"] == 600
+    assert cli("restart", run.submit_dir).exit_code == 0
+    assert [a["request_memory"] for a in run.store.attempts(0)] == [150, 300, 600]
+
+
+def test_restart_refused_while_running_and_cancelled_run_restarts(tmp_path: Path, toy_repo: Path, cli) -> None:
+    go = tmp_path / "go"
+    pipeline = {"tasks": {"calibrate": command_task(
+        ["visit", "detector"], ["raw"], ["calexp"], f"test -e {go} || sleep 60; cp {{inputs.raw}} {{outputs.calexp}}")}}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, site={"local": {"cores": 1}}))
+    orch = start_orchestrator(run.submit_dir)
+    wait_for(lambda: run.store.attempts(status="RUNNING"))
+    r = cli("restart", run.submit_dir)
+    assert r.exit_code == 2 and "is still running" in r.output
+    assert cli("cancel", run.submit_dir).exit_code == 0
+    orch.wait(10)
+    r = cli("report", run.submit_dir, "--json")
+    assert r.exit_code == 1 and '"cancelled": 4' in r.output
+    go.touch()
+    assert cli("restart", run.submit_dir).exit_code == 0
+    assert {j["status"] for j in run.store.jobs()} == {"SUCCEEDED"}
+    assert run.store.attempts(0)[0]["status"] == "CANCELLED"
+
+
+def test_restart_after_orchestrator_sigkill_adopts_finished_work(tmp_path: Path, toy_repo: Path) -> None:
+    import os
+    import signal
+
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"],
+                                                    "sleep 1; cp {inputs.raw} {outputs.calexp}")}}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, site={"local": {"cores": 4}}))
+    orch = start_orchestrator(run.submit_dir)
+    wait_for(lambda: len(run.store.attempts(status="RUNNING")) == 4)
+    os.kill(orch.pid, signal.SIGKILL)  # the jobs go on as orphans and finish
+    orch.wait()
+    wait_for(lambda: len(list((toy_repo / "toy" / "run").rglob("result.json"))) == 0 and
+             len(list(run.log_dir.rglob("*.result.json"))) == 4, timeout=20)
+    assert LocalExecutor(Run(run.submit_dir)).execute() == "SUCCEEDED"
+    atts = run.store.attempts()
+    assert len(atts) == 4 and all(a["status"] == "SUCCEEDED" for a in atts)
+    assert all("adopted" in (a["message"] or "") for a in atts)
+
+
+def test_crash_safety_random_kills(tmp_path: Path) -> None:
+    ref = reference_outputs(tmp_path / "ref")
+    assert len(ref) == 9 + 3 + 1
+    for seed in range(3):
+        res = chaos_trial(tmp_path / f"t{seed}", ref, seed=seed, kills=3, max_delay=1.5)
+        assert (res["lost"], res["duplicated"], res["inconsistent"]) == (0, 0, 0), res
