@@ -234,7 +234,8 @@ class LocalExecutor:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop = signal.Signals(signum).name
 
-    def _loop(self) -> RunState:
+    def prepare_queue(self) -> None:
+        """Remaining-parent counts and the ready heap from the loaded states; one commit."""
         n = self.n
         self.remaining = [0] * n
         for j in range(n):
@@ -245,6 +246,10 @@ class LocalExecutor:
             if self.status[j] == JobState.PENDING and self.remaining[j] == 0:
                 self._push(j)
         self._flush()
+
+    def _loop(self) -> RunState:
+        n = self.n
+        self.prepare_queue()
         last_flush = last_monitor = 0.0
         while True:
             if self._stop:
