@@ -25,7 +25,7 @@ def main() -> None:
     from batchprod.execution.run import QGRAPH_FILE, WORKFLOW_FILE, Run
     from batchprod.execution.store import StateStore, attempt_t, job_t
     from batchprod.graph.synthetic import synthetic_graph
-    from batchprod.wms.local.executor import LocalExecutor
+    from batchprod.wms.local import LocalExecutor
     from batchprod.workflow import Resources, cluster_quanta
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000

@@ -192,7 +192,7 @@ def chaos_trial(workdir: str | Path, reference: dict[str, str], seed: int, kills
 
     from batchprod.execution.process import kill_group_of, processes_with_env
     from batchprod.execution.states import JobState
-    from batchprod.wms.local.executor import ENV_SUBMIT_DIR
+    from batchprod.wms.local.backend import ENV_SUBMIT_DIR
 
     rnd = random.Random(seed)
     workdir = Path(workdir)

@@ -168,6 +168,16 @@ def commit_outputs(result_path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _clean_staging(sdir: Path) -> None:
+    """After a committed attempt: drop this job's staging directories (this and earlier attempts)."""
+    import shutil
+
+    name = sdir.name.rsplit(".", 1)[0]
+    for d in sdir.parent.glob(f"{name}.*"):
+        if d.name.rsplit(".", 1)[0] == name:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def main() -> int:
     spec = json.loads(sys.stdin.read())
     result_path = spec.get("result_path")
@@ -193,6 +203,7 @@ def main() -> int:
             _write_json(f"{result_path}.pending", {"outputs": outputs, "seconds": time.time() - t0,
                                                    "attempt": spec.get("attempt")})
             commit_outputs(result_path)
+        _clean_staging(sdir)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INFRASTRUCTURE

@@ -71,6 +71,7 @@ attempt_t = sa.Table(
     sa.Column("wall_s", sa.Float),
     sa.Column("host", sa.String),
     sa.Column("pid", sa.Integer),
+    sa.Column("handle", sa.String),  # backend's id of the attempt: pid, Slurm job id, ...
     sa.Column("start", sa.Float),
     sa.Column("end", sa.Float),
     sa.Column("stdout", sa.String),
@@ -164,8 +165,15 @@ class StateStore:
                     created=now, updated=now,
                 )
             )
-            for i in range(0, len(rows), 50_000):
-                conn.execute(job_t.insert(), rows[i : i + 50_000])
+            if self.engine.dialect.name == "sqlite":
+                # the driver's executemany over tuples: ~10x faster than Core's per-dict processing,
+                # which matters at 10^6 jobs
+                cols = list(rows[0]) if rows else []
+                sql = f"INSERT INTO job ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                conn.exec_driver_sql(sql, [tuple(r[c] for c in cols) for r in rows])
+            else:
+                for i in range(0, len(rows), 50_000):
+                    conn.execute(job_t.insert(), rows[i : i + 50_000])
         return len(rows)
 
     # -- run row ------------------------------------------------------------------------------------

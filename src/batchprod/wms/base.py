@@ -7,11 +7,14 @@ the run's state store, which every backend keeps up to date, so they are not the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from batchprod.errors import ConfigError
+from batchprod.execution.states import FailureClass
 
 if TYPE_CHECKING:
     from batchprod.execution.run import Run
@@ -50,3 +53,76 @@ def get_wms(name: str) -> BaseWmsService:
     if name not in eps:
         raise ConfigError(f"wmsServiceClass '{name}': unknown WMS (installed: {', '.join(sorted(eps))})")
     return eps[name].load()()
+
+
+@dataclass
+class Launch:
+    """One attempt the orchestrator wants started."""
+
+    job: int
+    name: str
+    label: str
+    attempt: int
+    cores: int
+    memory: int  # MB
+    walltime: int  # seconds, 0 = none
+    spec: dict[str, Any]  # the job wrapper's input (JSON-serializable)
+    stdout: Path
+    stderr: Path
+    result: Path
+
+
+@dataclass
+class Ended:
+    """One attempt that ended, as the backend saw it. ``fclass`` is set when the backend knows the
+    cause (it killed the job for memory, the scheduler timed it out or lost the node); otherwise the
+    orchestrator derives it from the wrapper's exit code / signal."""
+
+    job: int
+    attempt: int
+    exit_code: int | None
+    signal: int | None
+    fclass: FailureClass | None = None
+    reason: str | None = None
+    peak_rss_mb: float | None = None
+    cpu_s: float | None = None
+    host: str | None = None
+
+
+class Backend(ABC):
+    """How attempts start, end and are stopped on one kind of resource (a Parsl-style provider).
+
+    The orchestrator keeps the DAG, priorities, retry policy and the state store; a backend only
+    launches, reports what ended (in one bulk call per poll) and kills."""
+
+    name: str = "backend"
+
+    @abstractmethod
+    def start(self, launches: Sequence[Launch]) -> list[str]:
+        """Start attempts; returns one handle (pid, scheduler job id) per launch."""
+
+    @abstractmethod
+    def poll(self) -> list[Ended]:
+        """Every attempt that ended since the last poll (one scheduler query, never one per job)."""
+
+    @abstractmethod
+    def kill(self, handle: str, fclass: FailureClass, reason: str) -> None:
+        """Stop one attempt; its Ended carries ``fclass`` and ``reason``."""
+
+    @abstractmethod
+    def active(self) -> int:
+        """Attempts started and not yet reported ended."""
+
+    def can_start(self) -> bool:
+        """Throttle (e.g. maxJobs/maxIdle on a batch system); the local budget is the orchestrator's."""
+        return True
+
+    @abstractmethod
+    def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
+        """After an orchestrator loss: make sure no attempt of the run is still executing."""
+
+    def escalate(self, grace: float) -> None:  # noqa: B027 (optional hook)
+        """During cancel: hard-stop attempts that ignored a polite stop for ``grace`` seconds."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release resources at the end of a run."""

@@ -11,7 +11,13 @@ from batchprod.execution.process import kill_group, pid_alive, same_process_aliv
 from batchprod.execution.run import Run
 from batchprod.execution.states import JobState, RunState
 from batchprod.wms.base import BaseWmsService, Progress
-from batchprod.wms.local.executor import LocalExecutor
+from batchprod.wms.local.backend import LocalBackend
+from batchprod.wms.orchestrator import Orchestrator
+
+
+def LocalExecutor(run: Run, **kwargs: object) -> Orchestrator:  # noqa: N802 (reads like the class it builds)
+    """The orchestrator driving local processes: the embedded default."""
+    return Orchestrator(run, LocalBackend(str(run.submit_dir)), **kwargs)  # type: ignore[arg-type]
 
 
 class LocalService(BaseWmsService):
@@ -47,4 +53,4 @@ class LocalService(BaseWmsService):
         run.store.set_run(status=RunState.CANCELLED, orchestrator_pid=None)
 
 
-__all__ = ["LocalExecutor", "LocalService"]
+__all__ = ["LocalBackend", "LocalExecutor", "LocalService"]

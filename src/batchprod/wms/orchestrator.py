@@ -1,9 +1,8 @@
-"""The embedded local executor: every job its own OS process, scheduled by priority in a budget.
+"""The orchestrator: batchprod keeps the DAG itself (like DAGMan) and drives a backend.
 
-The orchestrator keeps the DAG in arrays (remaining-parent counts, a ready heap ordered by
-priority) and reaps children with ``wait4`` (exit status + rusage in one call, no thread per job).
-It measures each running job's whole process tree (RSS via psutil) and kills it at its memory
-request (``oom``) or walltime (``timeout``).
+It holds the DAG in arrays (remaining-parent counts, a ready heap ordered by priority), applies the
+retry policy, enforces walltime, keeps the state store, and recovers after its own death. A backend
+(local processes, Slurm, ...) only starts attempts, reports in one bulk poll which ended, and kills.
 
 Crash safety: an attempt is committed to the state store *before* its process starts, and every
 state change before it (a parent's success, say) is committed in the same transaction. Completed
@@ -19,25 +18,15 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-import psutil
+from typing import Any
 
 from batchprod.execution.logs import first_error_line
 from batchprod.execution.policy import JobCounters, decide
-from batchprod.execution.process import (
-    kill_group,
-    kill_group_of,
-    pid_alive,
-    process_start,
-    processes_with_env,
-)
+from batchprod.execution.process import process_start
 from batchprod.execution.run import Run
 from batchprod.execution.runner import (
     EXIT_INFRASTRUCTURE,
@@ -47,63 +36,56 @@ from batchprod.execution.runner import (
     commit_outputs,
 )
 from batchprod.execution.states import FailureClass, JobState, RunState
-from batchprod.wms.base import Progress
+from batchprod.wms.base import Backend, Ended, Launch, Progress
 from batchprod.workflow.generic import FinalJob, Resources
 
 FLUSH_INTERVAL = 0.25  # seconds between state commits
-MONITOR_INTERVAL = 0.1  # seconds between memory/walltime checks of running jobs
-KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of a job's process group
-ENV_SUBMIT_DIR = "BATCHPROD_SUBMIT_DIR"
+KILL_GRACE = 3.0  # seconds between the polite and the hard stop on cancel
 
 
 @dataclass
-class _Running:
+class _Active:
     job: int
-    popen: subprocess.Popen[bytes]
     attempt: int
+    handle: str
     start: float
     cores: int
     memory: int
-    stdout: Path
-    stderr: Path
-    result: Path
-    files: list[IO[bytes]] = field(default_factory=list)
-    proc: psutil.Process | None = None
-    peak_rss: float = 0.0  # MB, sampled over the whole process tree
-    forced: FailureClass | None = None  # set when we killed it (oom, timeout, cancel)
-    reason: str | None = None
+    launch: Launch
+    killing: bool = False
 
 
-def classify(status: int, forced: FailureClass | None) -> FailureClass | None:
-    """Failure class of an ended attempt from its wait status (None = success)."""
-    if forced is not None:
-        return forced
-    if os.WIFSIGNALED(status):
-        return FailureClass.KILLED if os.WTERMSIG(status) in KILL_SIGNALS else FailureClass.USER_ERROR
-    code = os.WEXITSTATUS(status)
-    if code == 0:
+def classify(exit_code: int | None, sig: int | None) -> FailureClass | None:
+    """Failure class of an ended attempt from the wrapper's exit code or signal (None = success)."""
+    if sig is not None:
+        return FailureClass.KILLED if sig in KILL_SIGNALS else FailureClass.USER_ERROR
+    if exit_code == 0:
         return None
-    if code == EXIT_MEMORY_ERROR:
+    if exit_code == EXIT_MEMORY_ERROR:
         return FailureClass.OOM
-    if code == EXIT_INFRASTRUCTURE:
+    if exit_code == EXIT_INFRASTRUCTURE:
         return FailureClass.INFRASTRUCTURE
     return FailureClass.USER_ERROR
 
 
-class LocalExecutor:
-    """Runs (or resumes) one prepared run on this machine."""
+class Orchestrator:
+    """Runs (or resumes) one prepared run through a backend."""
 
     def __init__(
         self,
         run: Run,
+        backend: Backend,
         cores: int | None = None,
         memory_mb: int | None = None,
         progress: Progress | None = None,
         poll: float = 0.005,
     ) -> None:
         self.run = run
+        self.backend = backend
         self.wf = run.workflow
         site_cores, site_mem = run.site_budget()
+        import psutil
+
         self.cores = cores or site_cores or (os.cpu_count() or 1)
         self.memory = memory_mb or site_mem or int(psutil.virtual_memory().total / 2**20)
         self.progress = progress
@@ -122,7 +104,7 @@ class LocalExecutor:
         self._dirty: set[int] = set()
         self._attempt_rows: list[dict[str, Any]] = []
         self._output_rows: list[dict[str, Any]] = []
-        self.running: dict[int, _Running] = {}  # pid -> running job
+        self.active: dict[int, _Active] = {}  # job -> active attempt
         self.delayed: list[tuple[float, int]] = []  # (not before, job): back-off
         self.heap: list[tuple[int, int]] = []
         self.used_cores = 0
@@ -174,36 +156,29 @@ class LocalExecutor:
                 self._set(j, JobState.PENDING, message="reset by restart", failure_class=None, exit_code=None)
 
     def _recover(self) -> int:
-        """After an orchestrator loss: stop orphaned job processes, adopt attempts that completed,
-        and put the rest back in the queue without spending their budget. Returns jobs recovered."""
+        """After an orchestrator loss: stop orphaned attempts, adopt those that completed, and queue
+        the rest again without spending their budget. Returns how many jobs were recovered."""
         active = [j for j, s in enumerate(self.status) if s in (JobState.RUNNING, JobState.QUEUED, JobState.READY)]
-        orphans = processes_with_env(ENV_SUBMIT_DIR, self.submit_key)
-        for pid in orphans:
-            kill_group_of(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in orphans) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not active:
-            return 0
         # the last attempt of a job the store shows active is the one still marked QUEUED/RUNNING
         last = {a["job_id"]: a for a in self.run.store.attempts(status=[JobState.QUEUED, JobState.RUNNING])}
+        self.backend.cleanup_orphans(self.run, [str(a["handle"]) for a in last.values() if a.get("handle")])
+        if not active:
+            return 0
         now = time.time()
         for j in active:
             a = last.get(j)
-            if self.status[j] == JobState.READY or a is None or a["status"] not in (JobState.RUNNING, JobState.QUEUED):
+            if self.status[j] == JobState.READY or a is None:
                 self._set(j, JobState.PENDING)
                 continue
             result = self.log_paths(j, a["number"])[2]
-            adopted = False
             if not result.exists() and Path(f"{result}.pending").exists():
                 with contextlib.suppress(StageError, OSError, ValueError):
                     commit_outputs(result)  # roll a half-done publication forward
+            row = {**a, "end": a.get("end") or now}
             if result.exists():
                 self._record_outputs(j, result)
-                adopted = True
-            row = {**a, "end": a.get("end") or now}
-            if adopted:
-                row.update(status=JobState.SUCCEEDED, exit_code=0, message="completed while the orchestrator was down; adopted")
+                row.update(status=JobState.SUCCEEDED, exit_code=0,
+                           message="completed while the orchestrator was down; adopted")
                 self._attempt_rows.append(row)
                 self._set(j, JobState.SUCCEEDED, exit_code=0, failure_class=None, message=row["message"])
             else:
@@ -227,6 +202,7 @@ class LocalExecutor:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            self.backend.close()
         self._flush()
         store.set_run(status=state, orchestrator_pid=None)
         return state
@@ -250,7 +226,7 @@ class LocalExecutor:
     def _loop(self) -> RunState:
         n = self.n
         self.prepare_queue()
-        last_flush = last_monitor = 0.0
+        last_flush = 0.0
         while True:
             if self._stop:
                 self._cancel_all()
@@ -259,14 +235,14 @@ class LocalExecutor:
             while self.delayed and self.delayed[0][0] <= now:
                 self._push(heapq.heappop(self.delayed)[1])
             launched = self._launch_ready()
-            reaped = self._reap()
-            if now - last_monitor > MONITOR_INTERVAL:
-                self._monitor()
-                last_monitor = now
+            ended = self.backend.poll() if self.active else []
+            for e in ended:
+                self._finish(e)
+            self._check_walltime()
             if now - last_flush > FLUSH_INTERVAL:
                 self._flush()
                 last_flush = now
-            if not self.running and not self.heap and not self.delayed:
+            if not self.active and not self.heap and not self.delayed:
                 if self.final_id is not None and self.status[self.final_id] == JobState.PENDING:
                     assert self.wf.final is not None
                     all_ok = all(s == JobState.SUCCEEDED for s in self.status[:n])
@@ -275,7 +251,7 @@ class LocalExecutor:
                         continue
                     self._set(self.final_id, JobState.UNREADY, message="not run: whenRun=SUCCESS and some jobs failed")
                 break
-            if not launched and not reaped:
+            if not launched and not ended:
                 time.sleep(self.poll)
         ok = all(s == JobState.SUCCEEDED for s in self.status)
         return RunState.SUCCEEDED if ok else RunState.FAILED
@@ -286,33 +262,49 @@ class LocalExecutor:
             self._set(j, JobState.READY)
 
     def _launch_ready(self) -> int:
-        batch: list[tuple[int, int, int, int]] = []
-        while self.heap:
+        batch: list[Launch] = []
+        while self.heap and self.backend.can_start():
             _, j = self.heap[0]
+            res = self.resources(j)
             mem = self.req_mem[j]
-            cores = min(self.resources(j).request_cpus, self.cores)
+            cores = min(res.request_cpus, self.cores)
             fits = self.used_cores + cores <= self.cores and self.used_memory + mem <= self.memory
             # Strict priority: wait for room rather than let smaller jobs jump ahead. A job bigger than
             # the whole budget (prepare rejects those when the site sets one) runs alone, not never.
-            if not fits and (self.running or batch):
+            if not fits and (self.active or batch):
                 break
             heapq.heappop(self.heap)
             attempt = self.attempts[j] + 1
             self.attempts[j] = attempt
-            out, err, _ = self.log_paths(j, attempt)
+            out, err, result = self.log_paths(j, attempt)
+            spec = self._spec(j)
+            spec.update(result_path=str(result), attempt=attempt, memory_mb=mem)
+            launch = Launch(j, self.name(j), self.job_label(j), attempt, cores, mem, res.request_walltime, spec,
+                            out, err, result)
             self._set(j, JobState.QUEUED, message=None)
             self._attempt_rows.append({
                 "job_id": j, "number": attempt, "status": JobState.QUEUED, "request_memory": mem,
-                "host": self.host, "start": time.time(), "stdout": str(out), "stderr": str(err),
+                "start": time.time(), "stdout": str(out), "stderr": str(err),
             })
             self.used_cores += cores
             self.used_memory += mem
-            batch.append((j, attempt, cores, mem))
+            batch.append(launch)
         if not batch:
             return 0
-        self._flush()  # the attempts (and everything before them) are durable before any process starts
-        for j, attempt, cores, mem in batch:
-            self._start(j, attempt, cores, mem)
+        self._flush()  # the attempts (and everything before them) are durable before any of them starts
+        for launch in batch:
+            launch.stdout.parent.mkdir(parents=True, exist_ok=True)
+        handles = self.backend.start(batch)
+        now = time.time()
+        for launch, handle in zip(batch, handles, strict=True):
+            j = launch.job
+            self.active[j] = _Active(j, launch.attempt, handle, now, launch.cores, launch.memory, launch)
+            self._set(j, JobState.RUNNING)
+            self._attempt_rows.append({
+                "job_id": j, "number": launch.attempt, "status": JobState.RUNNING, "request_memory": launch.memory,
+                "handle": handle, "pid": int(handle) if handle.isdigit() else None, "start": now,
+                "stdout": str(launch.stdout), "stderr": str(launch.stderr),
+            })
         return len(batch)
 
     def _spec(self, j: int) -> dict[str, Any]:
@@ -323,108 +315,39 @@ class LocalExecutor:
             return spec
         return self.wf.job_spec(j)
 
-    def _start(self, j: int, attempt: int, cores: int, mem: int) -> None:
-        out, err, result = self.log_paths(j, attempt)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        spec = self._spec(j)
-        spec.update(result_path=str(result), attempt=attempt)
-        fo, fe = open(out, "wb"), open(err, "wb")  # noqa: SIM115 (closed when reaped)
-        env = dict(os.environ, BATCHPROD_JOB=self.name(j), BATCHPROD_ATTEMPT=str(attempt),
-                   OMP_NUM_THREADS=str(cores), **{ENV_SUBMIT_DIR: self.submit_key})
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "batchprod.execution.runner"],
-            stdin=subprocess.PIPE, stdout=fo, stderr=fe,
-            start_new_session=True,  # own process group: cancel/kill reaches the whole tree
-            env=env,
-        )
-        assert popen.stdin is not None
-        try:
-            popen.stdin.write(json.dumps(spec).encode())
-            popen.stdin.close()
-        except BrokenPipeError:
-            pass
+    def _check_walltime(self) -> None:
+        if not self.active:
+            return
         now = time.time()
-        try:
-            proc: psutil.Process | None = psutil.Process(popen.pid)
-        except psutil.NoSuchProcess:
-            proc = None
-        self.running[popen.pid] = _Running(j, popen, attempt, now, cores, mem, out, err, result, [fo, fe], proc)
-        self._set(j, JobState.RUNNING)
-        self._attempt_rows.append({
-            "job_id": j, "number": attempt, "status": JobState.RUNNING, "request_memory": mem, "host": self.host,
-            "pid": popen.pid, "start": now, "stdout": str(out), "stderr": str(err),
-        })
+        for a in self.active.values():
+            wall = a.launch.walltime
+            if wall and not a.killing and now - a.start > wall:
+                a.killing = True
+                self.backend.kill(a.handle, FailureClass.TIMEOUT, f"timeout: past requestWalltime {wall}s")
 
-    def _monitor(self) -> None:
-        """Kill jobs over their memory request (whole process tree) or past their walltime."""
-        now = time.time()
-        for pid, r in list(self.running.items()):
-            if r.forced is not None:
-                continue
-            wall = self.resources(r.job).request_walltime
-            if wall and now - r.start > wall:
-                r.forced, r.reason = FailureClass.TIMEOUT, f"timeout: past requestWalltime {wall}s"
-                kill_group(pid, signal.SIGKILL)
-                continue
-            if r.proc is None:
-                continue
-            try:
-                rss = r.proc.memory_info().rss
-                for c in r.proc.children(recursive=True):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        rss += c.memory_info().rss
-            except psutil.NoSuchProcess:
-                continue
-            mb = rss / 2**20
-            r.peak_rss = max(r.peak_rss, mb)
-            if mb > r.memory:
-                r.forced, r.reason = FailureClass.OOM, f"oom: process tree used {mb:.0f} MB > requestMemory {r.memory} MB"
-                kill_group(pid, signal.SIGKILL)
-
-    def _reap(self, cancelling: bool = False) -> int:
-        """Collect every exited child (status + rusage from one wait4); returns how many."""
-        reaped = 0
-        while self.running:
-            try:
-                pid, status, ru = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.running.clear()
-                break
-            if pid == 0:
-                break
-            r = self.running.pop(pid, None)
-            if r is None:
-                continue
-            reaped += 1
-            r.popen.returncode = os.waitstatus_to_exitcode(status)
-            for f in r.files:
-                f.close()
-            self.used_cores -= r.cores
-            self.used_memory -= r.memory
-            if cancelling and r.forced is None:
-                r.forced, r.reason = FailureClass.CANCELLED, f"cancelled ({self._stop})"
-            self._finish(r, status, ru)
-        return reaped
-
-    def _finish(self, r: _Running, status: int, ru: Any) -> None:
-        j = r.job
+    def _finish(self, e: Ended) -> None:
+        a = self.active.pop(e.job, None)
+        if a is None or a.attempt != e.attempt:
+            return  # a stale report (e.g. of an attempt abandoned at recovery)
+        j = e.job
+        self.used_cores -= a.cores
+        self.used_memory -= a.memory
         end = time.time()
-        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        fclass = classify(status, r.forced)
-        if fclass is None and not r.result.exists():
-            fclass, r.reason = FailureClass.USER_ERROR, "exit 0 without a committed result manifest"
-        peak = max(r.peak_rss, ru.ru_maxrss / 1024 if ru is not None else 0.0)
+        fclass = e.fclass if e.fclass is not None else classify(e.exit_code, e.signal)
+        reason = e.reason
+        if fclass is None and not a.launch.result.exists():
+            fclass, reason = FailureClass.USER_ERROR, "exit 0 without a committed result manifest"
         row: dict[str, Any] = {
-            "job_id": j, "number": r.attempt, "request_memory": r.memory, "host": self.host, "pid": r.popen.pid,
-            "start": r.start, "end": end, "wall_s": end - r.start, "stdout": str(r.stdout), "stderr": str(r.stderr),
-            "exit_code": code, "signal": sig, "failure_class": fclass, "peak_rss_mb": peak,
-            "cpu_s": (ru.ru_utime + ru.ru_stime) if ru is not None else None,
+            "job_id": j, "number": a.attempt, "request_memory": a.memory, "host": e.host or self.host,
+            "handle": a.handle, "pid": int(a.handle) if a.handle.isdigit() else None,
+            "start": a.start, "end": end, "wall_s": end - a.start, "stdout": str(a.launch.stdout),
+            "stderr": str(a.launch.stderr), "exit_code": e.exit_code, "signal": e.signal, "failure_class": fclass,
+            "peak_rss_mb": e.peak_rss_mb, "cpu_s": e.cpu_s,
         }
         if fclass is None:
             row["status"] = JobState.SUCCEEDED
             self._attempt_rows.append(row)
-            self._record_outputs(j, r.result)
+            self._record_outputs(j, a.launch.result)
             self._set(j, JobState.SUCCEEDED, exit_code=0, failure_class=None, message=None)
             if j != self.final_id:
                 for c in self.child_idx[self.child_ptr[j] : self.child_ptr[j + 1]]:
@@ -432,23 +355,24 @@ class LocalExecutor:
                     if self.remaining[c] == 0 and self.status[c] == JobState.PENDING:
                         self._push(c)
             return
-        what = r.reason or (f"{fclass}: killed by {signal.Signals(sig).name}" if sig else f"{fclass}: exit code {code}")
+        what = reason or (f"{fclass}: killed by {signal.Signals(e.signal).name}" if e.signal
+                          else f"{fclass}: exit code {e.exit_code}")
         row.update(status=JobState.CANCELLED if fclass == FailureClass.CANCELLED else JobState.FAILED,
-                   message=what, error_line=first_error_line(r.stderr))
+                   message=what, error_line=first_error_line(a.launch.stderr))
         self._attempt_rows.append(row)
         if fclass == FailureClass.CANCELLED:
-            self._set(j, JobState.CANCELLED, failure_class=fclass, exit_code=code, message=what)
+            self._set(j, JobState.CANCELLED, failure_class=fclass, exit_code=e.exit_code, message=what)
             return
         d = decide(fclass, self.resources(j), self.counters[j], self.req_mem[j], self.memory)
         self.req_mem[j] = d.memory
         if d.retry and not self._stop:
-            self._set(j, JobState.PENDING, failure_class=fclass, exit_code=code, message=f"{what}; {d.reason}")
+            self._set(j, JobState.PENDING, failure_class=fclass, exit_code=e.exit_code, message=f"{what}; {d.reason}")
             if d.delay > 0:
                 heapq.heappush(self.delayed, (time.monotonic() + d.delay, j))
             else:
                 self._push(j)
             return
-        self._set(j, JobState.FAILED, failure_class=fclass, exit_code=code, message=f"{what}; {d.reason}")
+        self._set(j, JobState.FAILED, failure_class=fclass, exit_code=e.exit_code, message=f"{what}; {d.reason}")
         self._mark_unready(j)
 
     def _mark_unready(self, j: int) -> None:
@@ -474,20 +398,23 @@ class LocalExecutor:
             })
 
     def _cancel_all(self) -> None:
-        for pid in list(self.running):
-            kill_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + KILL_GRACE
-        while self.running and time.monotonic() < deadline:
-            if not self._reap(cancelling=True):
+        reason = f"cancelled ({self._stop})"
+        for a in self.active.values():
+            self.backend.kill(a.handle, FailureClass.CANCELLED, reason)
+        deadline = time.monotonic() + KILL_GRACE + 30
+        while self.active and time.monotonic() < deadline:
+            self.backend.escalate(KILL_GRACE)
+            ended = self.backend.poll()
+            for e in ended:
+                # an attempt that raced to success keeps it; anything else ends as cancelled
+                if e.fclass is None and classify(e.exit_code, e.signal) is not None:
+                    e.fclass, e.reason = FailureClass.CANCELLED, reason
+                self._finish(e)
+            if not ended:
                 time.sleep(0.02)
-        for pid in list(self.running):
-            kill_group(pid, signal.SIGKILL)
-        while self.running:
-            if not self._reap(cancelling=True):
-                time.sleep(0.01)
         for j, s in enumerate(self.status):
-            if s in (JobState.PENDING, JobState.READY, JobState.QUEUED):
-                self._set(j, JobState.CANCELLED, message=f"run cancelled ({self._stop})")
+            if s in (JobState.PENDING, JobState.READY, JobState.QUEUED, JobState.RUNNING):
+                self._set(j, JobState.CANCELLED, message=f"run {reason}")
         self.heap.clear()
         self.delayed.clear()
 
