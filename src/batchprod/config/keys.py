@@ -139,6 +139,14 @@ SITE_KEYS: dict[str, Converter] = {
     "wmsServiceClass": _str,
     "cores": _pos_int,
     "memory": memory_mb,
+    # batch systems
+    "partition": _str,
+    "account": _str,
+    "qos": _str,
+    "sbatchOptions": _str,
+    "maxJobs": _pos_int,
+    "maxIdle": _pos_int,
+    "pollInterval": _nonneg_float,
     **JOB_KEYS,
 }
 

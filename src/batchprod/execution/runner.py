@@ -12,6 +12,7 @@ Started as ``python -m batchprod.execution.runner`` with the job spec (JSON) on 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -178,8 +179,73 @@ def _clean_staging(sdir: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+class MemoryGuard:
+    """On batch systems without memory enforcement the wrapper guards itself: it samples the RSS of
+    its whole process tree and, over the request, kills the payload and exits as ``oom``."""
+
+    def __init__(self, limit_mb: int, interval: float = 0.1) -> None:
+        import threading
+
+        self.limit_mb = limit_mb
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            try:
+                procs = [me, *me.children(recursive=True)]
+                rss = 0
+                for p in procs:
+                    try:
+                        rss += p.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        continue
+            except psutil.NoSuchProcess:
+                return
+            mb = rss / 2**20
+            self.peak_mb = max(self.peak_mb, mb)
+            if mb > self.limit_mb:
+                print(f"error: oom: process tree used {mb:.0f} MB > requestMemory {self.limit_mb} MB",
+                      file=sys.stderr, flush=True)
+                for p in procs[1:]:
+                    try:
+                        p.kill()
+                    except psutil.NoSuchProcess:
+                        continue
+                os._exit(EXIT_MEMORY_ERROR)
+            time.sleep(self.interval)
+
+
+def _write_usage(path: str, guard: MemoryGuard | None) -> None:
+    import resource
+    import socket
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = max(me.ru_maxrss, kids.ru_maxrss) / 1024
+    if guard is not None:
+        peak = max(peak, guard.peak_mb)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    with contextlib.suppress(OSError):
+        _write_json(path, {"peak_rss_mb": peak, "cpu_s": cpu, "host": socket.gethostname()})
+
+
 def main() -> int:
     spec = json.loads(sys.stdin.read())
+    guard = MemoryGuard(int(spec["memory_mb"])) if spec.get("enforce_memory") and spec.get("memory_mb") else None
+    usage = spec.get("usage_path")
+    try:
+        return _main(spec)
+    finally:
+        if usage:
+            _write_usage(usage, guard)
+
+
+def _main(spec: dict[str, Any]) -> int:
     result_path = spec.get("result_path")
     t0 = time.time()
     staged: dict[str, str] = {}

@@ -6,6 +6,7 @@ the run's state store, which every backend keeps up to date, so they are not the
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,17 +26,57 @@ Progress = Callable[[dict[str, int]], None]
 
 
 class BaseWmsService(ABC):
-    """One workload management system (local executor, Slurm, Parsl, ...)."""
+    """One workload management system (local processes, Slurm, Parsl, ...).
+
+    A service supplies a :class:`Backend` for a run; running, cancelling and restarting are the
+    same for every service (the orchestrator and the state store do them)."""
 
     name: str = "base"
 
     @abstractmethod
+    def backend(self, run: Run) -> Backend:
+        """The backend that starts, polls and kills this run's attempts."""
+
+    def budget(self, run: Run) -> tuple[int | None, int | None]:
+        """(cores, memory MB) the orchestrator may use at once; None = the site's or this machine's."""
+        return None, None
+
     def execute(self, run: Run, progress: Progress | None = None) -> RunState:
         """Run every not-yet-succeeded job of the run to completion, in the foreground."""
+        from batchprod.wms.orchestrator import Orchestrator
 
-    @abstractmethod
-    def cancel(self, run: Run) -> None:
-        """Stop every running job of the run and mark it CANCELLED."""
+        cores, memory = self.budget(run)
+        return Orchestrator(run, self.backend(run), cores=cores, memory_mb=memory, progress=progress).execute()
+
+    def cancel(self, run: Run, timeout: float = 60.0) -> None:
+        """Stop every running job of the run and mark it CANCELLED; the run stays restartable."""
+        import signal
+        import time
+
+        from batchprod.errors import RunError
+        from batchprod.execution.process import same_process_alive
+        from batchprod.execution.states import JobState, RunState
+
+        info = run.store.run_info()
+        pid = info.get("orchestrator_pid")
+        if same_process_alive(pid, info.get("orchestrator_start")):
+            os.kill(pid, signal.SIGTERM)  # the orchestrator stops its jobs and records it
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if run.store.run_info()["status"] != RunState.RUNNING:
+                    return
+                time.sleep(0.1)
+            raise RunError(f"run '{info['name']}': orchestrator {pid} did not stop within {timeout:.0f}s")
+        # The orchestrator is gone: stop whatever it left running and mark the run.
+        now = time.time()
+        active = run.store.attempts(status=[JobState.QUEUED, JobState.RUNNING])
+        self.backend(run).cleanup_orphans(run, [str(a["handle"]) for a in active if a.get("handle")])
+        attempts = [{**a, "status": JobState.CANCELLED, "failure_class": "cancelled", "end": now,
+                     "message": "cancelled (orchestrator not running)"} for a in active]
+        jobs = [{**j, "status": JobState.CANCELLED, "message": "run cancelled", "updated": now}
+                for j in run.store.jobs(status=[JobState.PENDING, JobState.READY, JobState.QUEUED, JobState.RUNNING])]
+        run.store.write(jobs, attempts)
+        run.store.set_run(status=RunState.CANCELLED, orchestrator_pid=None)
 
 
 def get_wms(name: str) -> BaseWmsService:

@@ -1,0 +1,265 @@
+"""Slurm as a backend: batchprod keeps the DAG (like DAGMan) and submits jobs whose parents are done.
+
+* one ``sbatch`` per attempt (``--wrap`` runs the job wrapper with its spec file), resources mapped to
+  ``--cpus-per-task``, ``--mem``, ``--time``; site settings to ``--partition``, ``--account``,
+  ``--qos`` and free ``sbatchOptions``;
+* one ``squeue`` per poll for *all* active attempts (``-O JobID,State,Reason,exit_code``);
+* Slurm outcomes mapped to failure classes: OUT_OF_MEMORY -> oom, TIMEOUT -> timeout,
+  PREEMPTED / NODE_FAIL / BOOT_FAIL -> killed (``--no-requeue``: a requeue would rerun an attempt
+  behind our back, so preemption ends it and the retry policy decides), non-zero exit -> from the
+  wrapper's exit code; our own ``scancel`` -> the class we asked for (cancelled, timeout);
+* throttled by ``maxJobs`` (in the scheduler at once) and ``maxIdle`` (pending in it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from batchprod.errors import ConfigError, RunError
+from batchprod.execution.run import Run
+from batchprod.execution.states import FailureClass
+from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+LOST = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}
+WALLTIME_MARGIN = 60  # seconds added to --time so our own walltime check (exact) normally wins
+VANISHED_AFTER = 3  # polls an attempt may be missing from squeue before it counts as lost
+
+
+@dataclass
+class SlurmSettings:
+    """The site keys Slurm understands (from ``site.<computeSite>``)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    sbatch_options: str = ""
+    max_jobs: int = 1000
+    max_idle: int = 200
+    poll_interval: float = 1.0
+
+    @classmethod
+    def from_run(cls, run: Run) -> SlurmSettings:
+        from batchprod.config.keys import SITE_KEYS
+
+        site = run.config.get("computeSite") or "local"
+        s = (run.config.get("site") or {}).get(site) or {}
+
+        def get(key: str, default: Any) -> Any:
+            return SITE_KEYS[key](s[key]) if key in s else default
+
+        return cls(get("partition", None), get("account", None), get("qos", None), get("sbatchOptions", ""),
+                   get("maxJobs", 1000), get("maxIdle", 200), float(get("pollInterval", 1.0)))
+
+
+def _run_cmd(args: list[str], what: str, input_text: str | None = None) -> str:
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, input=input_text, timeout=120)
+    except FileNotFoundError:
+        raise RunError(f"{what}: '{args[0]}' not found; is the Slurm client installed?") from None
+    if p.returncode != 0:
+        raise RunError(f"{what} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout
+
+
+def time_option(seconds: int) -> str:
+    """Slurm --time in whole minutes (its granularity), with a margin over the requested walltime."""
+    return str(max(1, math.ceil((seconds + WALLTIME_MARGIN) / 60)))
+
+
+@dataclass
+class _Sub:
+    launch: Launch
+    forced: FailureClass | None = None
+    reason: str | None = None
+    missing: int = 0
+    state: str = "PENDING"
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, run: Run, settings: SlurmSettings) -> None:
+        self.run = run
+        self.settings = settings
+        self.subs: dict[str, _Sub] = {}
+        self._last_poll = 0.0
+        self.pending = 0
+        # a job-name prefix unique to the run: finds its jobs in the queue even without recorded ids
+        self.prefix = "bp" + hashlib.blake2b(str(run.submit_dir).encode(), digest_size=4).hexdigest()
+
+    # -- submit --------------------------------------------------------------------------------------
+    def sbatch_args(self, launch: Launch, spec_path: str) -> list[str]:
+        s = self.settings
+        args = ["sbatch", "--parsable", "--no-requeue", f"--job-name={self.prefix}.{launch.name}"[:200],
+                f"--output={launch.stdout}", f"--error={launch.stderr}", f"--cpus-per-task={launch.cores}",
+                f"--mem={launch.memory}M"]
+        if launch.walltime:
+            args.append(f"--time={time_option(launch.walltime)}")
+        for opt, val in (("partition", s.partition), ("account", s.account), ("qos", s.qos)):
+            if val:
+                args.append(f"--{opt}={val}")
+        args += shlex.split(s.sbatch_options)
+        env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
+               "BATCHPROD_SUBMIT_DIR": str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
+        args.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items()))
+        wrap = f"exec {shlex.quote(sys.executable)} -m batchprod.execution.runner < {shlex.quote(spec_path)}"
+        args.append(f"--wrap={wrap}")
+        return args
+
+    def start(self, launches: Sequence[Launch]) -> list[str]:
+        handles = []
+        for launch in launches:
+            spec = dict(launch.spec, enforce_memory=True, usage_path=f"{launch.result}.usage.json")
+            spec_path = str(launch.result).replace(".result.json", ".spec.json")
+            with open(spec_path, "w") as fh:
+                json.dump(spec, fh)
+            out = _run_cmd(self.sbatch_args(launch, spec_path), f"sbatch {launch.name}")
+            job_id = out.strip().split(";")[0]
+            self.subs[job_id] = _Sub(launch)
+            self.pending += 1
+            handles.append(job_id)
+        return handles
+
+    def active(self) -> int:
+        return len(self.subs)
+
+    def can_start(self) -> bool:
+        return len(self.subs) < self.settings.max_jobs and self.pending < self.settings.max_idle
+
+    # -- poll ----------------------------------------------------------------------------------------
+    def query(self, ids: Sequence[str]) -> dict[str, tuple[str, str, int | None]]:
+        """job id -> (state, reason, raw wait status) for the given ids, in one squeue call."""
+        if not ids:
+            return {}
+        out = _run_cmd(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-O", "JobID:|,State:|,Reason:|,exit_code:"],
+                       "squeue")
+        res: dict[str, tuple[str, str, int | None]] = {}
+        for line in out.splitlines():
+            parts = [p.strip() for p in line.split("|")]
+            if len(parts) >= 4 and parts[0]:
+                code = int(parts[3]) if parts[3].lstrip("-").isdigit() else None
+                res[parts[0]] = (parts[1], parts[2], code)
+        return res
+
+    def poll(self) -> list[Ended]:
+        now = time.monotonic()
+        if now - self._last_poll < self.settings.poll_interval or not self.subs:
+            return []
+        self._last_poll = now
+        try:
+            states = self.query(list(self.subs))
+        except RunError:
+            return []  # a slow or restarting controller: try again next poll
+        ended: list[Ended] = []
+        pending = 0
+        for job_id, sub in list(self.subs.items()):
+            st = states.get(job_id)
+            if st is None:
+                sub.missing += 1
+                if sub.missing >= VANISHED_AFTER:
+                    del self.subs[job_id]
+                    ended.append(self._ended(sub, None, None, FailureClass.KILLED, "vanished from the Slurm queue"))
+                continue
+            state, reason, status = st
+            sub.state = state
+            if state == "PENDING":
+                pending += 1
+            if state not in TERMINAL:
+                continue
+            del self.subs[job_id]
+            ended.append(self._from_slurm(sub, state, reason, status))
+        self.pending = pending
+        return ended
+
+    def _usage(self, sub: _Sub) -> dict[str, Any]:
+        try:
+            with open(f"{sub.launch.result}.usage.json") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return {}
+
+    def _ended(self, sub: _Sub, code: int | None, sig: int | None, fclass: FailureClass | None,
+               reason: str | None) -> Ended:
+        u = self._usage(sub)
+        return Ended(sub.launch.job, sub.launch.attempt, code, sig, fclass, reason, u.get("peak_rss_mb"),
+                     u.get("cpu_s"), u.get("host"))
+
+    def _from_slurm(self, sub: _Sub, state: str, reason: str, status: int | None) -> Ended:
+        code = sig = None
+        if status is not None:
+            if os.WIFSIGNALED(status):
+                sig = os.WTERMSIG(status)
+            else:
+                code = os.WEXITSTATUS(status)
+        if sub.forced is not None:
+            return self._ended(sub, code, sig, sub.forced, sub.reason)
+        if state == "OUT_OF_MEMORY":
+            return self._ended(sub, code, sig, FailureClass.OOM, "oom: Slurm OUT_OF_MEMORY")
+        if state in ("TIMEOUT", "DEADLINE"):
+            return self._ended(sub, code, sig, FailureClass.TIMEOUT, f"timeout: Slurm {state}")
+        if state in LOST:
+            return self._ended(sub, code, sig, FailureClass.KILLED, f"killed: Slurm {state} ({reason})")
+        if state == "CANCELLED":
+            return self._ended(sub, code, sig, FailureClass.KILLED, f"killed: cancelled outside batchprod ({reason})")
+        return self._ended(sub, code, sig, None, None)  # COMPLETED / FAILED: the wrapper's exit code says
+
+    # -- kill ----------------------------------------------------------------------------------------
+    def kill(self, handle: str, fclass: FailureClass, reason: str) -> None:
+        sub = self.subs.get(handle)
+        if sub is None:
+            return
+        if sub.forced is None:
+            sub.forced, sub.reason = fclass, reason
+        subprocess.run(["scancel", handle], capture_output=True, timeout=60)
+
+    def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
+        """Cancel every queued or running Slurm job of this run (by id and by name prefix) and wait
+        until none is running, so a restart never has two attempts of one job at once."""
+        ids = set(handles)
+        try:
+            out = _run_cmd(["squeue", "-h", "-o", "%i|%j"], "squeue")
+            ids.update(i for i, _, n in (line.partition("|") for line in out.splitlines())
+                       if n.startswith(self.prefix + "."))
+        except RunError:
+            pass
+        ids = {i for i in ids if i}
+        if not ids:
+            return
+        subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            st = self.query(sorted(ids))
+            if all(s[0] in TERMINAL for s in st.values()):
+                return
+            time.sleep(0.5)
+
+
+class SlurmService(BaseWmsService):
+    """Runs a generic workflow on a Slurm cluster."""
+
+    name = "slurm"
+
+    def backend(self, run: Run) -> Backend:
+        if shutil.which("sbatch") is None:
+            raise ConfigError("wmsServiceClass 'slurm': sbatch not found on PATH")
+        return SlurmBackend(run, SlurmSettings.from_run(run))
+
+    def budget(self, run: Run) -> tuple[int | None, int | None]:
+        # the scheduler owns the resources; the orchestrator only throttles (maxJobs, maxIdle)
+        return 1 << 30, 1 << 40
+
+
+__all__ = ["SlurmBackend", "SlurmService", "SlurmSettings", "time_option"]

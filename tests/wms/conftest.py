@@ -1,0 +1,52 @@
+"""Backends for the conformance suite: every backend that can run here, one parametrized fixture.
+
+Slurm runs when a cluster answers (``scripts/dev-slurm.sh up``; ``.ci/run`` starts one). With
+``BATCHPROD_REQUIRE_ENGINES=1`` (as in CI) a missing engine is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/slurm-ci/slurm.conf")
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None or not os.path.exists(SLURM_CONF):
+        return False
+    env = dict(os.environ, SLURM_CONF=SLURM_CONF)
+    p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env, timeout=20)
+    return p.returncode == 0 and p.stdout.strip() in ("idle", "mix", "alloc")
+
+
+@dataclass
+class BackendCase:
+    name: str
+    keys: dict[str, Any] = field(default_factory=dict)
+
+    def kill_from_outside(self, attempt: dict[str, Any]) -> None:
+        """What a preemption or an operator's kill looks like on this backend."""
+        if self.name == "local":
+            os.killpg(int(attempt["handle"]), signal.SIGKILL)
+        elif self.name == "slurm":
+            subprocess.run(["scancel", str(attempt["handle"])], check=True, env=dict(os.environ, SLURM_CONF=SLURM_CONF))
+
+
+@pytest.fixture(params=["local", "slurm"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> BackendCase:
+    if request.param == "slurm":
+        if not _slurm_up():
+            if os.environ.get("BATCHPROD_REQUIRE_ENGINES") == "1":
+                pytest.fail("Slurm is required here (BATCHPROD_REQUIRE_ENGINES=1) but does not answer")
+            pytest.skip("no Slurm cluster (start one with scripts/dev-slurm.sh up)")
+        monkeypatch.setenv("SLURM_CONF", SLURM_CONF)
+        return BackendCase("slurm", {"computeSite": "slurm",
+                                     "site": {"slurm": {"wmsServiceClass": "slurm", "pollInterval": 0.2}}})
+    return BackendCase("local", {"site": {"local": {"cores": 2}}})
