@@ -58,10 +58,14 @@ def test_prepare_runs_nothing(tmp_path: Path, toy_repo: Path, cli) -> None:
         (lambda c: c["payload"].update(dataQuery="visti = 1"), "unknown dimension 'visti'"),
         (lambda c: c.update(project="{undefinedThing}"), "undefined variable {undefinedThing}"),
         (lambda c: c.update(cluster={"c": {"pipetasks": "calibrate,nosuch"}}), "unknown task label 'nosuch'"),
+        (lambda c: c.update(pipelineYaml="bad_template.yaml"), "key 'tasks.calibrate.command': cannot fill the template"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, toy_repo: Path, cli, mutate, message) -> None:
     cfg_path = write_submit(tmp_path, repo=toy_repo)
+    (tmp_path / "bad_template.yaml").write_text(yaml.safe_dump({"tasks": {"calibrate": {
+        "command": "test {detector} || { exit 3; }", "dimensions": ["visit", "detector"], "inputs": ["raw"],
+        "outputs": ["calexp"]}}}))
     cfg = yaml.safe_load(cfg_path.read_text())
     mutate(cfg)
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -83,14 +83,21 @@ def _print_prepare(run: Any, timings: list[Any]) -> None:
 @main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @OVERRIDE_OPTION
+@click.option("--wms", type=click.Choice(["htcondor"]), default=None,
+              help="Also export the workflow for this WMS (htcondor: a DAGMan DAG + submit files).")
 @_user_errors
-def prepare(config: Path, overrides: tuple[str, ...]) -> None:
+def prepare(config: Path, overrides: tuple[str, ...], wms: str | None) -> None:
     """Build the quantum graph and workflow into a submit directory; run nothing."""
     from batchprod.execution.run import prepare as do_prepare
 
     timings: list[Any] = []
     run = do_prepare(config, _overrides(overrides), timings)
     _print_prepare(run, timings)
+    if wms == "htcondor":
+        from batchprod.wms.htcondor import export_dag
+
+        dag = export_dag(run)
+        console.print(f"htcondor: {dag} (validated, not run here): condor_submit_dag {dag}")
 
 
 def _execute_foreground(run: Any, show_progress: bool) -> int:

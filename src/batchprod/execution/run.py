@@ -75,6 +75,11 @@ class Run:
     def log_dir(self) -> Path:
         return self.submit_dir / LOG_DIR
 
+    def attempt_paths(self, label: str, name: str, attempt: int | str) -> tuple[Path, Path, Path]:
+        """stdout, stderr and result manifest of one attempt: logs/<label>/<name>.<attempt>.*"""
+        d = self.log_dir / label
+        return d / f"{name}.{attempt}.out", d / f"{name}.{attempt}.err", d / f"{name}.{attempt}.result.json"
+
     def site_budget(self) -> tuple[int | None, int | None]:
         """(cores, memory MB) the site config grants the local executor, None = the machine's."""
         site = self.config.get("computeSite") or "local"
@@ -128,6 +133,25 @@ def _check_budget(cfg: BpsConfig, wf: GenericWorkflow) -> None:
             )
 
 
+def _check_commands(wf: GenericWorkflow, pipeline_path: Path) -> None:
+    """Render each command template once (first job of each group) so a typo fails now, not in 10^5 jobs."""
+    from batchprod.execution.runner import render_command
+
+    first: dict[int, int] = {}
+    for j, g in enumerate(wf.job_group.tolist()):
+        first.setdefault(g, j)
+    for j in first.values():
+        for q in wf.job_spec(j)["quanta"]:
+            if q["command"]:
+                try:
+                    render_command(q["command"], q)
+                except (KeyError, AttributeError, IndexError, ValueError) as exc:
+                    raise ConfigError(
+                        f"{pipeline_path}: key 'tasks.{q['label']}.command': cannot fill the template: "
+                        f"{type(exc).__name__}: {exc} (write literal braces as {{{{ and }}}})"
+                    ) from None
+
+
 def _final_group(f: FinalJob) -> Any:
     from batchprod.workflow.generic import JobGroup
 
@@ -173,6 +197,7 @@ def prepare(
     run_info = {"repo": str(repo), "output_run": output_run, "submit_dir": str(submit_dir), "name": output_run}
     wf = workflow_from_config(qg, cfg, run_info)
     _check_budget(cfg, wf)
+    _check_commands(wf, pipeline_path)
     timings.append(Timing("cluster + workflow", time.perf_counter() - t0, _peak_mb()))
 
     t0 = time.perf_counter()

@@ -234,8 +234,45 @@ def _write_usage(path: str, guard: MemoryGuard | None) -> None:
         _write_json(path, {"peak_rss_mb": peak, "cpu_s": cpu, "host": socket.gethostname()})
 
 
+def spec_from_run(submit_dir: str, job_index: int | None, attempt: str) -> dict[str, Any]:
+    """Build a job's spec from the run's workflow file (batch systems that start the wrapper with a
+    job index instead of a spec: one submit file per group, not one file per job)."""
+    from batchprod.execution.run import Run
+    from batchprod.workflow.generic import FinalJob
+
+    run = Run(submit_dir)
+    wf = run.workflow
+    if job_index is None:
+        spec = wf.final_spec()
+        if spec is None:
+            raise SystemExit(f"{submit_dir}: this run has no final job")
+        label = name = FinalJob.NAME
+    else:
+        spec = wf.job_spec(job_index)
+        label, name = wf.group(job_index).name, spec["name"]
+    spec.update(attempt=attempt, result_path=str(run.attempt_paths(label, name, attempt)[2]))
+    run.attempt_paths(label, name, attempt)[2].parent.mkdir(parents=True, exist_ok=True)
+    return spec
+
+
+def _read_spec(argv: list[str]) -> dict[str, Any]:
+    import argparse
+
+    if not argv:
+        return json.loads(sys.stdin.read())
+    ap = argparse.ArgumentParser(prog="python -m batchprod.execution.runner")
+    ap.add_argument("--submit-dir", required=True)
+    ap.add_argument("--job-index", type=int)
+    ap.add_argument("--final", action="store_true")
+    ap.add_argument("--attempt", default="1")
+    a = ap.parse_args(argv)
+    if a.final == (a.job_index is not None):
+        ap.error("give exactly one of --job-index or --final")
+    return spec_from_run(a.submit_dir, a.job_index, a.attempt)
+
+
 def main() -> int:
-    spec = json.loads(sys.stdin.read())
+    spec = _read_spec(sys.argv[1:])
     guard = MemoryGuard(int(spec["memory_mb"])) if spec.get("enforce_memory") and spec.get("memory_mb") else None
     usage = spec.get("usage_path")
     try:

@@ -129,9 +129,7 @@ class Orchestrator:
         return self.group_res[self.job_group[j]]
 
     def log_paths(self, j: int, attempt: int) -> tuple[Path, Path, Path]:
-        d = self.run.log_dir / self.job_label(j)
-        name = self.name(j)
-        return d / f"{name}.{attempt}.out", d / f"{name}.{attempt}.err", d / f"{name}.{attempt}.result.json"
+        return self.run.attempt_paths(self.job_label(j), self.name(j), attempt)
 
     def _set(self, j: int, state: JobState, **fields: Any) -> None:
         self.status[j] = state
