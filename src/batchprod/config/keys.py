@@ -147,6 +147,8 @@ SITE_KEYS: dict[str, Converter] = {
     "maxJobs": _pos_int,
     "maxIdle": _pos_int,
     "pollInterval": _nonneg_float,
+    "parslProvider": _str,
+    "maxWorkers": _pos_int,
     **JOB_KEYS,
 }
 

@@ -273,6 +273,14 @@ def _read_spec(argv: list[str]) -> dict[str, Any]:
 
 def main() -> int:
     spec = _read_spec(sys.argv[1:])
+    if spec.get("new_session"):
+        # under an executor that shares its process group (Parsl workers): a group of our own, so a
+        # kill reaches the payload's whole tree and nothing else
+        with contextlib.suppress(OSError):
+            os.setsid()
+    if spec.get("pid_path"):
+        with contextlib.suppress(OSError):
+            Path(spec["pid_path"]).write_text(str(os.getpid()))
     guard = MemoryGuard(int(spec["memory_mb"])) if spec.get("enforce_memory") and spec.get("memory_mb") else None
     usage = spec.get("usage_path")
     try:

@@ -41,6 +41,14 @@ class BaseWmsService(ABC):
         """(cores, memory MB) the orchestrator may use at once; None = the site's or this machine's."""
         return None, None
 
+    def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
+        """Stop what a dead orchestrator left running (used by cancel)."""
+        backend = self.backend(run)
+        try:
+            backend.cleanup_orphans(run, handles)
+        finally:
+            backend.close()
+
     def execute(self, run: Run, progress: Progress | None = None) -> RunState:
         """Run every not-yet-succeeded job of the run to completion, in the foreground."""
         from batchprod.wms.orchestrator import Orchestrator
@@ -70,7 +78,7 @@ class BaseWmsService(ABC):
         # The orchestrator is gone: stop whatever it left running and mark the run.
         now = time.time()
         active = run.store.attempts(status=[JobState.QUEUED, JobState.RUNNING])
-        self.backend(run).cleanup_orphans(run, [str(a["handle"]) for a in active if a.get("handle")])
+        self.cleanup_orphans(run, [str(a["handle"]) for a in active if a.get("handle")])
         attempts = [{**a, "status": JobState.CANCELLED, "failure_class": "cancelled", "end": now,
                      "message": "cancelled (orchestrator not running)"} for a in active]
         jobs = [{**j, "status": JobState.CANCELLED, "message": "run cancelled", "updated": now}
@@ -153,6 +161,11 @@ class Backend(ABC):
     @abstractmethod
     def active(self) -> int:
         """Attempts started and not yet reported ended."""
+
+    def running_since(self, handle: str) -> float | None:
+        """Wall-clock time the attempt started executing (not queued); None if it has not yet.
+        Walltime is counted from here, so time spent in a batch queue is not held against a job."""
+        return None
 
     def can_start(self) -> bool:
         """Throttle (e.g. maxJobs/maxIdle on a batch system); the local budget is the orchestrator's."""

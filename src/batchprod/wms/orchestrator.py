@@ -319,7 +319,10 @@ class Orchestrator:
         now = time.time()
         for a in self.active.values():
             wall = a.launch.walltime
-            if wall and not a.killing and now - a.start > wall:
+            if not wall or a.killing:
+                continue
+            since = self.backend.running_since(a.handle)
+            if since is not None and now - since > wall:
                 a.killing = True
                 self.backend.kill(a.handle, FailureClass.TIMEOUT, f"timeout: past requestWalltime {wall}s")
 

@@ -36,6 +36,17 @@ def job_env(launch: Launch, submit_dir: str) -> dict[str, str]:
                 OMP_NUM_THREADS=str(launch.cores), **{ENV_SUBMIT_DIR: submit_dir})
 
 
+def kill_run_processes(submit_dir: str, timeout: float = 10.0) -> None:
+    """Kill every process of a run left from a previous orchestrator (found by environment, so even
+    attempts whose pid was never recorded are found) and wait until they are gone."""
+    orphans = processes_with_env(ENV_SUBMIT_DIR, submit_dir)
+    for pid in orphans:
+        kill_group_of(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in orphans) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 @dataclass
 class _Proc:
     launch: Launch
@@ -46,6 +57,7 @@ class _Proc:
     forced: FailureClass | None = None
     reason: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
 
 
 class LocalBackend(Backend):
@@ -82,6 +94,10 @@ class LocalBackend(Backend):
 
     def active(self) -> int:
         return len(self.procs)
+
+    def running_since(self, handle: str) -> float | None:
+        p = self.procs.get(int(handle))
+        return p.started if p else None
 
     def _monitor(self) -> None:
         """Kill attempts whose process tree is over their memory request."""
@@ -153,11 +169,4 @@ class LocalBackend(Backend):
                 kill_group(pid, signal.SIGKILL)
 
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
-        """Kill every process of this run left from a previous orchestrator (found by environment,
-        so even attempts whose pid was never recorded are found)."""
-        orphans = processes_with_env(ENV_SUBMIT_DIR, str(run.submit_dir))
-        for pid in orphans:
-            kill_group_of(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in orphans) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        kill_run_processes(str(run.submit_dir))

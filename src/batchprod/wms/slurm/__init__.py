@@ -86,6 +86,7 @@ class _Sub:
     reason: str | None = None
     missing: int = 0
     state: str = "PENDING"
+    running_since: float | None = None
 
 
 class SlurmBackend(Backend):
@@ -136,6 +137,10 @@ class SlurmBackend(Backend):
     def active(self) -> int:
         return len(self.subs)
 
+    def running_since(self, handle: str) -> float | None:
+        sub = self.subs.get(handle)
+        return sub.running_since if sub else None
+
     def can_start(self) -> bool:
         return len(self.subs) < self.settings.max_jobs and self.pending < self.settings.max_idle
 
@@ -175,6 +180,8 @@ class SlurmBackend(Backend):
                 continue
             state, reason, status = st
             sub.state = state
+            if state == "RUNNING" and sub.running_since is None:
+                sub.running_since = time.time()
             if state == "PENDING":
                 pending += 1
             if state not in TERMINAL:

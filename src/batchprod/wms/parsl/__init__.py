@@ -1,0 +1,222 @@
+"""Parsl as a backend (extra ``batchprod[parsl]``): a HighThroughputExecutor, jobs as bash apps.
+
+The provider comes from the site config (``parslProvider: local`` or ``slurm``; ``partition``,
+``maxWorkers``). Unlike Rubin's Parsl plugin, report, status, cancel and restart work, because the
+orchestrator and the state store do them: Parsl only runs attempts. Each attempt's wrapper starts a
+new session and writes its pid, so a walltime kill or a cancel reaches the whole process tree
+without touching the Parsl worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchprod.errors import ConfigError
+from batchprod.execution.process import kill_group
+from batchprod.execution.run import Run
+from batchprod.execution.states import FailureClass
+from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
+from batchprod.wms.local.backend import ENV_SUBMIT_DIR, kill_run_processes
+
+
+@dataclass
+class ParslSettings:
+    provider: str = "local"
+    max_workers: int | None = None
+    partition: str | None = None
+    walltime: str = "01:00:00"
+
+    @classmethod
+    def from_run(cls, run: Run) -> ParslSettings:
+        from batchprod.config.keys import SITE_KEYS
+
+        site = run.config.get("computeSite") or "local"
+        s = (run.config.get("site") or {}).get(site) or {}
+        provider = str(s.get("parslProvider", "local"))
+        if provider not in ("local", "slurm"):
+            raise ConfigError(f"site.{site}.parslProvider: expected local or slurm, got {provider!r}")
+        workers = SITE_KEYS["maxWorkers"](s["maxWorkers"]) if "maxWorkers" in s else None
+        partition = SITE_KEYS["partition"](s["partition"]) if "partition" in s else None
+        return cls(provider, workers, partition)
+
+
+@dataclass
+class _Task:
+    launch: Launch
+    future: Future[Any]
+    pid_path: Path
+    forced: FailureClass | None = None
+    reason: str | None = None
+    term_sent: float | None = None
+
+
+def _bash_job(cmd: str, stdout: str | None = None, stderr: str | None = None) -> str:
+    return cmd
+
+
+class ParslBackend(Backend):
+    name = "parsl"
+
+    def __init__(self, run: Run, settings: ParslSettings) -> None:
+        try:
+            import parsl
+            from parsl.app.bash import BashApp
+            from parsl.config import Config
+            from parsl.executors import HighThroughputExecutor
+            from parsl.providers import LocalProvider, SlurmProvider
+        except ImportError:
+            raise ConfigError("wmsServiceClass 'parsl': install the extra: pip install 'batchprod[parsl]'") from None
+        self.run = run
+        self.tasks: dict[str, _Task] = {}
+        self._n = 0
+        bindir = os.path.dirname(sys.executable)
+        os.environ["PATH"] = f"{bindir}:{os.environ.get('PATH', '')}"  # Parsl starts its interchange by name
+        workers = settings.max_workers or os.cpu_count() or 1
+        worker_init = f"export PATH={shlex.quote(bindir)}:$PATH"
+        if settings.provider == "slurm":
+            from parsl.launchers import SingleNodeLauncher
+
+            provider: Any = SlurmProvider(partition=settings.partition, nodes_per_block=1, init_blocks=1,
+                                          min_blocks=1, max_blocks=1, walltime=settings.walltime,
+                                          launcher=SingleNodeLauncher(), worker_init=worker_init, exclusive=False)
+        else:
+            provider = LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1, worker_init=worker_init)
+        config = Config(
+            executors=[HighThroughputExecutor(label="batchprod", address="127.0.0.1", max_workers_per_node=workers,
+                                              provider=provider)],
+            run_dir=str(run.submit_dir / "parsl"), strategy="none", initialize_logging=False,
+        )
+        self.dfk = parsl.load(config)
+        self.app = BashApp(_bash_job, executors=["batchprod"])
+
+    def start(self, launches: Sequence[Launch]) -> list[str]:
+        handles = []
+        for launch in launches:
+            pid_path = Path(str(launch.result).replace(".result.json", ".pid"))
+            spec = dict(launch.spec, enforce_memory=True, new_session=True, pid_path=str(pid_path),
+                        usage_path=f"{launch.result}.usage.json")
+            spec_path = str(launch.result).replace(".result.json", ".spec.json")
+            with open(spec_path, "w") as fh:
+                json.dump(spec, fh)
+            env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
+                   ENV_SUBMIT_DIR: str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
+            exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            cmd = (f"export {exports}; exec {shlex.quote(sys.executable)} -m batchprod.execution.runner "
+                   f"< {shlex.quote(spec_path)}")
+            fut = self.app(cmd, stdout=str(launch.stdout), stderr=str(launch.stderr))
+            self._n += 1
+            handle = f"parsl-{self._n}"
+            self.tasks[handle] = _Task(launch, fut, pid_path)
+            handles.append(handle)
+        return handles
+
+    def active(self) -> int:
+        return len(self.tasks)
+
+    def running_since(self, handle: str) -> float | None:
+        t = self.tasks.get(handle)
+        try:
+            return t.pid_path.stat().st_mtime if t else None
+        except OSError:
+            return None
+
+    def poll(self) -> list[Ended]:
+        out: list[Ended] = []
+        for handle, t in list(self.tasks.items()):
+            if not t.future.done():
+                if t.forced is not None and t.term_sent is None and t.pid_path.exists():
+                    self.kill(handle, t.forced, t.reason or "")  # asked to stop before it had started
+                    t.term_sent = t.term_sent or time.monotonic()
+                continue
+            del self.tasks[handle]
+            code: int | None = 0
+            sig: int | None = None
+            exc = t.future.exception()
+            if exc is not None:
+                rc = getattr(exc, "exitcode", None)
+                if rc is None:
+                    code = None
+                    t.forced = t.forced or FailureClass.INFRASTRUCTURE
+                    t.reason = t.reason or f"infrastructure: Parsl could not run the task: {exc}"
+                elif rc < 0:
+                    code, sig = None, -rc
+                elif rc > 128 and (rc - 128) in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    code, sig = None, rc - 128
+                else:
+                    code = rc
+            u = self._usage(t)
+            out.append(Ended(t.launch.job, t.launch.attempt, code, sig, t.forced, t.reason,
+                             u.get("peak_rss_mb"), u.get("cpu_s"), u.get("host")))
+        return out
+
+    @staticmethod
+    def _usage(t: _Task) -> dict[str, Any]:
+        try:
+            return json.loads(Path(f"{t.launch.result}.usage.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def kill(self, handle: str, fclass: FailureClass, reason: str) -> None:
+        t = self.tasks.get(handle)
+        if t is None:
+            return
+        if t.forced is None:
+            t.forced, t.reason = fclass, reason
+        try:
+            pid = int(t.pid_path.read_text())
+        except (OSError, ValueError):
+            return  # not started yet: Parsl cannot cancel a queued task; poll() kills it when it starts
+        if fclass == FailureClass.CANCELLED:
+            t.term_sent = time.monotonic()
+            kill_group(pid, signal.SIGTERM)
+        else:
+            kill_group(pid, signal.SIGKILL)
+
+    def escalate(self, grace: float) -> None:
+        now = time.monotonic()
+        for t in self.tasks.values():
+            if t.term_sent is not None and now - t.term_sent > grace:
+                try:
+                    kill_group(int(t.pid_path.read_text()), signal.SIGKILL)
+                except (OSError, ValueError):
+                    continue
+
+    def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
+        kill_run_processes(str(run.submit_dir))
+
+    def close(self) -> None:
+        import parsl
+
+        try:
+            self.dfk.cleanup()
+        finally:
+            parsl.clear()
+
+
+class ParslService(BaseWmsService):
+    """Runs a generic workflow through Parsl (HighThroughputExecutor)."""
+
+    name = "parsl"
+
+    def backend(self, run: Run) -> Backend:
+        return ParslBackend(run, ParslSettings.from_run(run))
+
+    def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
+        kill_run_processes(str(run.submit_dir))  # no need to start an executor to stop processes
+
+    def budget(self, run: Run) -> tuple[int | None, int | None]:
+        s = ParslSettings.from_run(run)
+        return (s.max_workers or os.cpu_count() or 1), None
+
+
+__all__ = ["ParslBackend", "ParslService", "ParslSettings"]
