@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from batchprod.execution.run import Run, prepare
 from batchprod.testing import (
     chaos_trial,
@@ -74,23 +76,30 @@ def test_restart_refused_while_running_and_cancelled_run_restarts(tmp_path: Path
     assert run.store.attempts(0)[0]["status"] == "CANCELLED"
 
 
-def test_restart_after_orchestrator_sigkill_adopts_finished_work(tmp_path: Path, toy_repo: Path) -> None:
+@pytest.mark.parametrize("payload", ["command", "python"])
+def test_restart_after_orchestrator_sigkill_adopts_finished_work(tmp_path: Path, toy_repo: Path, payload: str) -> None:
     import os
     import signal
 
-    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"],
-                                                    "sleep 1; cp {inputs.raw} {outputs.calexp}")}}
-    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, site={"local": {"cores": 4}}))
+    if payload == "command":  # run inline: the orchestrator does post-job, so restart must finish it
+        task = command_task(["visit", "detector"], ["raw"], ["calexp"], "sleep 1; cp {inputs.raw} {outputs.calexp}")
+        done = "*.result.json.exit"
+    else:  # the Python wrapper commits on its own
+        task = {"python": "batchprod.testing:alloc_task", "dimensions": ["visit", "detector"], "inputs": ["raw"],
+                "outputs": ["calexp"], "config": {"mb": 1, "hold": 1.0}}
+        done = "*.result.json"
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=toy_repo, site={"local": {"cores": 4}}))
     orch = start_orchestrator(run.submit_dir)
     wait_for(lambda: len(run.store.attempts(status="RUNNING")) == 4)
     os.kill(orch.pid, signal.SIGKILL)  # the jobs go on as orphans and finish
     orch.wait()
-    wait_for(lambda: len(list((toy_repo / "toy" / "run").rglob("result.json"))) == 0 and
-             len(list(run.log_dir.rglob("*.result.json"))) == 4, timeout=20)
+    wait_for(lambda: len(list(run.log_dir.rglob(done))) == 4, timeout=20)
     assert LocalExecutor(Run(run.submit_dir)).execute() == "SUCCEEDED"
     atts = run.store.attempts()
     assert len(atts) == 4 and all(a["status"] == "SUCCEEDED" for a in atts)
     assert all("adopted" in (a["message"] or "") for a in atts)
+    assert len(run.store.outputs()) == 4
+    assert all(Path(o["path"]).is_file() for o in run.store.outputs())
 
 
 def test_crash_safety_random_kills(tmp_path: Path) -> None:

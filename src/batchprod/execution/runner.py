@@ -60,8 +60,11 @@ def load_function(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def staging_dir(spec: dict[str, Any]) -> Path:
-    return Path(spec["repo"]) / spec["output_run"] / "_staging" / f"{spec['name']}.{spec.get('attempt', 1)}"
+def _staged(spec: dict[str, Any], r: dict[str, Any], attempt: Any) -> str:
+    """Where an attempt writes an output before publication: ``<run>/_staging/<type>/<name>.a<N><ext>``
+    (flat per dataset type: no directory to create or remove per job)."""
+    stem, ext = os.path.splitext(os.path.basename(r["path"]))
+    return os.path.join(spec["repo"], spec["output_run"], "_staging", r["dataset_type"], f"{stem}.a{attempt}{ext}")
 
 
 def _local(q: dict[str, Any], staged: dict[str, str]) -> dict[str, Any]:
@@ -112,25 +115,94 @@ def _run_command(cmd: str, what: str) -> None:
     raise SystemExit(code)
 
 
+class MissingOutput(Exception):
+    """A quantum ended well but did not write an output it declared."""
+
+
+def collect_outputs(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str, Any]]:
+    """Output records of a finished quantum (final path, staged path, size, checksum)."""
+    out = []
+    for r in q["outputs"]:
+        p = staged[r["path"]]
+        try:
+            size = os.stat(p).st_size
+        except FileNotFoundError:
+            raise MissingOutput(f"{q['label']} {q['data_id']}: output '{r['dataset_type']}' was not written: {p}") from None
+        out.append({**r, "staged": p, "node_id": q["node_id"], "size": size, "checksum": file_checksum(p)})
+    return out
+
+
 def run_quantum(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str, Any]]:
     """Run one quantum into staging; returns its output records (final and staged paths)."""
     lq = _local(q, staged)
-    what = f"{q['label']} {q['data_id']}"
     for r in lq["outputs"]:
         Path(r["path"]).parent.mkdir(parents=True, exist_ok=True)
     if q.get("python"):
         load_function(q["python"])(_context(lq))
     else:
-        _run_command(render_command(q["command"], lq), what)
-    out = []
-    for r, lr in zip(q["outputs"], lq["outputs"], strict=True):
-        p = Path(lr["path"])
-        if not p.is_file():
-            print(f"error: {what}: output '{r['dataset_type']}' was not written: {p}", file=sys.stderr)
-            raise SystemExit(EXIT_MISSING_OUTPUT)
-        out.append({**r, "staged": str(p), "node_id": q["node_id"], "size": p.stat().st_size,
-                    "checksum": file_checksum(p)})
-    return out
+        _run_command(render_command(q["command"], lq), f"{q['label']} {q['data_id']}")
+    try:
+        return collect_outputs(q, staged)
+    except MissingOutput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_MISSING_OUTPUT) from None
+
+
+def staging_map(spec: dict[str, Any]) -> dict[str, str]:
+    """Final output path -> where this attempt stages it."""
+    attempt = spec.get("attempt", 1)
+    return {r["path"]: _staged(spec, r, attempt) for q in spec["quanta"] for r in q["outputs"]}
+
+
+def shell_script(spec: dict[str, Any], staged: dict[str, str]) -> str | None:
+    """The job as one shell script when every quantum is a command (no Python to start): the local
+    backend runs it directly, with the wrapper's pre/post steps done in the orchestrator. None if
+    the job needs the Python wrapper."""
+    if spec.get("final") or any(q.get("python") or not q.get("command") for q in spec["quanta"]):
+        return None
+    lines = []
+    for q in spec["quanta"]:
+        what = f"{q['label']} {q['data_id']}"
+        cmd = render_command(q["command"], _local(q, staged))
+        lines.append(f"echo {shlex.quote('quantum ' + what)}")
+        # a brace group, not a subshell: one fork less per job (an 'exit' inside still ends the job)
+        lines.append(f"{{ {cmd}\n}} || {{ rc=$?; echo {shlex.quote('error: ' + what + ': command exited with code')} "
+                     f'"$rc: "{shlex.quote(cmd)} >&2; exit $rc; }}')
+    if spec.get("result_path"):
+        # the commands finished well: a marker lets a restart finish post-job if the orchestrator died
+        lines.append(f"printf 0 > {shlex.quote(spec['result_path'] + '.exit')}")
+    return "\n".join(lines) + "\n"
+
+
+def complete_after_loss(spec: dict[str, Any]) -> bool:
+    """Restart: finish post-job for a shell-script job whose commands completed (marker present)
+    while no orchestrator was there to do it. True if the attempt is now committed."""
+    marker = f"{spec['result_path']}.exit"
+    try:
+        with open(marker) as fh:
+            if fh.read().strip() != "0":
+                return False
+    except OSError:
+        return False
+    staged = staging_map(spec)
+    try:
+        outputs = [o for q in spec["quanta"] for o in collect_outputs(q, staged)]
+        finish_attempt(spec, outputs, 0.0)
+    except (MissingOutput, StageError, OSError):
+        return False
+    return True
+
+
+def finish_attempt(spec: dict[str, Any], outputs: list[dict[str, Any]], seconds: float, durable: bool = True) -> None:
+    """Post-job: write the manifest, publish the outputs, commit; then drop the staging directory."""
+    result_path = spec.get("result_path")
+    if result_path:
+        _write_json(f"{result_path}.pending", {"outputs": outputs, "seconds": seconds,
+                                               "attempt": spec.get("attempt")}, durable, direct=True)
+        commit_outputs(result_path)
+        with contextlib.suppress(OSError):
+            os.unlink(f"{result_path}.exit")
+    _clean_staging(spec)
 
 
 def stage_in_check(spec: dict[str, Any]) -> None:
@@ -141,42 +213,54 @@ def stage_in_check(spec: dict[str, Any]) -> None:
                 raise StageError(f"stage-in: input {r['dataset_type']} {r['data_id']} missing: {r['path']}")
 
 
-def _write_json(path: str | Path, data: Any) -> None:
-    tmp = f"{path}.tmp"
+def _write_json(path: str | Path, data: Any, durable: bool = True, direct: bool = False) -> None:
+    """Write JSON atomically (temporary name + rename), or ``direct`` when ``path`` is itself a
+    temporary name that only a later rename makes visible (the pending manifest)."""
+    tmp = str(path) if direct else f"{path}.tmp"
     with open(tmp, "w") as fh:
         json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    if not direct:
+        os.replace(tmp, path)
 
 
 def commit_outputs(result_path: str | Path) -> dict[str, Any]:
     """Publish the outputs listed in ``<result>.pending`` and commit the manifest; idempotent, so
     restart can roll a half-done publication forward. Raises StageError if an output cannot move."""
-    pending = Path(f"{result_path}.pending")
-    manifest = json.loads(pending.read_text())
+    pending = f"{result_path}.pending"
+    with open(pending) as fh:
+        manifest = json.load(fh)
     for o in manifest["outputs"]:
-        staged, final = Path(o["staged"]), Path(o["path"])
-        if staged.exists():
-            try:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged, final)
-            except OSError as exc:
-                raise StageError(f"stage-out: cannot publish {final}: {exc}") from None
-        elif not final.is_file():
-            raise StageError(f"stage-out: {o['dataset_type']} {o['data_id']} is neither staged nor published")
+        staged, final = o["staged"], o["path"]
+        try:
+            os.replace(staged, final)
+        except FileNotFoundError:
+            if os.path.exists(staged):  # first output of its type: make the directory once
+                try:
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    os.replace(staged, final)
+                except OSError as exc:
+                    raise StageError(f"stage-out: cannot publish {final}: {exc}") from None
+            elif not os.path.isfile(final):
+                raise StageError(f"stage-out: {o['dataset_type']} {o['data_id']} is neither staged nor published") from None
+        except OSError as exc:
+            raise StageError(f"stage-out: cannot publish {final}: {exc}") from None
     os.replace(pending, result_path)
     return manifest
 
 
-def _clean_staging(sdir: Path) -> None:
-    """After a committed attempt: drop this job's staging directories (this and earlier attempts)."""
-    import shutil
-
-    name = sdir.name.rsplit(".", 1)[0]
-    for d in sdir.parent.glob(f"{name}.*"):
-        if d.name.rsplit(".", 1)[0] == name:
-            shutil.rmtree(d, ignore_errors=True)
+def _clean_staging(spec: dict[str, Any]) -> None:
+    """After a committed attempt: remove what earlier (killed or failed) attempts of the job staged."""
+    attempt = spec.get("attempt", 1)
+    if not isinstance(attempt, int) or attempt <= 1:
+        return
+    for q in spec["quanta"]:
+        for r in q["outputs"]:
+            for a in range(1, attempt):
+                with contextlib.suppress(OSError):
+                    os.unlink(_staged(spec, r, a))
 
 
 class MemoryGuard:
@@ -291,13 +375,8 @@ def main() -> int:
 
 
 def _main(spec: dict[str, Any]) -> int:
-    result_path = spec.get("result_path")
     t0 = time.time()
-    staged: dict[str, str] = {}
-    sdir = staging_dir(spec)
-    for q in spec["quanta"]:
-        for r in q["outputs"]:
-            staged[r["path"]] = str(sdir / r["dataset_type"] / Path(r["path"]).name)
+    staged = staging_map(spec)
     outputs: list[dict[str, Any]] = []
     try:
         stage_in_check(spec)
@@ -310,11 +389,7 @@ def _main(spec: dict[str, Any]) -> int:
         for q in spec["quanta"]:
             print(f"quantum {q['label']} {q['data_id']}", flush=True)
             outputs.extend(run_quantum(q, staged))
-        if result_path:
-            _write_json(f"{result_path}.pending", {"outputs": outputs, "seconds": time.time() - t0,
-                                                   "attempt": spec.get("attempt")})
-            commit_outputs(result_path)
-        _clean_staging(sdir)
+        finish_attempt(spec, outputs, time.time() - t0)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INFRASTRUCTURE

@@ -121,6 +121,9 @@ class StateStore:
                 raise RunError(f"{p}: no run state store here")
             url = f"sqlite:///{p}"
         self.url = url
+        self._stmts: dict[Any, Any] = {}
+        self._raw: Any = None
+        self._sql: dict[str, Any] = {}
         self.engine = sa.create_engine(url)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -128,12 +131,19 @@ class StateStore:
             _md.create_all(self.engine)
 
     def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         self.engine.dispose()
 
     def _upsert(self, table: sa.Table, keys: Sequence[str]) -> Any:
-        ins = (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(table)
-        cols = {c.name: ins.excluded[c.name] for c in table.columns if c.name not in keys}
-        return ins.on_conflict_do_update(index_elements=list(keys), set_=cols)
+        """INSERT .. ON CONFLICT UPDATE, built once per table (building it costs ~1 ms)."""
+        ck = (table.name, tuple(keys))
+        if ck not in self._stmts:
+            ins = (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(table)
+            cols = {c.name: ins.excluded[c.name] for c in table.columns if c.name not in keys}
+            self._stmts[ck] = ins.on_conflict_do_update(index_elements=list(keys), set_=cols)
+        return self._stmts[ck]
 
     # -- creation -----------------------------------------------------------------------------------
     def init_run(self, name: str, submit_dir: str, wms: str, jobs: Iterable[Mapping[str, Any]]) -> int:
@@ -199,13 +209,18 @@ class StateStore:
         """Commit job rows (id + JOB_MUTABLE), attempt rows (upsert) and outputs in one transaction."""
         if not (jobs or attempts or outputs):
             return
+        if self.engine.dialect.name == "sqlite":
+            self._write_sqlite(jobs, attempts, outputs)
+            return
         with self.engine.begin() as conn:
             if jobs:
-                stmt = (
-                    job_t.update()
-                    .where(job_t.c.id == sa.bindparam("_id"))
-                    .values({c: sa.bindparam(c) for c in JOB_MUTABLE})
-                )
+                if "job_update" not in self._stmts:
+                    self._stmts["job_update"] = (
+                        job_t.update()
+                        .where(job_t.c.id == sa.bindparam("_id"))
+                        .values({c: sa.bindparam(c) for c in JOB_MUTABLE})
+                    )
+                stmt = self._stmts["job_update"]
                 conn.execute(stmt, [{"_id": j["id"], **{c: j.get(c) for c in JOB_MUTABLE}} for j in jobs])
             if attempts:
                 conn.execute(
@@ -214,6 +229,43 @@ class StateStore:
                 )
             if outputs:
                 conn.execute(output_t.insert(), list(outputs))
+
+    def _write_sqlite(
+        self,
+        jobs: Sequence[Mapping[str, Any]],
+        attempts: Sequence[Mapping[str, Any]],
+        outputs: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """The hot path on SQLite: the driver's executemany on one kept connection. SQLAlchemy Core
+        costs ~0.7 ms per flush here, the driver ~0.1 ms, and the orchestrator flushes before every
+        launch batch."""
+        if self._raw is None:
+            self._raw = self.engine.raw_connection()
+            acols = [c for c in ATTEMPT_COLUMNS if c not in ("job_id", "number")]
+            ocols = [c.name for c in output_t.columns if c.name != "id"]
+            self._sql = {
+                "job": f"UPDATE job SET {', '.join(f'{c}=?' for c in JOB_MUTABLE)} WHERE id=?",
+                "attempt": f"INSERT INTO attempt ({', '.join(ATTEMPT_COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(ATTEMPT_COLUMNS))}) ON CONFLICT(job_id, number) DO UPDATE SET "
+                + ", ".join(f"{c}=excluded.{c}" for c in acols),
+                "output": f"INSERT INTO output ({', '.join(ocols)}) VALUES ({', '.join('?' * len(ocols))})",
+                "ocols": ocols,  # type: ignore[dict-item]
+            }
+        raw, sql = self._raw, self._sql
+        cur = raw.cursor()
+        try:
+            if jobs:
+                cur.executemany(sql["job"], [tuple(j.get(c) for c in JOB_MUTABLE) + (j["id"],) for j in jobs])
+            if attempts:
+                cur.executemany(sql["attempt"], [tuple(a.get(c) for c in ATTEMPT_COLUMNS) for a in attempts])
+            if outputs:
+                cur.executemany(sql["output"], [tuple(o.get(c) for c in sql["ocols"]) for o in outputs])
+            raw.commit()
+        except BaseException:
+            raw.rollback()
+            raise
+        finally:
+            cur.close()
 
     # -- reads --------------------------------------------------------------------------------------
     def jobs(self, status: str | Sequence[str] | None = None) -> list[dict[str, Any]]:

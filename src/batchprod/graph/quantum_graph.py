@@ -71,6 +71,11 @@ class DatasetRef:
     path: str
     checksum: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for job specs (dataclasses.asdict deep-copies and is ~10x slower)."""
+        return {"dataset_type": self.dataset_type, "data_id": self.data_id, "path": self.path,
+                "checksum": self.checksum}
+
 
 def dataset_filename(dataset_type: str, data_id: dict[str, Any]) -> str:
     """File name of a produced dataset inside ``<repo>/<run>/<type>/`` (readable, unique per data ID)."""
@@ -173,9 +178,8 @@ class QuantumGraph:
     def outputs(self, q: int, repo: str | Path, run: str) -> list[DatasetRef]:
         task = self.tasks[int(self.task_of[q])]
         did = self.data_id(q)
-        return [
-            DatasetRef(dt, did, str(Path(repo) / run / dt / dataset_filename(dt, did))) for dt in task.outputs
-        ]
+        base = os.path.join(str(repo), run)  # string joins: this runs once per quantum per launch
+        return [DatasetRef(dt, did, os.path.join(base, dt, dataset_filename(dt, did))) for dt in task.outputs]
 
     def inputs(self, q: int, repo: str | Path, run: str) -> list[DatasetRef]:
         task = self.tasks[int(self.task_of[q])]
@@ -185,7 +189,7 @@ class QuantumGraph:
             refs.extend(r for r in self.outputs(int(p), repo, run) if r.dataset_type in wanted)
         for e in self.ext_idx[self.ext_ptr[q] : self.ext_ptr[q + 1]]:
             dt, did, loc, ck = self.ext_datasets[int(e)]
-            path = loc if os.path.isabs(loc) else str(Path(repo) / loc)
+            path = loc if os.path.isabs(loc) else os.path.join(str(repo), loc)
             refs.append(DatasetRef(dt, json.loads(did), path, ck))
         return refs
 

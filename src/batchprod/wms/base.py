@@ -136,6 +136,7 @@ class Ended:
     peak_rss_mb: float | None = None
     cpu_s: float | None = None
     host: str | None = None
+    outputs: list[dict[str, Any]] | None = None  # when the backend did post-job itself (else read the manifest)
 
 
 class Backend(ABC):

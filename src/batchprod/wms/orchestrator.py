@@ -34,6 +34,7 @@ from batchprod.execution.runner import (
     KILL_SIGNALS,
     StageError,
     commit_outputs,
+    complete_after_loss,
 )
 from batchprod.execution.states import FailureClass, JobState, RunState
 from batchprod.wms.base import Backend, Ended, Launch, Progress
@@ -110,6 +111,7 @@ class Orchestrator:
         self.used_cores = 0
         self.used_memory = 0
         self.submit_key = str(run.submit_dir)
+        self._log_dirs: set[str] = set()
 
     # -- helpers ------------------------------------------------------------------------------------
     def name(self, j: int) -> str:
@@ -172,6 +174,10 @@ class Orchestrator:
             if not result.exists() and Path(f"{result}.pending").exists():
                 with contextlib.suppress(StageError, OSError, ValueError):
                     commit_outputs(result)  # roll a half-done publication forward
+            if not result.exists() and Path(f"{result}.exit").exists():
+                spec = self._spec(j)
+                spec.update(result_path=str(result), attempt=a["number"])
+                complete_after_loss(spec)  # its commands finished; do the post-job it missed
             row = {**a, "end": a.get("end") or now}
             if result.exists():
                 self._record_outputs(j, result)
@@ -291,7 +297,9 @@ class Orchestrator:
             return 0
         self._flush()  # the attempts (and everything before them) are durable before any of them starts
         for launch in batch:
-            launch.stdout.parent.mkdir(parents=True, exist_ok=True)
+            if launch.label not in self._log_dirs:
+                launch.stdout.parent.mkdir(parents=True, exist_ok=True)
+                self._log_dirs.add(launch.label)
         handles = self.backend.start(batch)
         now = time.time()
         for launch, handle in zip(batch, handles, strict=True):
@@ -348,7 +356,10 @@ class Orchestrator:
         if fclass is None:
             row["status"] = JobState.SUCCEEDED
             self._attempt_rows.append(row)
-            self._record_outputs(j, a.launch.result)
+            if e.outputs is not None:
+                self._add_outputs(j, e.outputs)
+            else:
+                self._record_outputs(j, a.launch.result)
             self._set(j, JobState.SUCCEEDED, exit_code=0, failure_class=None, message=None)
             if j != self.final_id:
                 for c in self.child_idx[self.child_ptr[j] : self.child_ptr[j + 1]]:
@@ -391,7 +402,10 @@ class Orchestrator:
             manifest = json.loads(result.read_text())
         except (OSError, ValueError):
             return
-        for o in manifest.get("outputs", []):
+        self._add_outputs(j, manifest.get("outputs", []))
+
+    def _add_outputs(self, j: int, outputs: list[dict[str, Any]]) -> None:
+        for o in outputs:
             self._output_rows.append({
                 "job_id": j, "node_id": o["node_id"], "dataset_type": o["dataset_type"],
                 "data_id": json.dumps(o["data_id"], sort_keys=True), "path": o["path"],

@@ -185,8 +185,8 @@ class GenericWorkflow:
                     "python": task.python,
                     "command": task.command,
                     "config": task.config or {},
-                    "inputs": [asdict(r) for r in qg.inputs(q, repo, run)],
-                    "outputs": [asdict(r) for r in qg.outputs(q, repo, run)],
+                    "inputs": [r.to_dict() for r in qg.inputs(q, repo, run)],
+                    "outputs": [r.to_dict() for r in qg.outputs(q, repo, run)],
                 }
             )
         return {"name": self.job_name(j), "repo": repo, "output_run": run, "quanta": quanta}

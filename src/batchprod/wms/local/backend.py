@@ -3,6 +3,11 @@
 Ended attempts are collected with ``wait4`` (exit status + rusage in one call, no thread per job);
 the whole process tree of each running attempt is measured (RSS via psutil) and killed at its
 memory request (``oom``).
+
+A job made only of shell commands runs *inline*: its script is started directly (``/bin/sh``) and
+the wrapper's pre-job (stage-in check) and post-job (checksums, manifest, publication) steps run
+here in the orchestrator, because a Python interpreter per job (~50 ms of imports) would cap local
+dispatch at a few dozen jobs per second. Jobs with Python payloads start the Python wrapper.
 """
 
 from __future__ import annotations
@@ -16,12 +21,23 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import psutil
 
 from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env
 from batchprod.execution.run import Run
+from batchprod.execution.runner import (
+    EXIT_INFRASTRUCTURE,
+    EXIT_MISSING_OUTPUT,
+    MissingOutput,
+    StageError,
+    collect_outputs,
+    finish_attempt,
+    shell_script,
+    stage_in_check,
+    staging_map,
+)
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, Ended, Launch
 
@@ -30,10 +46,15 @@ ENV_SUBMIT_DIR = "BATCHPROD_SUBMIT_DIR"
 RUNNER = [sys.executable, "-m", "batchprod.execution.runner"]
 
 
-def job_env(launch: Launch, submit_dir: str) -> dict[str, str]:
-    """Environment of a job: marks it as this run's (so a restart can find orphans) and its attempt."""
-    return dict(os.environ, BATCHPROD_JOB=launch.name, BATCHPROD_ATTEMPT=str(launch.attempt),
-                OMP_NUM_THREADS=str(launch.cores), **{ENV_SUBMIT_DIR: submit_dir})
+def job_env(launch: Launch, submit_dir: str, base: dict[bytes, bytes] | None = None) -> dict[bytes, bytes]:
+    """Environment of a job: marks it as this run's (so a restart can find orphans) and its attempt.
+    Bytes throughout: subprocess would otherwise encode every variable of every job."""
+    env = dict(base if base is not None else os.environb)
+    env[b"BATCHPROD_JOB"] = os.fsencode(launch.name)
+    env[b"BATCHPROD_ATTEMPT"] = str(launch.attempt).encode()
+    env[b"OMP_NUM_THREADS"] = str(launch.cores).encode()
+    env[ENV_SUBMIT_DIR.encode()] = os.fsencode(submit_dir)
+    return env
 
 
 def kill_run_processes(submit_dir: str, timeout: float = 10.0) -> None:
@@ -58,13 +79,18 @@ class _Proc:
     reason: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    staged: dict[str, str] | None = None  # set for inline jobs: the orchestrator does post-job
 
 
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, submit_dir: str) -> None:
+    def __init__(self, submit_dir: str, inline: bool = True) -> None:
         self.submit_dir = submit_dir
+        self.inline = inline
+        self._failed_early: list[Ended] = []
+        self._dirs: set[str] = set()  # staging directories known to exist
+        self._env = dict(os.environb)  # copied once
         self.procs: dict[int, _Proc] = {}
         self.host = socket.gethostname()
         self._last_monitor = 0.0
@@ -72,28 +98,67 @@ class LocalBackend(Backend):
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
         for launch in launches:
+            staged = staging_map(launch.spec) if self.inline else {}
+            script = shell_script(launch.spec, staged) if self.inline else None
+            if script is not None:
+                try:
+                    stage_in_check(launch.spec)
+                except StageError as exc:
+                    launch.stderr.write_text(f"error: {exc}\n")
+                    launch.stdout.write_text("")
+                    self._failed_early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None,
+                                                    host=self.host))
+                    handles.append("-")
+                    continue
+                for p in {os.path.dirname(v) for v in staged.values()} - self._dirs:
+                    os.makedirs(p, exist_ok=True)
+                    self._dirs.add(p)
+                cmd = ["/bin/sh", "-c", script]
+            else:
+                cmd = RUNNER
             fo, fe = open(launch.stdout, "wb"), open(launch.stderr, "wb")  # noqa: SIM115 (closed when reaped)
             popen = subprocess.Popen(
-                RUNNER, stdin=subprocess.PIPE, stdout=fo, stderr=fe,
+                cmd, stdin=subprocess.DEVNULL if script is not None else subprocess.PIPE, stdout=fo, stderr=fe,
                 start_new_session=True,  # own process group: kills reach the whole tree
-                env=job_env(launch, self.submit_dir),
+                env=job_env(launch, self.submit_dir, self._env),
             )
-            assert popen.stdin is not None
-            try:
-                popen.stdin.write(json.dumps(launch.spec).encode())
-                popen.stdin.close()
-            except BrokenPipeError:
-                pass
-            try:
-                proc: psutil.Process | None = psutil.Process(popen.pid)
-            except psutil.NoSuchProcess:
-                proc = None
-            self.procs[popen.pid] = _Proc(launch, popen, [fo, fe], proc)
+            if script is None:
+                assert popen.stdin is not None
+                try:
+                    popen.stdin.write(json.dumps(launch.spec).encode())
+                    popen.stdin.close()
+                except BrokenPipeError:
+                    pass
+            self.procs[popen.pid] = _Proc(launch, popen, [fo, fe], None, staged=staged if script is not None else None)
             handles.append(str(popen.pid))
         return handles
 
+    def _post_job(self, p: _Proc, exit_code: int | None) -> tuple[int | None, list[dict[str, Any]] | None]:
+        """Inline jobs: outputs checked, checksummed, manifest written and published, as the
+        Python wrapper would on the node. Returns the exit code the attempt ends with."""
+        if p.staged is None or exit_code != 0:
+            return exit_code, None
+        spec = p.launch.spec
+        try:
+            outputs = [o for q in spec["quanta"] for o in collect_outputs(q, p.staged)]
+            # durable=False: the state store commits with synchronous=NORMAL too; a process kill keeps
+            # both, only a power loss could lose the last few
+            finish_attempt(spec, outputs, time.time() - p.started, durable=False)
+        except MissingOutput as exc:
+            self._append_err(p, f"error: {exc}")
+            return EXIT_MISSING_OUTPUT, None
+        except (StageError, OSError) as exc:
+            self._append_err(p, f"error: {exc}")
+            return EXIT_INFRASTRUCTURE, None
+        return 0, outputs
+
+    @staticmethod
+    def _append_err(p: _Proc, line: str) -> None:
+        with open(p.launch.stderr, "a") as fh:
+            fh.write(line + "\n")
+
     def active(self) -> int:
-        return len(self.procs)
+        return len(self.procs) + len(self._failed_early)
 
     def running_since(self, handle: str) -> float | None:
         p = self.procs.get(int(handle))
@@ -101,10 +166,14 @@ class LocalBackend(Backend):
 
     def _monitor(self) -> None:
         """Kill attempts whose process tree is over their memory request."""
+        now = time.time()
         for pid, p in self.procs.items():
-            if p.forced is not None or p.proc is None:
+            # a job younger than one interval is not sampled: most short jobs never cost a /proc scan
+            if p.forced is not None or now - p.started < MONITOR_INTERVAL:
                 continue
             try:
+                if p.proc is None:
+                    p.proc = psutil.Process(pid)
                 rss = p.proc.memory_info().rss
                 for c in p.proc.children(recursive=True):
                     try:
@@ -125,7 +194,7 @@ class LocalBackend(Backend):
         if now - self._last_monitor > MONITOR_INTERVAL:
             self._monitor()
             self._last_monitor = now
-        out: list[Ended] = []
+        out, self._failed_early = self._failed_early, []
         while self.procs:
             try:
                 pid, status, ru = os.wait4(-1, os.WNOHANG)
@@ -139,12 +208,17 @@ class LocalBackend(Backend):
             p.popen.returncode = os.waitstatus_to_exitcode(status)
             for f in p.files:
                 f.close()
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            outputs = None
+            if p.forced is None:
+                code, outputs = self._post_job(p, code)
             out.append(Ended(
                 p.launch.job, p.launch.attempt,
-                exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                exit_code=code,
                 signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                 fclass=p.forced, reason=p.reason,
                 peak_rss_mb=max(p.peak_rss, ru.ru_maxrss / 1024), cpu_s=ru.ru_utime + ru.ru_stime, host=self.host,
+                outputs=outputs,
             ))
         return out
 
