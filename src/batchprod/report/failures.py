@@ -74,17 +74,22 @@ def render_failures(f: dict[str, Any]) -> list[Any]:
 
 
 def render_history(h: dict[str, Any]) -> list[Any]:
-    from rich.table import Table
-
+    """One job's history as lines (attempt rows are too wide for a terminal table)."""
     out: list[Any] = [f"[bold]{h['name']}[/bold] label={h['label']} data_id={h['data_id']} status={h['status']} "
-                      f"attempts={h['attempts']} requestMemory={h['request_memory']} MB\n  {h['message'] or ''}"]
-    t = Table()
-    for c in ("#", "status", "class", "exit", "signal", "mem req", "peak RSS", "cpu s", "wall s", "host",
-              "error line", "stdout", "stderr"):
-        t.add_column(c, overflow="fold")
+                      f"attempts={h['attempts']} requestMemory={h['request_memory']} MB"]
+    if h.get("message"):
+        out.append(f"  {h['message']}")
     for a in h["attempts_detail"]:
-        t.add_row(str(a["number"]), a["status"], a["failure_class"] or "", str(a["exit_code"]), str(a["signal"] or ""),
-                  str(a["request_memory"]), f"{a['peak_rss_mb'] or 0:.0f}", f"{a['cpu_s'] or 0:.2f}",
-                  f"{a['wall_s'] or 0:.2f}", a["host"] or "", a["error_line"] or "", a["stdout"] or "", a["stderr"] or "")
-    out.append(t)
+        sig = f" signal={a['signal']}" if a["signal"] else ""
+        out.append(
+            f"  attempt {a['number']}: {a['status']} class={a['failure_class'] or '-'} exit={a['exit_code']}{sig} "
+            f"mem={a['request_memory']} MB peak={a['peak_rss_mb'] or 0:.0f} MB cpu={a['cpu_s'] or 0:.2f}s "
+            f"wall={a['wall_s'] or 0:.2f}s host={a['host']} handle={a.get('handle')}")
+        if a["error_line"]:
+            out.append(f"    cause: {a['error_line']}")
+        if a["message"]:
+            out.append(f"    {a['message']}")
+        out.append(f"    stdout: {a['stdout']}\n    stderr: {a['stderr']}")
+    for o in h["outputs"]:
+        out.append(f"  output {o['dataset_type']} {o['data_id']}: {o['path']} ({o['size']} B, {o['checksum']})")
     return out
