@@ -225,10 +225,6 @@ class BpsConfig:
         """All job-level values (resources, retry policy) for one lookup context, typed."""
         return {k: self.typed(k, conv, ctx) for k, conv in JOB_KEYS.items()}
 
-    @property
-    def sections(self) -> dict[str, Any]:
-        return self.data
-
     # -- validation ---------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every key and value once, before anything is written."""
@@ -260,7 +256,7 @@ class BpsConfig:
             else:
                 if isinstance(value, Mapping):
                     raise ConfigError(f"{self.where(key)}: key '{key}': expected a value, got a mapping")
-                self._check_value(key, TOP_KEYS[key], Context())
+                self.typed(key, TOP_KEYS[key], Context())
         # Values reached through the search order (defaults included) must type-check in every
         # context that will be used.
         site = self.get("computeSite")
@@ -289,9 +285,6 @@ class BpsConfig:
                 allowed[k](value)
             except ValueError as exc:
                 raise ConfigError(f"{self.where(path)}: key '{path}': {exc}") from None
-
-    def _check_value(self, key: str, conv: Converter, ctx: Context) -> None:
-        self.typed(key, conv, ctx)
 
     @staticmethod
     def _ctx_for(prefix: str) -> Context:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -192,10 +192,6 @@ class QuantumGraph:
             path = loc if os.path.isabs(loc) else os.path.join(str(repo), loc)
             refs.append(DatasetRef(dt, json.loads(did), path, ck))
         return refs
-
-    def iter_quanta(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
-        for q in range(len(self)):
-            yield q, self.label(q), self.data_id(q)
 
     # -- checks -------------------------------------------------------------------------------------
     def topological_order(self) -> np.ndarray:
