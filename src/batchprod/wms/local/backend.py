@@ -68,6 +68,43 @@ def kill_run_processes(submit_dir: str, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def inline_pre_job(launch: Launch, staged: dict[str, str], known_dirs: set[str]) -> str | None:
+    """Stage-in check and staging directories for a job run as a plain shell script; returns the
+    error line if an input is missing (the attempt then ends as ``infrastructure`` without starting)."""
+    try:
+        stage_in_check(launch.spec)
+    except StageError as exc:
+        return f"error: {exc}"
+    for d in {os.path.dirname(v) for v in staged.values()} - known_dirs:
+        os.makedirs(d, exist_ok=True)
+        known_dirs.add(d)
+    return None
+
+
+def inline_post_job(launch: Launch, staged: dict[str, str], started: float) -> tuple[int, list[dict[str, Any]] | None]:
+    """Post-job of a shell-script job, done by the orchestrator: outputs checked, checksummed, the
+    manifest written and the outputs published, as the Python wrapper does on a node. Returns the
+    exit code the attempt ends with and its outputs."""
+    spec = launch.spec
+    try:
+        outputs = [o for q in spec["quanta"] for o in collect_outputs(q, staged)]
+        # durable=False: the state store commits with synchronous=NORMAL too; a process kill keeps
+        # both, only a power loss could lose the last few
+        finish_attempt(spec, outputs, time.time() - started, durable=False)
+    except MissingOutput as exc:
+        _append_err(launch, f"error: {exc}")
+        return EXIT_MISSING_OUTPUT, None
+    except (StageError, OSError) as exc:
+        _append_err(launch, f"error: {exc}")
+        return EXIT_INFRASTRUCTURE, None
+    return 0, outputs
+
+
+def _append_err(launch: Launch, line: str) -> None:
+    with open(launch.stderr, "a") as fh:
+        fh.write(line + "\n")
+
+
 @dataclass
 class _Proc:
     launch: Launch
@@ -101,18 +138,14 @@ class LocalBackend(Backend):
             staged = staging_map(launch.spec) if self.inline else {}
             script = shell_script(launch.spec, staged) if self.inline else None
             if script is not None:
-                try:
-                    stage_in_check(launch.spec)
-                except StageError as exc:
-                    launch.stderr.write_text(f"error: {exc}\n")
+                err = inline_pre_job(launch, staged, self._dirs)
+                if err is not None:
+                    launch.stderr.write_text(err + "\n")
                     launch.stdout.write_text("")
                     self._failed_early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None,
                                                     host=self.host))
                     handles.append("-")
                     continue
-                for p in {os.path.dirname(v) for v in staged.values()} - self._dirs:
-                    os.makedirs(p, exist_ok=True)
-                    self._dirs.add(p)
                 cmd = ["/bin/sh", "-c", script]
             else:
                 cmd = RUNNER
@@ -134,28 +167,9 @@ class LocalBackend(Backend):
         return handles
 
     def _post_job(self, p: _Proc, exit_code: int | None) -> tuple[int | None, list[dict[str, Any]] | None]:
-        """Inline jobs: outputs checked, checksummed, manifest written and published, as the
-        Python wrapper would on the node. Returns the exit code the attempt ends with."""
         if p.staged is None or exit_code != 0:
             return exit_code, None
-        spec = p.launch.spec
-        try:
-            outputs = [o for q in spec["quanta"] for o in collect_outputs(q, p.staged)]
-            # durable=False: the state store commits with synchronous=NORMAL too; a process kill keeps
-            # both, only a power loss could lose the last few
-            finish_attempt(spec, outputs, time.time() - p.started, durable=False)
-        except MissingOutput as exc:
-            self._append_err(p, f"error: {exc}")
-            return EXIT_MISSING_OUTPUT, None
-        except (StageError, OSError) as exc:
-            self._append_err(p, f"error: {exc}")
-            return EXIT_INFRASTRUCTURE, None
-        return 0, outputs
-
-    @staticmethod
-    def _append_err(p: _Proc, line: str) -> None:
-        with open(p.launch.stderr, "a") as fh:
-            fh.write(line + "\n")
+        return inline_post_job(p.launch, p.staged, p.started)
 
     def active(self) -> int:
         return len(self.procs) + len(self._failed_early)

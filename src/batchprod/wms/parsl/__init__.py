@@ -24,9 +24,10 @@ from typing import Any
 from batchprod.errors import ConfigError
 from batchprod.execution.process import kill_group
 from batchprod.execution.run import Run
+from batchprod.execution.runner import EXIT_INFRASTRUCTURE, shell_script, staging_map
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
-from batchprod.wms.local.backend import ENV_SUBMIT_DIR, kill_run_processes
+from batchprod.wms.local.backend import ENV_SUBMIT_DIR, inline_post_job, inline_pre_job, kill_run_processes
 
 
 @dataclass
@@ -58,6 +59,8 @@ class _Task:
     forced: FailureClass | None = None
     reason: str | None = None
     term_sent: float | None = None
+    staged: dict[str, str] | None = None  # shell-script job: post-job is ours
+    started: float = 0.0
 
 
 def _bash_job(cmd: str, stdout: str | None = None, stderr: str | None = None) -> str:
@@ -79,6 +82,8 @@ class ParslBackend(Backend):
         self.run = run
         self.tasks: dict[str, _Task] = {}
         self._n = 0
+        self._early: list[Ended] = []  # attempts that failed stage-in and never started
+        self._dirs: set[str] = set()
         bindir = os.path.dirname(sys.executable)
         os.environ["PATH"] = f"{bindir}:{os.environ.get('PATH', '')}"  # Parsl starts its interchange by name
         workers = settings.max_workers or os.cpu_count() or 1
@@ -103,25 +108,41 @@ class ParslBackend(Backend):
         handles = []
         for launch in launches:
             pid_path = Path(str(launch.result).replace(".result.json", ".pid"))
-            spec = dict(launch.spec, enforce_memory=True, new_session=True, pid_path=str(pid_path),
-                        usage_path=f"{launch.result}.usage.json")
-            spec_path = str(launch.result).replace(".result.json", ".spec.json")
-            with open(spec_path, "w") as fh:
-                json.dump(spec, fh)
             env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
                    ENV_SUBMIT_DIR: str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
             exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-            cmd = (f"export {exports}; exec {shlex.quote(sys.executable)} -m batchprod.execution.runner "
-                   f"< {shlex.quote(spec_path)}")
-            fut = self.app(cmd, stdout=str(launch.stdout), stderr=str(launch.stderr))
+            staged = staging_map(launch.spec)
+            script = shell_script(launch.spec, staged)
             self._n += 1
             handle = f"parsl-{self._n}"
-            self.tasks[handle] = _Task(launch, fut, pid_path)
+            if script is not None:
+                # commands only: no Python wrapper per job; pre/post-job here, as on the local backend.
+                # The script records its pid and runs in a session of its own (setsid without a fork:
+                # the shell is not a group leader), so a kill reaches its whole tree only.
+                err = inline_pre_job(launch, staged, self._dirs)
+                if err is not None:
+                    launch.stderr.write_text(err + "\n")
+                    self._early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None))
+                    handles.append(handle)
+                    continue
+                cmd = (f"export {exports}; echo $$ > {shlex.quote(str(pid_path))}; "
+                       f"exec setsid sh -c {shlex.quote(script)}")
+            else:
+                spec = dict(launch.spec, enforce_memory=True, new_session=True, pid_path=str(pid_path),
+                            usage_path=f"{launch.result}.usage.json")
+                spec_path = str(launch.result).replace(".result.json", ".spec.json")
+                with open(spec_path, "w") as fh:
+                    json.dump(spec, fh)
+                cmd = (f"export {exports}; exec {shlex.quote(sys.executable)} -m batchprod.execution.runner "
+                       f"< {shlex.quote(spec_path)}")
+            fut = self.app(cmd, stdout=str(launch.stdout), stderr=str(launch.stderr))
+            self.tasks[handle] = _Task(launch, fut, pid_path, staged=staged if script is not None else None,
+                                       started=time.time())
             handles.append(handle)
         return handles
 
     def active(self) -> int:
-        return len(self.tasks)
+        return len(self.tasks) + len(self._early)
 
     def running_since(self, handle: str) -> float | None:
         t = self.tasks.get(handle)
@@ -131,7 +152,7 @@ class ParslBackend(Backend):
             return None
 
     def poll(self) -> list[Ended]:
-        out: list[Ended] = []
+        out, self._early = self._early, []
         for handle, t in list(self.tasks.items()):
             if not t.future.done():
                 if t.forced is not None and t.term_sent is None and t.pid_path.exists():
@@ -154,9 +175,12 @@ class ParslBackend(Backend):
                     code, sig = None, rc - 128
                 else:
                     code = rc
+            outputs = None
+            if t.staged is not None and t.forced is None and code == 0:
+                code, outputs = inline_post_job(t.launch, t.staged, t.started)
             u = self._usage(t)
             out.append(Ended(t.launch.job, t.launch.attempt, code, sig, t.forced, t.reason,
-                             u.get("peak_rss_mb"), u.get("cpu_s"), u.get("host")))
+                             u.get("peak_rss_mb"), u.get("cpu_s"), u.get("host"), outputs))
         return out
 
     @staticmethod
@@ -215,8 +239,9 @@ class ParslService(BaseWmsService):
         kill_run_processes(str(run.submit_dir))  # no need to start an executor to stop processes
 
     def budget(self, run: Run) -> tuple[int | None, int | None]:
+        # keep Parsl's queue fed: a few tasks per worker in flight hide the submit/result round trip
         s = ParslSettings.from_run(run)
-        return (s.max_workers or os.cpu_count() or 1), None
+        return 4 * (s.max_workers or os.cpu_count() or 1), None
 
 
 __all__ = ["ParslBackend", "ParslService", "ParslSettings"]
