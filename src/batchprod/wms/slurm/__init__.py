@@ -28,8 +28,10 @@ from typing import Any
 
 from batchprod.errors import ConfigError, RunError
 from batchprod.execution.run import Run
+from batchprod.execution.runner import EXIT_INFRASTRUCTURE, shell_script, staging_map
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
+from batchprod.wms.local.backend import inline_post_job, inline_pre_job
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
@@ -87,6 +89,8 @@ class _Sub:
     missing: int = 0
     state: str = "PENDING"
     running_since: float | None = None
+    staged: dict[str, str] | None = None  # shell-script job: post-job is ours
+    submitted: float = 0.0
 
 
 class SlurmBackend(Backend):
@@ -96,13 +100,15 @@ class SlurmBackend(Backend):
         self.run = run
         self.settings = settings
         self.subs: dict[str, _Sub] = {}
+        self._early: list[Ended] = []  # attempts that failed stage-in and were never submitted
+        self._dirs: set[str] = set()
         self._last_poll = 0.0
         self.pending = 0
         # a job-name prefix unique to the run: finds its jobs in the queue even without recorded ids
         self.prefix = "bp" + hashlib.blake2b(str(run.submit_dir).encode(), digest_size=4).hexdigest()
 
     # -- submit --------------------------------------------------------------------------------------
-    def sbatch_args(self, launch: Launch, spec_path: str) -> list[str]:
+    def sbatch_args(self, launch: Launch, spec_path: str | None) -> list[str]:
         s = self.settings
         args = ["sbatch", "--parsable", "--no-requeue", f"--job-name={self.prefix}.{launch.name}"[:200],
                 f"--output={launch.stdout}", f"--error={launch.stderr}", f"--cpus-per-task={launch.cores}",
@@ -116,26 +122,41 @@ class SlurmBackend(Backend):
         env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
                "BATCHPROD_SUBMIT_DIR": str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
         args.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items()))
-        wrap = f"exec {shlex.quote(sys.executable)} -m batchprod.execution.runner < {shlex.quote(spec_path)}"
-        args.append(f"--wrap={wrap}")
-        return args
+        if spec_path is not None:
+            wrap = f"exec {shlex.quote(sys.executable)} -m batchprod.execution.runner < {shlex.quote(spec_path)}"
+            args.append(f"--wrap={wrap}")
+        return args  # without a spec file the batch script comes on stdin
 
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
         for launch in launches:
-            spec = dict(launch.spec, enforce_memory=True, usage_path=f"{launch.result}.usage.json")
-            spec_path = str(launch.result).replace(".result.json", ".spec.json")
-            with open(spec_path, "w") as fh:
-                json.dump(spec, fh)
-            out = _run_cmd(self.sbatch_args(launch, spec_path), f"sbatch {launch.name}")
+            staged = staging_map(launch.spec)
+            script = shell_script(launch.spec, staged)
+            if script is not None:
+                # commands only: the batch script is the commands themselves, no Python wrapper per job
+                # (it costs more CPU than Slurm's own per-job work); pre/post-job are done here. Memory
+                # is then Slurm's to enforce (cgroups: OUT_OF_MEMORY -> oom).
+                err = inline_pre_job(launch, staged, self._dirs)
+                if err is not None:
+                    launch.stderr.write_text(err + "\n")
+                    self._early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None))
+                    handles.append("-")
+                    continue
+                out = _run_cmd(self.sbatch_args(launch, None), f"sbatch {launch.name}", "#!/bin/sh\n" + script)
+            else:
+                spec = dict(launch.spec, enforce_memory=True, usage_path=f"{launch.result}.usage.json")
+                spec_path = str(launch.result).replace(".result.json", ".spec.json")
+                with open(spec_path, "w") as fh:
+                    json.dump(spec, fh)
+                out = _run_cmd(self.sbatch_args(launch, spec_path), f"sbatch {launch.name}")
             job_id = out.strip().split(";")[0]
-            self.subs[job_id] = _Sub(launch)
+            self.subs[job_id] = _Sub(launch, staged=staged if script is not None else None, submitted=time.time())
             self.pending += 1
             handles.append(job_id)
         return handles
 
     def active(self) -> int:
-        return len(self.subs)
+        return len(self.subs) + len(self._early)
 
     def running_since(self, handle: str) -> float | None:
         sub = self.subs.get(handle)
@@ -160,9 +181,10 @@ class SlurmBackend(Backend):
         return res
 
     def poll(self) -> list[Ended]:
+        early, self._early = self._early, []
         now = time.monotonic()
         if now - self._last_poll < self.settings.poll_interval or not self.subs:
-            return []
+            return early
         self._last_poll = now
         try:
             states = self.query(list(self.subs))
@@ -189,7 +211,7 @@ class SlurmBackend(Backend):
             del self.subs[job_id]
             ended.append(self._from_slurm(sub, state, reason, status))
         self.pending = pending
-        return ended
+        return early + ended
 
     def _usage(self, sub: _Sub) -> dict[str, Any]:
         try:
@@ -221,7 +243,12 @@ class SlurmBackend(Backend):
             return self._ended(sub, code, sig, FailureClass.KILLED, f"killed: Slurm {state} ({reason})")
         if state == "CANCELLED":
             return self._ended(sub, code, sig, FailureClass.KILLED, f"killed: cancelled outside batchprod ({reason})")
-        return self._ended(sub, code, sig, None, None)  # COMPLETED / FAILED: the wrapper's exit code says
+        outputs = None
+        if sub.staged is not None and code == 0:
+            code, outputs = inline_post_job(sub.launch, sub.staged, sub.running_since or sub.submitted)
+        ended = self._ended(sub, code, sig, None, None)  # COMPLETED / FAILED: the wrapper's exit code says
+        ended.outputs = outputs
+        return ended
 
     # -- kill ----------------------------------------------------------------------------------------
     def kill(self, handle: str, fclass: FailureClass, reason: str) -> None:
