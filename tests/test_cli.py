@@ -59,6 +59,9 @@ def test_prepare_runs_nothing(tmp_path: Path, toy_repo: Path, cli) -> None:
         (lambda c: c.update(project="{undefinedThing}"), "undefined variable {undefinedThing}"),
         (lambda c: c.update(cluster={"c": {"pipetasks": "calibrate,nosuch"}}), "unknown task label 'nosuch'"),
         (lambda c: c.update(pipelineYaml="bad_template.yaml"), "key 'tasks.calibrate.command': cannot fill the template"),
+        (lambda c: c.update(wmsServiceClass="slurmm"), "key 'wmsServiceClass': wmsServiceClass 'slurmm': unknown WMS"),
+        (lambda c: c.update(computeSite="big", site={"big": {"wmsServiceClass": "nope"}}),
+         "key 'site.big.wmsServiceClass': wmsServiceClass 'nope': unknown WMS"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, toy_repo: Path, cli, mutate, message) -> None:

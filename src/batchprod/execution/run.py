@@ -202,6 +202,13 @@ def prepare(
 
     t0 = time.perf_counter()
     wms = str(cfg.get("wmsServiceClass", Context()))
+    from batchprod.wms.base import get_wms
+
+    try:
+        get_wms(wms)  # a misspelled or uninstalled WMS is a config error now, before anything is written
+    except ConfigError as exc:
+        _, keypath = cfg.find_raw("wmsServiceClass")
+        raise ConfigError(f"{cfg.where(keypath)}: key '{keypath}': {exc}") from None
     tmp = submit_dir.with_name(f".{submit_dir.name}.preparing")
     if tmp.exists():
         shutil.rmtree(tmp)
