@@ -159,6 +159,11 @@ class Backend(ABC):
     def kill(self, handle: str, fclass: FailureClass, reason: str) -> None:
         """Stop one attempt; its Ended carries ``fclass`` and ``reason``."""
 
+    def kill_many(self, handles: Sequence[str], fclass: FailureClass, reason: str) -> None:
+        """Stop many attempts (cancel); batch systems override this with one bulk call."""
+        for h in handles:
+            self.kill(h, fclass, reason)
+
     @abstractmethod
     def active(self) -> int:
         """Attempts started and not yet reported ended."""

@@ -414,8 +414,7 @@ class Orchestrator:
 
     def _cancel_all(self) -> None:
         reason = f"cancelled ({self._stop})"
-        for a in self.active.values():
-            self.backend.kill(a.handle, FailureClass.CANCELLED, reason)
+        self.backend.kill_many([a.handle for a in self.active.values()], FailureClass.CANCELLED, reason)
         deadline = time.monotonic() + KILL_GRACE + 30
         while self.active and time.monotonic() < deadline:
             self.backend.escalate(KILL_GRACE)

@@ -259,6 +259,16 @@ class SlurmBackend(Backend):
             sub.forced, sub.reason = fclass, reason
         subprocess.run(["scancel", handle], capture_output=True, timeout=60)
 
+    def kill_many(self, handles: Sequence[str], fclass: FailureClass, reason: str) -> None:
+        """One scancel per thousand jobs, not one per job: cancelling 10^5 jobs takes seconds."""
+        ids = [h for h in handles if h in self.subs]
+        for h in ids:
+            sub = self.subs[h]
+            if sub.forced is None:
+                sub.forced, sub.reason = fclass, reason
+        for i in range(0, len(ids), 1000):
+            subprocess.run(["scancel", *ids[i : i + 1000]], capture_output=True, timeout=120)
+
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
         """Cancel every queued or running Slurm job of this run (by id and by name prefix) and wait
         until none is running, so a restart never has two attempts of one job at once."""
