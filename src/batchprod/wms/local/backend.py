@@ -4,7 +4,7 @@ Ended attempts are collected with ``wait4`` (exit status + rusage in one call, n
 the whole process tree of each running attempt is measured (RSS via psutil) and killed at its
 memory request (``oom``).
 
-A job made only of shell commands runs *inline*: its script is started directly (``/bin/sh``) and
+A job made only of shell commands runs *inline* (see ``wms/inline.py``): its script is started directly (``/bin/sh``) and
 the wrapper's pre-job (stage-in check) and post-job (checksums, manifest, publication) steps run
 here in the orchestrator, because a Python interpreter per job (~50 ms of imports) would cap local
 dispatch at a few dozen jobs per second. Jobs with Python payloads start the Python wrapper.
@@ -29,17 +29,12 @@ from batchprod.execution.process import kill_group, kill_group_of, pid_alive, pr
 from batchprod.execution.run import Run
 from batchprod.execution.runner import (
     EXIT_INFRASTRUCTURE,
-    EXIT_MISSING_OUTPUT,
-    MissingOutput,
-    StageError,
-    collect_outputs,
-    finish_attempt,
     shell_script,
-    stage_in_check,
     staging_map,
 )
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, Ended, Launch
+from batchprod.wms.inline import inline_post_job, inline_pre_job
 
 MONITOR_INTERVAL = 0.1  # seconds between memory checks of running attempts
 ENV_SUBMIT_DIR = "BATCHPROD_SUBMIT_DIR"
@@ -66,43 +61,6 @@ def kill_run_processes(submit_dir: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while any(pid_alive(p) for p in orphans) and time.monotonic() < deadline:
         time.sleep(0.02)
-
-
-def inline_pre_job(launch: Launch, staged: dict[str, str], known_dirs: set[str]) -> str | None:
-    """Stage-in check and staging directories for a job run as a plain shell script; returns the
-    error line if an input is missing (the attempt then ends as ``infrastructure`` without starting)."""
-    try:
-        stage_in_check(launch.spec)
-    except StageError as exc:
-        return f"error: {exc}"
-    for d in {os.path.dirname(v) for v in staged.values()} - known_dirs:
-        os.makedirs(d, exist_ok=True)
-        known_dirs.add(d)
-    return None
-
-
-def inline_post_job(launch: Launch, staged: dict[str, str], started: float) -> tuple[int, list[dict[str, Any]] | None]:
-    """Post-job of a shell-script job, done by the orchestrator: outputs checked, checksummed, the
-    manifest written and the outputs published, as the Python wrapper does on a node. Returns the
-    exit code the attempt ends with and its outputs."""
-    spec = launch.spec
-    try:
-        outputs = [o for q in spec["quanta"] for o in collect_outputs(q, staged)]
-        # durable=False: the state store commits with synchronous=NORMAL too; a process kill keeps
-        # both, only a power loss could lose the last few
-        finish_attempt(spec, outputs, time.time() - started, durable=False)
-    except MissingOutput as exc:
-        _append_err(launch, f"error: {exc}")
-        return EXIT_MISSING_OUTPUT, None
-    except (StageError, OSError) as exc:
-        _append_err(launch, f"error: {exc}")
-        return EXIT_INFRASTRUCTURE, None
-    return 0, outputs
-
-
-def _append_err(launch: Launch, line: str) -> None:
-    with open(launch.stderr, "a") as fh:
-        fh.write(line + "\n")
 
 
 @dataclass

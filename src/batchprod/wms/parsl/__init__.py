@@ -27,7 +27,8 @@ from batchprod.execution.run import Run
 from batchprod.execution.runner import EXIT_INFRASTRUCTURE, shell_script, staging_map
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
-from batchprod.wms.local.backend import ENV_SUBMIT_DIR, inline_post_job, inline_pre_job, kill_run_processes
+from batchprod.wms.inline import inline_post_job, inline_pre_job
+from batchprod.wms.local.backend import ENV_SUBMIT_DIR, kill_run_processes
 
 
 @dataclass

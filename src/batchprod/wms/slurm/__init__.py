@@ -31,7 +31,7 @@ from batchprod.execution.run import Run
 from batchprod.execution.runner import EXIT_INFRASTRUCTURE, shell_script, staging_map
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
-from batchprod.wms.local.backend import inline_post_job, inline_pre_job
+from batchprod.wms.inline import inline_post_job, inline_pre_job
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
