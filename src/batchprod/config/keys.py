@@ -37,6 +37,8 @@ def _pos_int(v: Any) -> int:
     return i
 
 
+Converter = Callable[[Any], Any]
+
 _MEM_UNITS = {"": 1, "MB": 1, "M": 1, "MIB": 1, "GB": 1024, "G": 1024, "GIB": 1024, "KB": 1 / 1024}
 
 
@@ -63,28 +65,23 @@ def walltime_seconds(v: Any) -> int:
     return _nonneg_int(v)
 
 
-def _float_ge1(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError("expected a number, got a boolean")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {v!r}") from None
-    if f < 1.0:
-        raise ValueError(f"expected a number >= 1, got {v!r}")
-    return f
+def _float_at_least(lo: float, what: str) -> Converter:
+    def conv(v: Any) -> float:
+        if isinstance(v, bool):
+            raise ValueError("expected a number, got a boolean")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {v!r}") from None
+        if f < lo:
+            raise ValueError(f"expected {what}, got {v!r}")
+        return f
+
+    return conv
 
 
-def _nonneg_float(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError("expected a number, got a boolean")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {v!r}") from None
-    if f < 0:
-        raise ValueError(f"expected a non-negative number, got {v!r}")
-    return f
+_float_ge1 = _float_at_least(1.0, "a number >= 1")
+_nonneg_float = _float_at_least(0.0, "a non-negative number")
 
 
 def _str(v: Any) -> str:
@@ -108,8 +105,6 @@ def _when_run(v: Any) -> str:
         raise ValueError(f"expected ALWAYS or SUCCESS, got {v!r}")
     return s
 
-
-Converter = Callable[[Any], Any]
 
 #: Keys that describe one job's resources and retry policy; valid at top level, in site.<name>,
 #: cluster.<name> and pipetask.<label>, searched in that (reverse) order.

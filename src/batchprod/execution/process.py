@@ -77,3 +77,13 @@ def kill_group_of(pid: int, sig: int = signal.SIGKILL) -> None:
     """Signal the whole process group a process belongs to (nothing if it is gone)."""
     with contextlib.suppress(ProcessLookupError):
         kill_group(os.getpgid(pid), sig)
+
+
+def tree_rss_mb(proc: psutil.Process) -> float:
+    """Resident memory of a process and all its descendants, in MB (what a memory request limits).
+    Raises psutil.NoSuchProcess if the process itself is gone."""
+    rss = proc.memory_info().rss
+    for c in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rss += c.memory_info().rss
+    return rss / 2**20

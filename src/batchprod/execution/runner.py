@@ -279,24 +279,19 @@ class MemoryGuard:
     def _run(self) -> None:
         import psutil
 
+        from batchprod.execution.process import tree_rss_mb
+
         me = psutil.Process()
         while True:
             try:
-                procs = [me, *me.children(recursive=True)]
-                rss = 0
-                for p in procs:
-                    try:
-                        rss += p.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        continue
+                mb = tree_rss_mb(me)
             except psutil.NoSuchProcess:
                 return
-            mb = rss / 2**20
             self.peak_mb = max(self.peak_mb, mb)
             if mb > self.limit_mb:
                 print(f"error: oom: process tree used {mb:.0f} MB > requestMemory {self.limit_mb} MB",
                       file=sys.stderr, flush=True)
-                for p in procs[1:]:
+                for p in me.children(recursive=True):
                     try:
                         p.kill()
                     except psutil.NoSuchProcess:

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import psutil
 
-from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env
+from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env, tree_rss_mb
 from batchprod.execution.run import Run
 from batchprod.execution.runner import (
     EXIT_INFRASTRUCTURE,
@@ -146,15 +146,9 @@ class LocalBackend(Backend):
             try:
                 if p.proc is None:
                     p.proc = psutil.Process(pid)
-                rss = p.proc.memory_info().rss
-                for c in p.proc.children(recursive=True):
-                    try:
-                        rss += c.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        continue
+                mb = tree_rss_mb(p.proc)
             except psutil.NoSuchProcess:
                 continue
-            mb = rss / 2**20
             p.peak_rss = max(p.peak_rss, mb)
             if mb > p.launch.memory:
                 p.forced = FailureClass.OOM
