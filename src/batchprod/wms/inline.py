@@ -18,22 +18,45 @@ from batchprod.execution.runner import (
     StageError,
     collect_outputs,
     finish_attempt,
+    shell_script,
     stage_in_check,
+    staging_map,
 )
-from batchprod.wms.base import Launch
+from batchprod.wms.base import Ended, Launch
 
 
-def inline_pre_job(launch: Launch, staged: dict[str, str], known_dirs: set[str]) -> str | None:
-    """Stage-in check and staging directories for a job run as a plain shell script; returns the
-    error line if an input is missing (the attempt then ends as ``infrastructure`` without starting)."""
-    try:
-        stage_in_check(launch.spec)
-    except StageError as exc:
-        return f"error: {exc}"
-    for d in {os.path.dirname(v) for v in staged.values()} - known_dirs:
-        os.makedirs(d, exist_ok=True)
-        known_dirs.add(d)
-    return None
+class InlineJobs:
+    """What a backend keeps for shell-script jobs: the staging directories it made, and attempts that
+    failed their stage-in check (they end as ``infrastructure`` without ever starting)."""
+
+    def __init__(self, host: str | None = None) -> None:
+        self.host = host
+        self.dirs: set[str] = set()
+        self.early: list[Ended] = []
+
+    def plan(self, launch: Launch) -> tuple[str | None, dict[str, str], bool]:
+        """(shell script or None if the job needs the Python wrapper, staging map, started-ok).
+        Does the pre-job step: a missing input records an early ``infrastructure`` end and returns
+        False, and the caller must not start the attempt."""
+        staged = staging_map(launch.spec)
+        script = shell_script(launch.spec, staged)
+        if script is None:
+            return None, staged, True
+        try:
+            stage_in_check(launch.spec)
+        except StageError as exc:
+            launch.stderr.write_text(f"error: {exc}\n")
+            launch.stdout.write_text("")
+            self.early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None, host=self.host))
+            return script, staged, False
+        for d in {os.path.dirname(v) for v in staged.values()} - self.dirs:
+            os.makedirs(d, exist_ok=True)
+            self.dirs.add(d)
+        return script, staged, True
+
+    def take_early(self) -> list[Ended]:
+        out, self.early = self.early, []
+        return out
 
 
 def inline_post_job(launch: Launch, staged: dict[str, str], started: float) -> tuple[int, list[dict[str, Any]] | None]:

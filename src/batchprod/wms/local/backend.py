@@ -27,14 +27,9 @@ import psutil
 
 from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env, tree_rss_mb
 from batchprod.execution.run import Run
-from batchprod.execution.runner import (
-    EXIT_INFRASTRUCTURE,
-    shell_script,
-    staging_map,
-)
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, Ended, Launch
-from batchprod.wms.inline import inline_post_job, inline_pre_job
+from batchprod.wms.inline import InlineJobs, inline_post_job
 
 MONITOR_INTERVAL = 0.1  # seconds between memory checks of running attempts
 ENV_SUBMIT_DIR = "BATCHPROD_SUBMIT_DIR"
@@ -83,30 +78,20 @@ class LocalBackend(Backend):
     def __init__(self, submit_dir: str, inline: bool = True) -> None:
         self.submit_dir = submit_dir
         self.inline = inline
-        self._failed_early: list[Ended] = []
-        self._dirs: set[str] = set()  # staging directories known to exist
         self._env = dict(os.environb)  # copied once
         self.procs: dict[int, _Proc] = {}
         self.host = socket.gethostname()
+        self._inline = InlineJobs(self.host)
         self._last_monitor = 0.0
 
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
         for launch in launches:
-            staged = staging_map(launch.spec) if self.inline else {}
-            script = shell_script(launch.spec, staged) if self.inline else None
-            if script is not None:
-                err = inline_pre_job(launch, staged, self._dirs)
-                if err is not None:
-                    launch.stderr.write_text(err + "\n")
-                    launch.stdout.write_text("")
-                    self._failed_early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None,
-                                                    host=self.host))
-                    handles.append("-")
-                    continue
-                cmd = ["/bin/sh", "-c", script]
-            else:
-                cmd = RUNNER
+            script, staged, ok = self._inline.plan(launch) if self.inline else (None, {}, True)
+            if not ok:
+                handles.append("-")
+                continue
+            cmd = ["/bin/sh", "-c", script] if script is not None else RUNNER
             fo, fe = open(launch.stdout, "wb"), open(launch.stderr, "wb")  # noqa: SIM115 (closed when reaped)
             popen = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL if script is not None else subprocess.PIPE, stdout=fo, stderr=fe,
@@ -130,7 +115,7 @@ class LocalBackend(Backend):
         return inline_post_job(p.launch, p.staged, p.started)
 
     def active(self) -> int:
-        return len(self.procs) + len(self._failed_early)
+        return len(self.procs) + len(self._inline.early)
 
     def running_since(self, handle: str) -> float | None:
         p = self.procs.get(int(handle))
@@ -160,7 +145,7 @@ class LocalBackend(Backend):
         if now - self._last_monitor > MONITOR_INTERVAL:
             self._monitor()
             self._last_monitor = now
-        out, self._failed_early = self._failed_early, []
+        out = self._inline.take_early()
         while self.procs:
             try:
                 pid, status, ru = os.wait4(-1, os.WNOHANG)

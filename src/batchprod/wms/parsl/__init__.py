@@ -24,10 +24,9 @@ from typing import Any
 from batchprod.errors import ConfigError
 from batchprod.execution.process import kill_group
 from batchprod.execution.run import Run
-from batchprod.execution.runner import EXIT_INFRASTRUCTURE, shell_script, staging_map
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
-from batchprod.wms.inline import inline_post_job, inline_pre_job
+from batchprod.wms.inline import InlineJobs, inline_post_job
 from batchprod.wms.local.backend import ENV_SUBMIT_DIR, kill_run_processes
 
 
@@ -83,8 +82,7 @@ class ParslBackend(Backend):
         self.run = run
         self.tasks: dict[str, _Task] = {}
         self._n = 0
-        self._early: list[Ended] = []  # attempts that failed stage-in and never started
-        self._dirs: set[str] = set()
+        self._inline = InlineJobs()
         bindir = os.path.dirname(sys.executable)
         os.environ["PATH"] = f"{bindir}:{os.environ.get('PATH', '')}"  # Parsl starts its interchange by name
         workers = settings.max_workers or os.cpu_count() or 1
@@ -112,20 +110,16 @@ class ParslBackend(Backend):
             env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
                    ENV_SUBMIT_DIR: str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
             exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-            staged = staging_map(launch.spec)
-            script = shell_script(launch.spec, staged)
+            script, staged, ok = self._inline.plan(launch)
             self._n += 1
             handle = f"parsl-{self._n}"
+            if not ok:
+                handles.append(handle)
+                continue
             if script is not None:
                 # commands only: no Python wrapper per job; pre/post-job here, as on the local backend.
                 # The script records its pid and runs in a session of its own (setsid without a fork:
                 # the shell is not a group leader), so a kill reaches its whole tree only.
-                err = inline_pre_job(launch, staged, self._dirs)
-                if err is not None:
-                    launch.stderr.write_text(err + "\n")
-                    self._early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None))
-                    handles.append(handle)
-                    continue
                 cmd = (f"export {exports}; echo $$ > {shlex.quote(str(pid_path))}; "
                        f"exec setsid sh -c {shlex.quote(script)}")
             else:
@@ -143,7 +137,7 @@ class ParslBackend(Backend):
         return handles
 
     def active(self) -> int:
-        return len(self.tasks) + len(self._early)
+        return len(self.tasks) + len(self._inline.early)
 
     def running_since(self, handle: str) -> float | None:
         t = self.tasks.get(handle)
@@ -153,7 +147,7 @@ class ParslBackend(Backend):
             return None
 
     def poll(self) -> list[Ended]:
-        out, self._early = self._early, []
+        out = self._inline.take_early()
         for handle, t in list(self.tasks.items()):
             if not t.future.done():
                 if t.forced is not None and t.term_sent is None and t.pid_path.exists():

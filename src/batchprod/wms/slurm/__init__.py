@@ -28,10 +28,9 @@ from typing import Any
 
 from batchprod.errors import ConfigError, RunError
 from batchprod.execution.run import Run
-from batchprod.execution.runner import EXIT_INFRASTRUCTURE, shell_script, staging_map
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
-from batchprod.wms.inline import inline_post_job, inline_pre_job
+from batchprod.wms.inline import InlineJobs, inline_post_job
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
@@ -100,8 +99,7 @@ class SlurmBackend(Backend):
         self.run = run
         self.settings = settings
         self.subs: dict[str, _Sub] = {}
-        self._early: list[Ended] = []  # attempts that failed stage-in and were never submitted
-        self._dirs: set[str] = set()
+        self._inline = InlineJobs()
         self._last_poll = 0.0
         self.pending = 0
         # a job-name prefix unique to the run: finds its jobs in the queue even without recorded ids
@@ -130,18 +128,14 @@ class SlurmBackend(Backend):
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
         for launch in launches:
-            staged = staging_map(launch.spec)
-            script = shell_script(launch.spec, staged)
+            script, staged, ok = self._inline.plan(launch)
+            if not ok:
+                handles.append("-")
+                continue
             if script is not None:
                 # commands only: the batch script is the commands themselves, no Python wrapper per job
                 # (it costs more CPU than Slurm's own per-job work); pre/post-job are done here. Memory
                 # is then Slurm's to enforce (cgroups: OUT_OF_MEMORY -> oom).
-                err = inline_pre_job(launch, staged, self._dirs)
-                if err is not None:
-                    launch.stderr.write_text(err + "\n")
-                    self._early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None))
-                    handles.append("-")
-                    continue
                 out = _run_cmd(self.sbatch_args(launch, None), f"sbatch {launch.name}", "#!/bin/sh\n" + script)
             else:
                 spec = dict(launch.spec, enforce_memory=True, usage_path=f"{launch.result}.usage.json")
@@ -156,7 +150,7 @@ class SlurmBackend(Backend):
         return handles
 
     def active(self) -> int:
-        return len(self.subs) + len(self._early)
+        return len(self.subs) + len(self._inline.early)
 
     def running_since(self, handle: str) -> float | None:
         sub = self.subs.get(handle)
@@ -181,7 +175,7 @@ class SlurmBackend(Backend):
         return res
 
     def poll(self) -> list[Ended]:
-        early, self._early = self._early, []
+        early = self._inline.take_early()
         now = time.monotonic()
         if now - self._last_poll < self.settings.poll_interval or not self.subs:
             return early
