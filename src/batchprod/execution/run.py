@@ -80,18 +80,25 @@ class Run:
         d = self.log_dir / label
         return d / f"{name}.{attempt}.out", d / f"{name}.{attempt}.err", d / f"{name}.{attempt}.result.json"
 
+    def site(self, key: str, default: Any = None) -> Any:
+        """A typed value from the run's compute-site section (``site.<computeSite>.<key>``)."""
+        return site_value(self.config, key, default)
+
     def site_budget(self) -> tuple[int | None, int | None]:
         """(cores, memory MB) the site config grants the local executor, None = the machine's."""
-        site = self.config.get("computeSite") or "local"
-        s = (self.config.get("site") or {}).get(site) or {}
-        from batchprod.config.keys import SITE_KEYS
-
-        cores = SITE_KEYS["cores"](s["cores"]) if "cores" in s else None
-        mem = SITE_KEYS["memory"](s["memory"]) if "memory" in s else None
-        return cores, mem
+        return self.site("cores"), self.site("memory")
 
     def wms_name(self) -> str:
         return str(self.store.run_info()["wms"])
+
+
+def site_value(config: dict[str, Any], key: str, default: Any = None, site: str | None = None) -> Any:
+    """``site.<computeSite>.<key>`` of a config mapping, converted by the key table; ``default`` if unset."""
+    from batchprod.config.keys import SITE_KEYS
+
+    name = site or config.get("computeSite") or "local"
+    section = (config.get("site") or {}).get(name) or {}
+    return SITE_KEYS[key](section[key]) if key in section else default
 
 
 def find_run(ref: str | Path, submit_root: str | Path | None = None) -> Run:
@@ -116,12 +123,9 @@ def list_runs(submit_root: str | Path | None = None) -> list[Path]:
 
 def _check_budget(cfg: BpsConfig, wf: GenericWorkflow) -> None:
     """A job that can never fit the site is a config error now, not a hang later."""
-    from batchprod.config.keys import SITE_KEYS
-
-    site = cfg.get("computeSite")
-    sec = (cfg.data.get("site") or {}).get(site) or {}
-    cores = SITE_KEYS["cores"](sec["cores"]) if "cores" in sec else None
-    mem = SITE_KEYS["memory"](sec["memory"]) if "memory" in sec else None
+    site = str(cfg.get("computeSite"))
+    cores = site_value(cfg.data, "cores", site=site)
+    mem = site_value(cfg.data, "memory", site=site)
     groups = list(wf.groups) + ([] if wf.final is None else [_final_group(wf.final)])
     for g in groups:
         r = g.resources

@@ -118,14 +118,10 @@ def dag_lines(run: Run, max_jobs: int | None, sub_dir: Path) -> Iterator[str]:
 
 def export_dag(run: Run) -> Path:
     """Write ``<submit dir>/htcondor/run.dag`` and its submit files; returns the DAG path."""
-    from batchprod.config.keys import SITE_KEYS
-
     out = run.submit_dir / "htcondor"
     out.mkdir(exist_ok=True)
-    site = run.config.get("computeSite") or "local"
-    s = (run.config.get("site") or {}).get(site) or {}
-    site_memory = SITE_KEYS["memory"](s["memory"]) if "memory" in s else 1 << 20
-    max_jobs = SITE_KEYS["maxJobs"](s["maxJobs"]) if "maxJobs" in s else None
+    site_memory = run.site("memory", 1 << 20)
+    max_jobs = run.site("maxJobs")
     wf = run.workflow
     for g in wf.groups:
         (out / f"{g.name}.sub").write_text(submit_description(run, g, g.resources, site_memory))

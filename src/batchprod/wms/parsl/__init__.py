@@ -39,16 +39,11 @@ class ParslSettings:
 
     @classmethod
     def from_run(cls, run: Run) -> ParslSettings:
-        from batchprod.config.keys import SITE_KEYS
-
-        site = run.config.get("computeSite") or "local"
-        s = (run.config.get("site") or {}).get(site) or {}
-        provider = str(s.get("parslProvider", "local"))
+        provider = run.site("parslProvider", "local")
         if provider not in ("local", "slurm"):
+            site = run.config.get("computeSite") or "local"
             raise ConfigError(f"site.{site}.parslProvider: expected local or slurm, got {provider!r}")
-        workers = SITE_KEYS["maxWorkers"](s["maxWorkers"]) if "maxWorkers" in s else None
-        partition = SITE_KEYS["partition"](s["partition"]) if "partition" in s else None
-        return cls(provider, workers, partition)
+        return cls(provider, run.site("maxWorkers"), run.site("partition"))
 
 
 @dataclass

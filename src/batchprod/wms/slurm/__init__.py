@@ -53,14 +53,7 @@ class SlurmSettings:
 
     @classmethod
     def from_run(cls, run: Run) -> SlurmSettings:
-        from batchprod.config.keys import SITE_KEYS
-
-        site = run.config.get("computeSite") or "local"
-        s = (run.config.get("site") or {}).get(site) or {}
-
-        def get(key: str, default: Any) -> Any:
-            return SITE_KEYS[key](s[key]) if key in s else default
-
+        get = run.site
         return cls(get("partition", None), get("account", None), get("qos", None), get("sbatchOptions", ""),
                    get("maxJobs", 1000), get("maxIdle", 200), float(get("pollInterval", 1.0)))
 
