@@ -1,6 +1,6 @@
 """Slurm as a backend: batchprod keeps the DAG (like DAGMan) and submits jobs whose parents are done.
 
-* one ``sbatch`` per attempt (``--wrap`` runs the job wrapper with its spec file), resources mapped to
+* one ``sbatch`` per attempt (the batch script on stdin runs the job's commands or the job wrapper), resources mapped to
   ``--cpus-per-task``, ``--mem``, ``--time``; site settings to ``--partition``, ``--account``,
   ``--qos`` and free ``sbatchOptions``;
 * one ``squeue`` per poll for *all* active attempts (``-O JobID,State,Reason,exit_code``);
@@ -99,9 +99,12 @@ class SlurmBackend(Backend):
         self.prefix = "bp" + hashlib.blake2b(str(run.submit_dir).encode(), digest_size=4).hexdigest()
 
     # -- submit --------------------------------------------------------------------------------------
-    def sbatch_args(self, launch: Launch, spec_path: str | None) -> list[str]:
+    def sbatch_args(self, launch: Launch) -> list[str]:
+        """sbatch options for one attempt; the batch script itself comes on stdin (:meth:`batch_script`)."""
         s = self.settings
-        args = ["sbatch", "--parsable", "--no-requeue", f"--job-name={self.prefix}.{launch.name}"[:200],
+        # plain --export=ALL: a list of variables there (ALL,K=V) makes slurmd build a login environment
+        # per job (bash -l ... slurmstepd getenv), measured here at ~0.15 s of CPU and 6x fewer jobs/s
+        args = ["sbatch", "--parsable", "--no-requeue", "--export=ALL", f"--job-name={self.prefix}.{launch.name}"[:200],
                 f"--output={launch.stdout}", f"--error={launch.stderr}", f"--cpus-per-task={launch.cores}",
                 f"--mem={launch.memory}M"]
         if launch.walltime:
@@ -109,14 +112,14 @@ class SlurmBackend(Backend):
         for opt, val in (("partition", s.partition), ("account", s.account), ("qos", s.qos)):
             if val:
                 args.append(f"--{opt}={val}")
-        args += shlex.split(s.sbatch_options)
+        return args + shlex.split(s.sbatch_options)
+
+    def batch_script(self, launch: Launch, body: str) -> str:
+        """The job's batch script: its environment as exports, then ``body``."""
         env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
                "BATCHPROD_SUBMIT_DIR": str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
-        args.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items()))
-        if spec_path is not None:
-            wrap = f"exec {shlex.quote(sys.executable)} -m batchprod.execution.runner < {shlex.quote(spec_path)}"
-            args.append(f"--wrap={wrap}")
-        return args  # without a spec file the batch script comes on stdin
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+        return f"#!/bin/sh\n{exports}{body}"
 
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
@@ -129,13 +132,14 @@ class SlurmBackend(Backend):
                 # commands only: the batch script is the commands themselves, no Python wrapper per job
                 # (it costs more CPU than Slurm's own per-job work); pre/post-job are done here. Memory
                 # is then Slurm's to enforce (cgroups: OUT_OF_MEMORY -> oom).
-                out = _run_cmd(self.sbatch_args(launch, None), f"sbatch {launch.name}", "#!/bin/sh\n" + script)
+                body = script
             else:
                 spec = dict(launch.spec, enforce_memory=True, usage_path=f"{launch.result}.usage.json")
                 spec_path = str(launch.result).replace(".result.json", ".spec.json")
                 with open(spec_path, "w") as fh:
                     json.dump(spec, fh)
-                out = _run_cmd(self.sbatch_args(launch, spec_path), f"sbatch {launch.name}")
+                body = f"exec {shlex.quote(sys.executable)} -m batchprod.execution.runner < {shlex.quote(spec_path)}\n"
+            out = _run_cmd(self.sbatch_args(launch), f"sbatch {launch.name}", self.batch_script(launch, body))
             job_id = out.strip().split(";")[0]
             self.subs[job_id] = _Sub(launch, staged=staged if script is not None else None, submitted=time.time())
             self.pending += 1
