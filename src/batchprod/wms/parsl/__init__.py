@@ -1,10 +1,10 @@
-"""Parsl as a backend (extra ``batchprod[parsl]``): a HighThroughputExecutor, jobs as bash apps.
+"""Parsl as a backend (extra ``batchprod[parsl]``): a HighThroughputExecutor, one Python app per attempt.
 
 The provider comes from the site config (``parslProvider: local`` or ``slurm``; ``partition``,
 ``maxWorkers``). Unlike Rubin's Parsl plugin, report, status, cancel and restart work, because the
-orchestrator and the state store do them: Parsl only runs attempts. Each attempt's wrapper starts a
-new session and writes its pid, so a walltime kill or a cancel reaches the whole process tree
-without touching the Parsl worker.
+orchestrator and the state store do them: Parsl only runs attempts. Each attempt runs in a new
+session whose pid is recorded (:mod:`batchprod.wms.parsl.task`), so a walltime kill or a cancel reaches
+the whole process tree without touching the Parsl worker.
 """
 
 from __future__ import annotations
@@ -58,17 +58,13 @@ class _Task:
     started: float = 0.0
 
 
-def _bash_job(cmd: str, stdout: str | None = None, stderr: str | None = None) -> str:
-    return cmd
-
-
 class ParslBackend(Backend):
     name = "parsl"
 
     def __init__(self, run: Run, settings: ParslSettings) -> None:
         try:
             import parsl
-            from parsl.app.bash import BashApp
+            from parsl.app.python import PythonApp
             from parsl.config import Config
             from parsl.executors import HighThroughputExecutor
             from parsl.providers import LocalProvider, SlurmProvider
@@ -94,9 +90,15 @@ class ParslBackend(Backend):
             executors=[HighThroughputExecutor(label="batchprod", address="127.0.0.1", max_workers_per_node=workers,
                                               provider=provider)],
             run_dir=str(run.submit_dir / "parsl"), strategy="none", initialize_logging=False,
+            # Parsl starts the first block at its first strategy pass, one period after load (default
+            # 5 s, measured as most of a 10,000-job run's start-up). A local block's status is a file
+            # read; a Slurm block's is an squeue, and its queue wait dwarfs the period anyway.
+            strategy_period=1 if settings.provider == "local" else 5,
         )
         self.dfk = parsl.load(config)
-        self.app = BashApp(_bash_job, executors=["batchprod"])
+        from batchprod.wms.parsl.task import run_attempt
+
+        self.app = PythonApp(run_attempt, executors=["batchprod"])
 
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
@@ -104,7 +106,6 @@ class ParslBackend(Backend):
             pid_path = Path(str(launch.result).replace(".result.json", ".pid"))
             env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
                    ENV_SUBMIT_DIR: str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
-            exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
             script, staged, ok = self._inline.plan(launch)
             self._n += 1
             handle = f"parsl-{self._n}"
@@ -112,20 +113,16 @@ class ParslBackend(Backend):
                 handles.append(handle)
                 continue
             if script is not None:
-                # commands only: no Python wrapper per job; pre/post-job here, as on the local backend.
-                # The script records its pid and runs in a session of its own (setsid without a fork:
-                # the shell is not a group leader), so a kill reaches its whole tree only.
-                cmd = (f"export {exports}; echo $$ > {shlex.quote(str(pid_path))}; "
-                       f"exec setsid sh -c {shlex.quote(script)}")
+                # commands only: no Python wrapper per job; pre/post-job here, as on the local backend
+                argv, stdin, pid = ["/bin/sh", "-c", script], None, str(pid_path)
             else:
                 spec = dict(launch.spec, enforce_memory=True, new_session=True, pid_path=str(pid_path),
                             usage_path=f"{launch.result}.usage.json")
-                spec_path = str(launch.result).replace(".result.json", ".spec.json")
-                with open(spec_path, "w") as fh:
+                stdin = str(launch.result).replace(".result.json", ".spec.json")
+                with open(stdin, "w") as fh:
                     json.dump(spec, fh)
-                cmd = (f"export {exports}; exec {shlex.quote(sys.executable)} -m batchprod.execution.runner "
-                       f"< {shlex.quote(spec_path)}")
-            fut = self.app(cmd, stdout=str(launch.stdout), stderr=str(launch.stderr))
+                argv, pid = [sys.executable, "-m", "batchprod.execution.runner"], None
+            fut = self.app(argv, env, str(launch.stdout), str(launch.stderr), stdin, pid)
             self.tasks[handle] = _Task(launch, fut, pid_path, staged=staged if script is not None else None,
                                        started=time.time())
             handles.append(handle)
@@ -150,25 +147,24 @@ class ParslBackend(Backend):
                     t.term_sent = t.term_sent or time.monotonic()
                 continue
             del self.tasks[handle]
-            code: int | None = 0
+            code: int | None = None
             sig: int | None = None
             exc = t.future.exception()
             if exc is not None:
-                rc = getattr(exc, "exitcode", None)
-                if rc is None:
-                    code = None
-                    t.forced = t.forced or FailureClass.INFRASTRUCTURE
-                    t.reason = t.reason or f"infrastructure: Parsl could not run the task: {exc}"
-                elif rc < 0:
-                    code, sig = None, -rc
+                t.forced = t.forced or FailureClass.INFRASTRUCTURE
+                t.reason = t.reason or f"infrastructure: Parsl could not run the task: {exc}"
+            else:
+                rc = t.future.result()
+                if rc < 0:
+                    sig = -rc
                 elif rc > 128 and (rc - 128) in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    code, sig = None, rc - 128
+                    sig = rc - 128  # the shell reports its child's death by signal
                 else:
                     code = rc
             outputs = None
             if t.staged is not None and t.forced is None and code == 0:
                 code, outputs = inline_post_job(t.launch, t.staged, t.started)
-            u = self._usage(t)
+            u = self._usage(t) if t.staged is None else {}  # only the Python wrapper measures itself
             out.append(Ended(t.launch.job, t.launch.attempt, code, sig, t.forced, t.reason,
                              u.get("peak_rss_mb"), u.get("cpu_s"), u.get("host"), outputs))
         return out
