@@ -218,7 +218,7 @@ def _write_json(path: str | Path, data: Any, durable: bool = True, direct: bool 
     temporary name that only a later rename makes visible (the pending manifest)."""
     tmp = str(path) if direct else f"{path}.tmp"
     with open(tmp, "w") as fh:
-        json.dump(data, fh)
+        fh.write(json.dumps(data))  # one write; json.dump writes every token separately
         if durable:
             fh.flush()
             os.fsync(fh.fileno())

@@ -7,6 +7,7 @@ the run's state store, which every backend keeps up to date, so they are not the
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -167,6 +168,11 @@ class Backend(ABC):
     @abstractmethod
     def active(self) -> int:
         """Attempts started and not yet reported ended."""
+
+    def wait(self, timeout: float) -> None:
+        """Block until an attempt may have ended or ``timeout`` seconds passed (the orchestrator calls
+        this when it has nothing else to do). Backends that can be woken by an end override it."""
+        time.sleep(timeout)
 
     def running_since(self, handle: str) -> float | None:
         """Wall-clock time the attempt started executing (not queued); None if it has not yet.

@@ -256,7 +256,7 @@ class Orchestrator:
                     self._set(self.final_id, JobState.UNREADY, message="not run: whenRun=SUCCESS and some jobs failed")
                 break
             if not launched and not ended:
-                time.sleep(self.poll)
+                self.backend.wait(self.poll)
         ok = all(s == JobState.SUCCEEDED for s in self.status)
         return RunState.SUCCEEDED if ok else RunState.FAILED
 

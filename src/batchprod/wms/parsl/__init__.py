@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,14 @@ class ParslBackend(Backend):
 
     def active(self) -> int:
         return len(self.tasks) + len(self._inline.early)
+
+    def wait(self, timeout: float) -> None:
+        """Until a task's future completes (few are in flight: the budget keeps ~4 per worker)."""
+        if self._inline.early or not self.tasks:
+            time.sleep(0 if self._inline.early else timeout)
+            return
+        futures.wait([t.future for t in self.tasks.values()], timeout=max(timeout, 0.1),
+                     return_when=futures.FIRST_COMPLETED)
 
     def running_since(self, handle: str) -> float | None:
         t = self.tasks.get(handle)
