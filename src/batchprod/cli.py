@@ -202,6 +202,34 @@ def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool
 
 @main.command()
 @click.argument("run_ref", metavar="RUN")
+@click.argument("dataset")
+@ROOT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="The whole record, machine-readable.")
+@click.option("--lineage", type=click.Choice(["up", "down"]), default=None,
+              help="Every quantum it was made from (up) or that was made from it (down).")
+@click.option("--verify", is_flag=True, help="Re-read the dataset and its inputs and compare checksums.")
+@_user_errors
+def provenance(run_ref: str, dataset: str, root: Path | None, as_json: bool, lineage: str | None,
+               verify: bool) -> None:
+    """How one output of RUN came to be: task, job, host, software, config, inputs with checksums.
+
+    DATASET is a published path or TYPE:dim=value,dim=value (e.g. calexp:visit=1,detector=2).
+    Exit code 1 if --verify finds a changed or missing file."""
+    from batchprod.execution.run import find_run
+    from batchprod.provenance.lineage import Provenance, render_lineage, render_record
+
+    prov = Provenance(find_run(run_ref, root))
+    data = prov.lineage(dataset, lineage) if lineage else prov.record(dataset, verify=verify)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(render_lineage(data) if lineage else render_record(data))
+    bad = [v for v in data.get("verify", []) if v["status"] in ("changed", "missing")]
+    sys.exit(1 if bad else 0)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
 @ROOT_OPTION
 @click.option("--detach", is_flag=True, help="Continue in the background.")
 @_user_errors

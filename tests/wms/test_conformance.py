@@ -43,6 +43,10 @@ def test_success_and_report(tmp_path: Path, backend, cli) -> None:
     assert len(run.store.outputs()) == 6
     rep = json.loads(cli("report", run.submit_dir, "--json").output)
     assert rep["wms"] == backend.name and rep["jobs"]["succeeded"] == 7
+    # provenance: where every attempt ran and in which (recorded) context
+    atts = run.store.attempts()
+    assert all(a["host"] and a["context"] for a in atts)
+    assert set(run.store.contexts(a["context"] for a in atts)) == {a["context"] for a in atts}
 
 
 def test_payload_failure_downstream_unready_and_retry(tmp_path: Path, backend, cli) -> None:
@@ -66,6 +70,8 @@ def test_oom_retries_with_more_memory(tmp_path: Path, backend) -> None:
     assert execute(run) == "SUCCEEDED"
     atts = run.store.attempts(0)
     assert [(a["failure_class"], a["request_memory"]) for a in atts] == [("oom", 150), (None, 450)]
+    ctx = run.store.contexts([atts[-1]["context"]])[atts[-1]["context"]]  # the wrapper's, on a batch node
+    assert ctx["packages"]["batchprod"] and ctx["host"] == atts[-1]["host"]
 
 
 def test_walltime(tmp_path: Path, backend) -> None:

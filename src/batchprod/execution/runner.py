@@ -300,17 +300,24 @@ class MemoryGuard:
             time.sleep(self.interval)
 
 
-def _write_usage(path: str, guard: MemoryGuard | None) -> None:
+def _write_usage(path: str, guard: MemoryGuard | None, spec: dict[str, Any]) -> None:
+    """Resource use of the attempt and the provenance context it ran in (host, software, environment),
+    for backends whose jobs run elsewhere than the orchestrator."""
     import resource
     import socket
+
+    from batchprod.provenance.capture import context_hash, context_record, payload_modules
 
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     peak = max(me.ru_maxrss, kids.ru_maxrss) / 1024
     if guard is not None:
         peak = max(peak, guard.peak_mb)
     cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    final = spec.get("final") or {}
+    record = context_record(payload_modules([*spec["quanta"], final]))
     with contextlib.suppress(OSError):
-        _write_json(path, {"peak_rss_mb": peak, "cpu_s": cpu, "host": socket.gethostname()})
+        _write_json(path, {"peak_rss_mb": peak, "cpu_s": cpu, "host": socket.gethostname(),
+                           "context": context_hash(record), "context_record": record})
 
 
 def spec_from_run(submit_dir: str, job_index: int | None, attempt: str) -> dict[str, Any]:
@@ -366,7 +373,7 @@ def main() -> int:
         return _main(spec)
     finally:
         if usage:
-            _write_usage(usage, guard)
+            _write_usage(usage, guard, spec)
 
 
 def _main(spec: dict[str, Any]) -> int:

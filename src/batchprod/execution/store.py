@@ -7,6 +7,7 @@ costs ~µs, never a round trip per job on the hot path.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -78,6 +79,14 @@ attempt_t = sa.Table(
     sa.Column("stderr", sa.String),
     sa.Column("message", sa.String),
     sa.Column("error_line", sa.String),  # first causal error line of stderr
+    sa.Column("context", sa.String),  # hash of the provenance context it ran in (context table)
+)
+
+context_t = sa.Table(
+    "context",
+    _md,
+    sa.Column("hash", sa.String, primary_key=True),
+    sa.Column("record", sa.Text, nullable=False),  # JSON: host, user, python, packages, environment
 )
 
 output_t = sa.Table(
@@ -88,9 +97,10 @@ output_t = sa.Table(
     sa.Column("node_id", sa.String, nullable=False),
     sa.Column("dataset_type", sa.String, nullable=False),
     sa.Column("data_id", sa.String, nullable=False),
-    sa.Column("path", sa.String, nullable=False),
+    sa.Column("path", sa.String, nullable=False, index=True),
     sa.Column("size", sa.BigInteger),
     sa.Column("checksum", sa.String),
+    sa.Index("ix_output_type_data_id", "dataset_type", "data_id"),
 )
 
 JOB_MUTABLE = (
@@ -129,6 +139,18 @@ class StateStore:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         if create:
             _md.create_all(self.engine)
+        else:
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a store written by an older batchprod up to this schema (added tables, columns and
+        indexes only), so such a run can still be restarted and reported."""
+        insp = sa.inspect(self.engine)
+        if not insp.has_table("run") or "context" in {c["name"] for c in insp.get_columns("attempt")}:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE attempt ADD COLUMN context VARCHAR"))
+        _md.create_all(self.engine)  # new tables and indexes; existing ones are left alone
 
     def close(self) -> None:
         if self._raw is not None:
@@ -205,14 +227,20 @@ class StateStore:
         jobs: Sequence[Mapping[str, Any]] = (),
         attempts: Sequence[Mapping[str, Any]] = (),
         outputs: Sequence[Mapping[str, Any]] = (),
+        contexts: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        """Commit job rows (id + JOB_MUTABLE), attempt rows (upsert) and outputs in one transaction."""
-        if not (jobs or attempts or outputs):
+        """Commit job rows (id + JOB_MUTABLE), attempt rows (upsert), outputs and new provenance
+        contexts (hash -> record; known ones are kept) in one transaction."""
+        if not (jobs or attempts or outputs or contexts):
             return
+        ctx_rows = [(h, json.dumps(r, sort_keys=True)) for h, r in (contexts or {}).items()]
         if self.engine.dialect.name == "sqlite":
-            self._write_sqlite(jobs, attempts, outputs)
+            self._write_sqlite(jobs, attempts, outputs, ctx_rows)
             return
         with self.engine.begin() as conn:
+            if ctx_rows:
+                ins = postgresql.insert(context_t).on_conflict_do_nothing(index_elements=["hash"])
+                conn.execute(ins, [{"hash": h, "record": r} for h, r in ctx_rows])
             if jobs:
                 if "job_update" not in self._stmts:
                     self._stmts["job_update"] = (
@@ -235,6 +263,7 @@ class StateStore:
         jobs: Sequence[Mapping[str, Any]],
         attempts: Sequence[Mapping[str, Any]],
         outputs: Sequence[Mapping[str, Any]],
+        contexts: Sequence[tuple[str, str]] = (),
     ) -> None:
         """The hot path on SQLite: the driver's executemany on one kept connection. SQLAlchemy Core
         costs ~0.7 ms per flush here, the driver ~0.1 ms, and the orchestrator flushes before every
@@ -260,6 +289,8 @@ class StateStore:
                 cur.executemany(sql["attempt"], [tuple(a.get(c) for c in ATTEMPT_COLUMNS) for a in attempts])
             if outputs:
                 cur.executemany(sql["output"], [tuple(o.get(c) for c in sql["ocols"]) for o in outputs])
+            if contexts:
+                cur.executemany("INSERT OR IGNORE INTO context (hash, record) VALUES (?, ?)", contexts)
             raw.commit()
         except BaseException:
             raw.rollback()
@@ -276,6 +307,11 @@ class StateStore:
             q = q.where(job_t.c.status.in_(list(status)))
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(job_t).where(job_t.c.id == job_id)).mappings().first()
+        return dict(r) if r else None
 
     def job_by_name(self, name: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -312,6 +348,38 @@ class StateStore:
         )
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    def contexts(self, hashes: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Provenance context records by hash."""
+        wanted = sorted({h for h in hashes if h})
+        if not wanted:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(context_t).where(context_t.c.hash.in_(wanted))).all()
+        return {h: json.loads(r) for h, r in rows}
+
+    def find_outputs(self, path: str | None = None, dataset_type: str | None = None,
+                     data_id: str | None = None) -> list[dict[str, Any]]:
+        """Output rows by published path, or by dataset type (and canonical data ID JSON)."""
+        q = sa.select(output_t).order_by(output_t.c.id)
+        if path is not None:
+            q = q.where(output_t.c.path == path)
+        if dataset_type is not None:
+            q = q.where(output_t.c.dataset_type == dataset_type)
+        if data_id is not None:
+            q = q.where(output_t.c.data_id == data_id)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def outputs_by_path(self, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Output rows for many published paths in a few queries (lineage walks)."""
+        wanted = sorted(set(paths))
+        out: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(wanted), 500):
+                q = sa.select(output_t).where(output_t.c.path.in_(wanted[i : i + 500]))
+                out.update({r["path"]: dict(r) for r in conn.execute(q).mappings()})
+        return out
 
     def outputs(self, job_id: int | None = None) -> list[dict[str, Any]]:
         q = sa.select(output_t).order_by(output_t.c.id)

@@ -187,6 +187,12 @@ class QuantumGraph:
         refs: list[DatasetRef] = []
         for p in self.predecessors(q):
             refs.extend(r for r in self.outputs(int(p), repo, run) if r.dataset_type in wanted)
+        refs.extend(self.registry_inputs(q, repo))
+        return refs
+
+    def registry_inputs(self, q: int, repo: str | Path) -> list[DatasetRef]:
+        """The inputs of quantum q that come from the registry (not from another quantum)."""
+        refs = []
         for e in self.ext_idx[self.ext_ptr[q] : self.ext_ptr[q + 1]]:
             dt, did, loc, ck = self.ext_datasets[int(e)]
             path = loc if os.path.isabs(loc) else os.path.join(str(repo), loc)

@@ -138,6 +138,16 @@ class Ended:
     cpu_s: float | None = None
     host: str | None = None
     outputs: list[dict[str, Any]] | None = None  # when the backend did post-job itself (else read the manifest)
+    context: str | None = None  # provenance context hash reported by the job wrapper (else the orchestrator's)
+    context_record: dict[str, Any] | None = None
+
+    @classmethod
+    def from_usage(cls, job: int, attempt: int, code: int | None, sig: int | None, usage: dict[str, Any],
+                   fclass: FailureClass | None = None, reason: str | None = None,
+                   host: str | None = None) -> Ended:
+        """An end with what the job wrapper measured and recorded (its usage file; may be empty)."""
+        return cls(job, attempt, code, sig, fclass, reason, usage.get("peak_rss_mb"), usage.get("cpu_s"),
+                   usage.get("host") or host, None, usage.get("context"), usage.get("context_record"))
 
 
 class Backend(ABC):

@@ -37,6 +37,8 @@ from batchprod.execution.runner import (
     complete_after_loss,
 )
 from batchprod.execution.states import FailureClass, JobState, RunState
+from batchprod.graph.registry import canonical
+from batchprod.provenance.capture import context_hash, context_record
 from batchprod.wms.base import Backend, Ended, Launch, Progress
 from batchprod.workflow.generic import FinalJob, Resources
 
@@ -112,6 +114,13 @@ class Orchestrator:
         self.used_memory = 0
         self.submit_key = str(run.submit_dir)
         self._log_dirs: set[str] = set()
+        # provenance: the context (host, software, environment) attempts run in unless their wrapper
+        # reports its own; recorded once, attempts point to it by hash
+        modules = [t.python for t in self.wf.qgraph.tasks] + [self.wf.final.python if self.wf.final else None]
+        record = context_record(m.partition(":")[0] for m in modules if m)
+        self.context = context_hash(record)
+        self._contexts: dict[str, dict[str, Any]] = {self.context: record}
+        self._known_contexts: set[str] = set()
 
     # -- helpers ------------------------------------------------------------------------------------
     def name(self, j: int) -> str:
@@ -351,8 +360,10 @@ class Orchestrator:
             "handle": a.handle, "pid": int(a.handle) if a.handle.isdigit() else None,
             "start": a.start, "end": end, "wall_s": end - a.start, "stdout": str(a.launch.stdout),
             "stderr": str(a.launch.stderr), "exit_code": e.exit_code, "signal": e.signal, "failure_class": fclass,
-            "peak_rss_mb": e.peak_rss_mb, "cpu_s": e.cpu_s,
+            "peak_rss_mb": e.peak_rss_mb, "cpu_s": e.cpu_s, "context": e.context or self.context,
         }
+        if e.context and e.context_record and e.context not in self._known_contexts:
+            self._contexts[e.context] = e.context_record
         if fclass is None:
             row["status"] = JobState.SUCCEEDED
             self._attempt_rows.append(row)
@@ -408,7 +419,7 @@ class Orchestrator:
         for o in outputs:
             self._output_rows.append({
                 "job_id": j, "node_id": o["node_id"], "dataset_type": o["dataset_type"],
-                "data_id": json.dumps(o["data_id"], sort_keys=True), "path": o["path"],
+                "data_id": canonical(o["data_id"]), "path": o["path"],
                 "size": o.get("size"), "checksum": o.get("checksum"),
             })
 
@@ -447,7 +458,9 @@ class Orchestrator:
                 "failure_class": e.get("failure_class"), "exit_code": e.get("exit_code"),
                 "message": e.get("message"), "updated": now,
             })
-        self.run.store.write(jobs, self._attempt_rows, self._output_rows)
+        self.run.store.write(jobs, self._attempt_rows, self._output_rows, self._contexts)
+        self._known_contexts.update(self._contexts)
+        self._contexts = {}
         self._dirty.clear()
         self._attempt_rows = []
         self._output_rows = []

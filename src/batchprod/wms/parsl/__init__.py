@@ -158,12 +158,13 @@ class ParslBackend(Backend):
             del self.tasks[handle]
             code: int | None = None
             sig: int | None = None
+            host: str | None = None
             exc = t.future.exception()
             if exc is not None:
                 t.forced = t.forced or FailureClass.INFRASTRUCTURE
                 t.reason = t.reason or f"infrastructure: Parsl could not run the task: {exc}"
             else:
-                rc = t.future.result()
+                rc, host = t.future.result()
                 if rc < 0:
                     sig = -rc
                 elif rc > 128 and (rc - 128) in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -174,8 +175,9 @@ class ParslBackend(Backend):
             if t.staged is not None and t.forced is None and code == 0:
                 code, outputs = inline_post_job(t.launch, t.staged, t.started)
             u = self._usage(t) if t.staged is None else {}  # only the Python wrapper measures itself
-            out.append(Ended(t.launch.job, t.launch.attempt, code, sig, t.forced, t.reason,
-                             u.get("peak_rss_mb"), u.get("cpu_s"), u.get("host"), outputs))
+            ended = Ended.from_usage(t.launch.job, t.launch.attempt, code, sig, u, t.forced, t.reason, host)
+            ended.outputs = outputs
+            out.append(ended)
         return out
 
     @staticmethod

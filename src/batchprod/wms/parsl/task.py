@@ -9,13 +9,14 @@ from __future__ import annotations
 
 
 def run_attempt(argv: list[str], env: dict[str, str], out_path: str, err_path: str, in_path: str | None,
-                pid_path: str | None) -> int:
-    """Run ``argv`` to its end; returns its exit status (negative: killed by that signal).
+                pid_path: str | None) -> tuple[int, str]:
+    """Run ``argv`` to its end; returns its exit status (negative: killed by that signal) and the host.
 
     With ``pid_path`` the command gets a new session and its pid is recorded there (atomically, so a
     reader sees a whole pid or none); without it the command (the job wrapper) does both itself.
     (Not named stdout/stderr: Parsl treats parameters of those names as its own.)"""
     import os
+    import socket
     import subprocess
 
     with open(out_path, "ab") as out, open(err_path, "ab") as err, open(in_path or os.devnull, "rb") as inp:
@@ -26,4 +27,4 @@ def run_attempt(argv: list[str], env: dict[str, str], out_path: str, err_path: s
         with open(tmp, "w") as fh:
             fh.write(str(proc.pid))
         os.replace(tmp, pid_path)
-    return proc.wait()
+    return proc.wait(), socket.gethostname()

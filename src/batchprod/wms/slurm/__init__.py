@@ -83,6 +83,7 @@ class _Sub:
     running_since: float | None = None
     staged: dict[str, str] | None = None  # shell-script job: post-job is ours
     submitted: float = 0.0
+    node: str | None = None  # where Slurm ran it (squeue NodeList)
 
 
 class SlurmBackend(Backend):
@@ -157,18 +158,18 @@ class SlurmBackend(Backend):
         return len(self.subs) < self.settings.max_jobs and self.pending < self.settings.max_idle
 
     # -- poll ----------------------------------------------------------------------------------------
-    def query(self, ids: Sequence[str]) -> dict[str, tuple[str, str, int | None]]:
-        """job id -> (state, reason, raw wait status) for the given ids, in one squeue call."""
+    def query(self, ids: Sequence[str]) -> dict[str, tuple[str, str, int | None, str]]:
+        """job id -> (state, reason, raw wait status, node) for the given ids, in one squeue call."""
         if not ids:
             return {}
-        out = _run_cmd(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-O", "JobID:|,State:|,Reason:|,exit_code:"],
-                       "squeue")
-        res: dict[str, tuple[str, str, int | None]] = {}
+        out = _run_cmd(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-O",
+                        "JobID:|,State:|,Reason:|,exit_code:|,NodeList:"], "squeue")
+        res: dict[str, tuple[str, str, int | None, str]] = {}
         for line in out.splitlines():
             parts = [p.strip() for p in line.split("|")]
-            if len(parts) >= 4 and parts[0]:
+            if len(parts) >= 5 and parts[0]:
                 code = int(parts[3]) if parts[3].lstrip("-").isdigit() else None
-                res[parts[0]] = (parts[1], parts[2], code)
+                res[parts[0]] = (parts[1], parts[2], code, parts[4])
         return res
 
     def poll(self) -> list[Ended]:
@@ -191,8 +192,9 @@ class SlurmBackend(Backend):
                     del self.subs[job_id]
                     ended.append(self._ended(sub, None, None, FailureClass.KILLED, "vanished from the Slurm queue"))
                 continue
-            state, reason, status = st
+            state, reason, status, node = st
             sub.state = state
+            sub.node = node or sub.node
             if state == "RUNNING" and sub.running_since is None:
                 sub.running_since = time.time()
             if state == "PENDING":
@@ -213,9 +215,8 @@ class SlurmBackend(Backend):
 
     def _ended(self, sub: _Sub, code: int | None, sig: int | None, fclass: FailureClass | None,
                reason: str | None) -> Ended:
-        u = self._usage(sub)
-        return Ended(sub.launch.job, sub.launch.attempt, code, sig, fclass, reason, u.get("peak_rss_mb"),
-                     u.get("cpu_s"), u.get("host"))
+        return Ended.from_usage(sub.launch.job, sub.launch.attempt, code, sig, self._usage(sub), fclass, reason,
+                                host=sub.node)
 
     def _from_slurm(self, sub: _Sub, state: str, reason: str, status: int | None) -> Ended:
         code = sig = None

@@ -1,0 +1,92 @@
+"""Per-dataset provenance and lineage on a real local run of the toy pipeline (fan-in coadds)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from batchprod.execution.run import Run
+from batchprod.execution.store import StateStore
+from batchprod.provenance.lineage import Provenance
+from batchprod.testing import write_submit
+
+
+def sha(path: str | Path) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def done_run(tmp_path: Path, toy_repo: Path, cli) -> Path:
+    cfg = write_submit(tmp_path, repo=toy_repo)
+    assert cli("submit", cfg).exit_code == 0
+    return tmp_path / "submit" / "toy" / "run"
+
+
+def test_record_of_a_fan_in_output(done_run: Path, toy_repo: Path, cli) -> None:
+    r = cli("provenance", done_run, "coadd:tract=0,patch=1", "--json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.output)
+    out = toy_repo / "toy" / "run" / "coadd" / "coadd_tract0_patch1.fits"
+    assert rec["dataset"]["path"] == str(out) and rec["dataset"]["checksum"] == sha(out)
+    assert rec["task"]["label"] == "coadd" and rec["job"]["name"] == "coadd_tract0_patch1"
+    # the command as it ran (final paths), and the inputs it read: exactly the two overlapping calexps
+    assert rec["task"]["command"].startswith("cat ") and str(out) in rec["task"]["command"]
+    inputs = {(i["data_id"]["visit"], i["data_id"]["detector"]): i for i in rec["inputs"]}
+    assert set(inputs) == {(1, 1), (2, 1)}
+    for (v, d), i in inputs.items():
+        assert i["produced_by"] == f"calibrate_visit{v}_detector{d}"
+        assert i["checksum"] == sha(i["path"])
+    # where and with what it ran
+    assert rec["job"]["attempt"] == 1 and rec["job"]["host"] and rec["job"]["wall_s"] is not None
+    assert rec["context"]["python"] and "batchprod" in rec["context"]["packages"]
+    assert rec["run"]["config"]["sha256"] == hashlib.sha256((done_run / "config.yaml").read_bytes()).hexdigest()
+
+
+def test_registry_inputs_are_traced_and_verify_catches_a_changed_file(done_run: Path, toy_repo: Path, cli) -> None:
+    rec = json.loads(cli("provenance", done_run, "calexp:visit=2,detector=0", "--json").output)
+    assert [(i["produced_by"], i["path"]) for i in rec["inputs"]] == [("registry", str(toy_repo / "raw/raw_2_0.txt"))]
+    calexp = rec["dataset"]["path"]
+    assert cli("provenance", done_run, calexp, "--verify").exit_code == 0
+    Path(calexp).write_text("tampered\n")
+    r = cli("provenance", done_run, calexp, "--verify")
+    assert r.exit_code == 1 and f"changed    {calexp}" in r.output
+
+
+def test_lineage_up_and_down(done_run: Path, toy_repo: Path) -> None:
+    prov = Provenance(Run(done_run))
+    up = prov.lineage("coadd:tract=0,patch=0", "up")
+    assert [(q["label"], tuple(q["data_id"].values())) for q in up["quanta"]] == [
+        ("calibrate", (1, 0)), ("calibrate", (2, 0)), ("coadd", (0, 0))]
+    assert sorted(Path(r["path"]).name for r in up["registry_inputs"]) == ["raw_1_0.txt", "raw_2_0.txt"]
+    assert all(o["published"] for q in up["quanta"] for o in q["outputs"])
+    down = prov.lineage(str(toy_repo / "toy/run/calexp/calexp_visit1_detector1.fits"), "down")
+    assert [(q["label"], q["job"]) for q in down["quanta"]] == [("coadd", "coadd_tract0_patch1")]
+
+
+def test_one_context_for_a_whole_local_run_and_every_attempt_points_to_it(done_run: Path) -> None:
+    db = sqlite3.connect(done_run / "state.db")
+    assert db.execute("SELECT count(*) FROM context").fetchone()[0] == 1
+    (h,) = db.execute("SELECT hash FROM context").fetchone()
+    assert {r[0] for r in db.execute("SELECT context FROM attempt")} == {h}
+
+
+def test_unknown_dataset_is_one_line_and_exit_2(done_run: Path, cli) -> None:
+    r = cli("provenance", done_run, "coadd:tract=0,patch=9")
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "no published output" in r.output
+    r = cli("provenance", done_run, "coadd:tract=zero")
+    assert r.exit_code == 2 and "expected TYPE:dim=int" in r.output
+
+
+def test_a_store_from_before_provenance_is_upgraded_on_open(done_run: Path) -> None:
+    db = sqlite3.connect(done_run / "state.db")
+    db.execute("ALTER TABLE attempt DROP COLUMN context")
+    db.execute("DROP TABLE context")
+    db.commit()
+    db.close()
+    store = StateStore(done_run / "state.db")
+    assert store.contexts(["x"]) == {}
+    assert "context" in store.attempts()[0]
