@@ -308,11 +308,6 @@ class StateStore:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
-    def job(self, job_id: int) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            r = conn.execute(sa.select(job_t).where(job_t.c.id == job_id)).mappings().first()
-        return dict(r) if r else None
-
     def job_by_name(self, name: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             r = conn.execute(sa.select(job_t).where(job_t.c.name == name)).mappings().first()

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from batchprod.errors import RunError
 from batchprod.execution.run import CONFIG_FILE, Run
@@ -64,15 +67,15 @@ class Provenance:
                 return int(q)
         raise RunError(f"run '{self.run.name}': quantum {node_id} is not in job {job_id} (workflow changed?)")
 
-    def producer(self, q: int) -> int | None:
-        """Quantum index -> the job that ran it (a search of the job's quanta is not needed: the
-        workflow's CSR is inverted once)."""
-        if not hasattr(self, "_job_of"):
-            import numpy as np
+    @cached_property
+    def _job_of(self) -> np.ndarray:
+        """Quantum index -> job index: the workflow's job -> quanta CSR inverted once."""
+        job_of = np.empty(len(self.qg), dtype=np.int64)
+        job_of[self.wf.job_qidx] = np.repeat(np.arange(len(self.wf)), np.diff(self.wf.job_qptr))
+        return job_of
 
-            job_of = np.empty(len(self.qg), dtype=np.int64)
-            job_of[self.wf.job_qidx] = np.repeat(np.arange(len(self.wf)), np.diff(self.wf.job_qptr))
-            self._job_of = job_of
+    def producer(self, q: int) -> int:
+        """The job that ran quantum q."""
         return int(self._job_of[q])
 
     # -- records ----------------------------------------------------------------------------------
