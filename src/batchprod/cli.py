@@ -208,19 +208,24 @@ def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool
 @click.option("--lineage", type=click.Choice(["up", "down"]), default=None,
               help="Every quantum it was made from (up) or that was made from it (down).")
 @click.option("--verify", is_flag=True, help="Re-read the dataset and its inputs and compare checksums.")
+@click.option("--prov", "as_prov", is_flag=True, help="The record as W3C PROV-JSON.")
 @_user_errors
 def provenance(run_ref: str, dataset: str, root: Path | None, as_json: bool, lineage: str | None,
-               verify: bool) -> None:
+               verify: bool, as_prov: bool) -> None:
     """How one output of RUN came to be: task, job, host, software, config, inputs with checksums.
 
     DATASET is a published path or TYPE:dim=value,dim=value (e.g. calexp:visit=1,detector=2).
     Exit code 1 if --verify finds a changed or missing file."""
     from batchprod.execution.run import find_run
-    from batchprod.provenance.lineage import Provenance, render_lineage, render_record
+    from batchprod.provenance.lineage import Provenance, render_lineage, render_record, to_prov_json
 
+    if as_prov and lineage:
+        raise click.UsageError("--prov exports one dataset's record; use it without --lineage")
     prov = Provenance(find_run(run_ref, root))
     data = prov.lineage(dataset, lineage) if lineage else prov.record(dataset, verify=verify)
-    if as_json:
+    if as_prov and not lineage:
+        click.echo(json.dumps(to_prov_json(data), indent=2))
+    elif as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         click.echo(render_lineage(data) if lineage else render_record(data))

@@ -90,3 +90,18 @@ def test_a_store_from_before_provenance_is_upgraded_on_open(done_run: Path) -> N
     store = StateStore(done_run / "state.db")
     assert store.contexts(["x"]) == {}
     assert "context" in store.attempts()[0]
+
+
+def test_prov_json_export_is_valid_w3c_prov(done_run: Path, cli) -> None:
+    from prov.model import ProvDocument
+
+    r = cli("provenance", done_run, "coadd:tract=0,patch=0", "--prov")
+    assert r.exit_code == 0, r.output
+    doc = ProvDocument.deserialize(content=r.output, format="json")
+    kinds: dict[str, int] = {}
+    for rec in doc.get_records():
+        kinds[rec.get_type().localpart] = kinds.get(rec.get_type().localpart, 0) + 1
+    # the coadd and its two calexps; one attempt; generated once, used twice; task and host agents
+    assert kinds["Entity"] == 3 and kinds["Activity"] == 1 and kinds["Generation"] == 1
+    assert kinds["Usage"] == 2 and kinds["Agent"] == 2 and kinds["Association"] == 2
+    assert cli("provenance", done_run, "coadd:tract=0,patch=0", "--prov", "--lineage", "up").exit_code == 2

@@ -235,3 +235,44 @@ def render_lineage(lin: dict[str, Any]) -> str:
 
 def _num(x: float | None) -> str:
     return "?" if x is None else f"{x:.2f}"
+
+
+def to_prov_json(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record as W3C PROV-JSON: the dataset and its inputs are entities, the job attempt that made it
+    an activity (``used`` each input, ``wasGeneratedBy`` for the output), the software context and the
+    task are agents. Entities are named by checksum where there is one: the same bytes, the same id."""
+
+    def ent(d: dict[str, Any]) -> str:
+        return f"bp:{d['checksum'] or 'path:' + d['path']}"
+
+    j, t, d = rec["job"], rec["task"], rec["dataset"]
+    act = f"bp:attempt/{rec['run']['name']}/{j['name']}/{j['attempt']}"
+    entities = {ent(d): {"prov:type": "bp:Dataset", "bp:datasetType": d["dataset_type"], "bp:path": d["path"],
+                         "bp:dataId": canonical(d["data_id"]), "bp:size": d["size"]}}
+    for i in rec["inputs"]:
+        entities.setdefault(ent(i), {"prov:type": "bp:Dataset", "bp:datasetType": i["dataset_type"],
+                                     "bp:path": i["path"], "bp:dataId": canonical(i["data_id"])})
+    ctx = rec.get("context") or {}
+    agents = {f"bp:task/{t['label']}": {"prov:type": "prov:SoftwareAgent", "bp:payload": t["python"] or t["command"]},
+              f"bp:host/{j['host']}": {"prov:type": "bp:Host", "bp:python": ctx.get("python"),
+                                       "bp:packages": canonical(ctx.get("packages") or {})}}
+    activity = {"prov:type": "bp:JobAttempt", "bp:job": j["name"], "bp:host": j["host"],
+                "bp:wallSeconds": j["wall_s"], "bp:cpuSeconds": j["cpu_s"], "bp:peakRssMb": j["peak_rss_mb"]}
+    for key, value in (("prov:startTime", j["start"]), ("prov:endTime", j["end"])):
+        if value is not None:
+            activity[key] = _iso(value)
+    return {
+        "prefix": {"bp": "https://batchprod.dev/ns#"},
+        "entity": entities,
+        "activity": {act: activity},
+        "agent": agents,
+        "wasGeneratedBy": {"_:gen": {"prov:entity": ent(d), "prov:activity": act}},
+        "used": {f"_:use{n}": {"prov:activity": act, "prov:entity": ent(i)} for n, i in enumerate(rec["inputs"])},
+        "wasAssociatedWith": {f"_:assoc{n}": {"prov:activity": act, "prov:agent": a} for n, a in enumerate(agents)},
+    }
+
+
+def _iso(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat()
