@@ -7,7 +7,7 @@ Builds a synthetic N-quantum run (isr -> calibrate -> coadd (fan-in of ~40 image
 every job SUCCEEDED with one attempt in one context, and records every output (path, size, checksum)
 in the state store, as a finished run has them. Then times what `batchprod provenance` does: open the
 run, the record of one measure output, its whole upstream lineage, and the downstream lineage of one
-isr output. Nothing is written per dataset for provenance, so this is the cost of assembling it.
+isr output; and the post-run ingest of every output into the data registry. Nothing is written per dataset for provenance, so this is the cost of assembling it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from pathlib import Path
 
 
 def main() -> None:
+    from batchprod.execution.ingest import ingest_outputs
     from batchprod.execution.run import QGRAPH_FILE, WORKFLOW_FILE, Run
     from batchprod.execution.store import StateStore
-    from batchprod.graph.registry import canonical
+    from batchprod.graph.registry import Registry, canonical
     from batchprod.graph.synthetic import synthetic_graph
     from batchprod.provenance.capture import context_hash, context_record
     from batchprod.provenance.lineage import Provenance
@@ -60,7 +61,13 @@ def main() -> None:
                                     "checksum": "sha256:" + "0" * 64})
         store.write(jobs, attempts, outputs, {h: rec})
         store.close()
+        reg = Registry(sd / "registry.db", create=True)
+        reg.close()
         t_setup = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        n_ingested = ingest_outputs(Run(sd))
+        t_ingest = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         prov = Provenance(Run(sd))
@@ -80,7 +87,8 @@ def main() -> None:
     print(f"N={len(qg):,} quanta, {len(outputs):,} outputs (setup {t_setup:.1f}s): open run {t_open:.2f}s; "
           f"record {t_rec * 1000:.0f} ms ({len(record['inputs'])} inputs, {size:,} B JSON); "
           f"lineage up {t_up:.2f}s ({len(up['quanta'])} quanta, {len(up['registry_inputs'])} registry inputs); "
-          f"down {t_down:.2f}s ({len(down['quanta'])} quanta); "
+          f"down {t_down:.2f}s ({len(down['quanta'])} quanta); ingest of every output into the registry "
+          f"{t_ingest:.1f}s ({n_ingested:,}); "
           f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -126,6 +126,8 @@ PAYLOAD_KEYS: dict[str, Converter] = {
     "repo": _str,
     "dataQuery": _str,
     "outputRun": _str,
+    # input runs searched in this order (a chain: the first run holding a dataset wins); default: all
+    "inCollection": _str_list,
 }
 
 CLUSTER_KEYS: dict[str, Converter] = {"pipetasks": _str_list, "dimensions": _str_list, **JOB_KEYS}

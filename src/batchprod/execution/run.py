@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from batchprod.config import BpsConfig, Context, load_config
+from batchprod.config.keys import PAYLOAD_KEYS
 from batchprod.errors import ConfigError, RunError
 from batchprod.execution.store import STATE_FILE, StateStore
 from batchprod.graph import QuantumGraph, Registry, build_quantum_graph
@@ -192,7 +193,8 @@ def prepare(
     t0 = time.perf_counter()
     registry = Registry(repo / REGISTRY_FILE)
     try:
-        qg = build_quantum_graph(pipeline, registry, query, metadata={"output_run": output_run})
+        in_runs = cfg.typed("inCollection", PAYLOAD_KEYS["inCollection"], default=None)
+        qg = build_quantum_graph(pipeline, registry, query, input_runs=in_runs, metadata={"output_run": output_run})
     finally:
         registry.close()
     timings.append(Timing("build quantum graph", time.perf_counter() - t0, _peak_mb()))

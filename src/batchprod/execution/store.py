@@ -376,6 +376,11 @@ class StateStore:
                 out.update({r["path"]: dict(r) for r in conn.execute(q).mappings()})
         return out
 
+    def output_columns(self, *cols: str) -> list[tuple[Any, ...]]:
+        """Selected columns of every output row (bulk read for ingest)."""
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.select(*[output_t.c[c] for c in cols]).order_by(output_t.c.id))]
+
     def outputs(self, job_id: int | None = None) -> list[dict[str, Any]]:
         q = sa.select(output_t).order_by(output_t.c.id)
         if job_id is not None:

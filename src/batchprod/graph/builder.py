@@ -23,7 +23,7 @@ import numpy as np
 from batchprod.errors import GraphError, PipelineError
 from batchprod.graph.quantum_graph import QuantumGraph, TaskNode
 from batchprod.graph.query import DataQuery
-from batchprod.graph.registry import Registry, canonical
+from batchprod.graph.registry import DatasetRecord, Registry, canonical
 from batchprod.pipeline import Pipeline
 
 Key = tuple[int, ...]
@@ -51,6 +51,12 @@ def build_quantum_graph(
 ) -> QuantumGraph:
     """Build the graph; raises PipelineError/GraphError with the task and dataset type at fault."""
     registry_types = registry.dataset_types()
+    for t in pipeline.tasks:
+        for dt in t.outputs:
+            if dt in registry_types and set(registry_types[dt]) != set(t.dimensions):
+                raise GraphError(
+                    f"task '{t.label}': output '{dt}' is registered with dimensions ({', '.join(registry_types[dt])}), "
+                    f"the task's are ({', '.join(t.dimensions)})")
     known_dims = registry.dimensions() | {d for t in pipeline.tasks for d in t.dimensions}
     dq = DataQuery(query, known_dims)
     relation_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[Key, list[Key]]] = {}
@@ -63,12 +69,24 @@ def build_quantum_graph(
         dims = registry_types[dt]
         if dt not in ext_cache:
             out: list[tuple[Key, Ref]] = []
+            # input runs are a chain: a dataset in an earlier run hides the same one in a later run;
+            # without a chain, one data ID in two runs is ambiguous
+            rank = {r: i for i, r in enumerate(input_runs or [])}
+            chosen: dict[Key, DatasetRecord] = {}
             for rec in registry.find_datasets(dt, input_runs):
                 if not dq.accepts(rec.data_id):
                     continue
                 if set(rec.data_id) != set(dims):
                     raise GraphError(f"registry dataset {dt} {rec.data_id} does not match dimensions {dims}")
                 key = tuple(_as_int(d, rec.data_id[d]) for d in dims)
+                prev = chosen.get(key)
+                if prev is not None and not rank:
+                    raise GraphError(
+                        f"input '{dt}' {canonical(rec.data_id)} is in runs '{prev.run}' and '{rec.run}'; "
+                        "choose with payload.inCollection (runs searched in order)")
+                if prev is None or rank[rec.run] < rank[prev.run]:
+                    chosen[key] = rec
+            for key, rec in chosen.items():
                 ext_datasets.append((dt, canonical(rec.data_id), rec.location, rec.checksum))
                 out.append((key, ("x", len(ext_datasets) - 1)))
             ext_cache[dt] = out

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from batchprod.errors import GraphError
 
@@ -113,8 +114,11 @@ class Registry:
         dataset_type: str,
         run: str,
         rows: Iterable[tuple[DataId, str, int | None, str | None]],
+        skip_existing: bool = False,
     ) -> int:
-        """Bulk-insert (data ID, location, size, checksum) rows; returns how many."""
+        """Bulk-insert (data ID, location, size, checksum) rows; returns how many were given.
+        ``skip_existing``: rows already registered (same type, run, data ID) are left as they are, so
+        an ingest can be repeated after a crash."""
         payload = [
             {
                 "dataset_type": dataset_type,
@@ -127,8 +131,12 @@ class Registry:
             for d, loc, size, ck in rows
         ]
         if payload:
+            ins: Any = dataset_t.insert()
+            if skip_existing:
+                dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+                ins = dialect.insert(dataset_t).on_conflict_do_nothing(index_elements=["dataset_type", "run", "data_id"])
             with self.engine.begin() as conn:
-                conn.execute(dataset_t.insert(), payload)
+                conn.execute(ins, payload)
         return len(payload)
 
     def insert_relations(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchprod.execution.ingest import ingest_outputs
 from batchprod.execution.logs import first_error_line
 from batchprod.execution.policy import JobCounters, decide
 from batchprod.execution.process import process_start
@@ -217,8 +218,18 @@ class Orchestrator:
                 signal.signal(s, h)
             self.backend.close()
         self._flush()
-        store.set_run(status=state, orchestrator_pid=None)
+        message = self._ingest()
+        store.set_run(status=state, orchestrator_pid=None, message=message)
         return state
+
+    def _ingest(self) -> str | None:
+        """Post-run: published outputs into the data registry. A failure here loses nothing (the state
+        store has every output; the next execute or restart ingests again) and is reported, not raised."""
+        try:
+            n = ingest_outputs(self.run)
+        except Exception as exc:  # noqa: BLE001 (any registry trouble: report it on the run, keep the result)
+            return f"outputs not ingested into the registry: {exc}"
+        return f"{n} outputs in the registry" if n else None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop = signal.Signals(signum).name

@@ -1,0 +1,36 @@
+"""Post-run ingest: published outputs become registry datasets, so later runs can query them.
+
+The run's state store is the source of truth for what was published; this copies it into the data
+registry (run = the output run, locations relative to the repository). Rows already registered are
+skipped, so an ingest interrupted by a crash is simply done again by the next execute or restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any
+
+from batchprod.execution.run import REGISTRY_FILE, Run
+from batchprod.graph.registry import Registry
+
+
+def ingest_outputs(run: Run) -> int:
+    """Register every published output of the run; returns how many rows were offered."""
+    repo, out_run = run.workflow.run["repo"], run.workflow.run["output_run"]
+    dims = {dt: t.dimensions for t in run.qgraph.tasks for dt in t.outputs}
+    rows: dict[str, list[tuple[dict[str, Any], str, int | None, str | None]]] = defaultdict(list)
+    for dt, data_id, path, size, checksum in run.store.output_columns("dataset_type", "data_id", "path", "size",
+                                                                      "checksum"):
+        rows[dt].append((json.loads(data_id), os.path.relpath(path, repo), size, checksum))
+    if not rows:
+        return 0
+    registry = Registry(os.path.join(repo, REGISTRY_FILE))
+    try:
+        for dt in sorted(rows):
+            registry.register_dataset_type(dt, dims[dt])
+            registry.insert_datasets(dt, out_run, rows[dt], skip_existing=True)
+    finally:
+        registry.close()
+    return sum(len(r) for r in rows.values())
