@@ -282,6 +282,24 @@ def cancel(run_ref: str, root: Path | None) -> None:
 
 @main.command()
 @ROOT_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=int)
+@_user_errors
+def serve(root: Path | None, host: str, port: int) -> None:
+    """Read-only REST API (/api/runs/...) and dashboard (/) over the runs under the submit root.
+
+    Needs the extra: pip install 'batchprod[service]'."""
+    try:
+        import uvicorn
+
+        from batchprod.service.app import create_app
+    except ImportError:
+        raise click.ClickException("the service needs its extra: pip install 'batchprod[service]'") from None
+    uvicorn.run(create_app(root or Path.cwd() / "submit"), host=host, port=port, log_level="warning")
+
+
+@main.command()
+@ROOT_OPTION
 @click.option("--json", "as_json", is_flag=True)
 @_user_errors
 def runs(root: Path | None, as_json: bool) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from batchprod.errors import RunError
+from batchprod.errors import QueryError, RunError
 from batchprod.execution.run import CONFIG_FILE, Run
 from batchprod.execution.runner import file_checksum, render_command
 from batchprod.execution.states import JobState
@@ -35,7 +35,7 @@ def parse_dataset(ref: str) -> tuple[str | None, str | None, dict[str, int] | No
         try:
             did = {k.strip(): int(v) for k, v in (kv.split("=", 1) for kv in tail.split(","))}
         except ValueError:
-            raise RunError(f"dataset '{ref}': expected TYPE:dim=int,dim=int") from None
+            raise QueryError(f"dataset '{ref}': expected TYPE:dim=int,dim=int") from None
         return None, head, did
     return os.path.abspath(ref), None, None
 
