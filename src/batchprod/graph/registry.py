@@ -113,17 +113,18 @@ class Registry:
         self,
         dataset_type: str,
         run: str,
-        rows: Iterable[tuple[DataId, str, int | None, str | None]],
+        rows: Iterable[tuple[DataId | str, str, int | None, str | None]],
         skip_existing: bool = False,
     ) -> int:
-        """Bulk-insert (data ID, location, size, checksum) rows; returns how many were given.
+        """Bulk-insert (data ID, location, size, checksum) rows; returns how many were given. A data ID
+        may come as its canonical JSON text already (ingest from a state store keeps it so).
         ``skip_existing``: rows already registered (same type, run, data ID) are left as they are, so
         an ingest can be repeated after a crash."""
         payload = [
             {
                 "dataset_type": dataset_type,
                 "run": run,
-                "data_id": canonical(d),
+                "data_id": d if isinstance(d, str) else canonical(d),
                 "location": loc,
                 "size": size,
                 "checksum": ck,
