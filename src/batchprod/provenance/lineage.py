@@ -152,19 +152,18 @@ class Provenance:
             seen.discard(start)
         # quanta are numbered task by task in the pipeline's dependency order, so index order is a
         # topological order: no sort of the whole graph per query
-        order = sorted(seen)
-        published = self.run.store.outputs_by_path(
-            r.path for q in order for r in self.qg.outputs(q, self.repo, self.out_run))
+        outs = {q: self.qg.outputs(q, self.repo, self.out_run) for q in sorted(seen)}
+        published = self.run.store.outputs_by_path(r.path for refs in outs.values() for r in refs)
         quanta = []
         registry: dict[str, dict[str, Any]] = {}
-        for q in order:
+        for q, refs in outs.items():
             quanta.append({
                 "label": self.qg.label(q), "data_id": self.qg.data_id(q), "node_id": self.qg.node_id(q),
                 "job": self.wf.job_name(self.producer(q)),
                 "outputs": [{"dataset_type": r.dataset_type, "path": r.path,
                              "checksum": (published.get(r.path) or {}).get("checksum"),
                              "published": r.path in published}
-                            for r in self.qg.outputs(q, self.repo, self.out_run)],
+                            for r in refs],
             })
             if direction == UPSTREAM:
                 for r in self.qg.registry_inputs(q, self.repo):
