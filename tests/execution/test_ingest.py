@@ -33,6 +33,7 @@ def test_outputs_are_ingested_and_feed_a_later_run(tmp_path: Path, toy_repo: Pat
     assert [(r.run, r.location) for r in calexps][0] == ("a/run", "a/run/calexp/calexp_visit1_detector0.fits")
     assert len(calexps) == 4 and all(r.checksum == sha(toy_repo / r.location) for r in calexps)
     assert Run(a).store.run_info()["message"] == "4 outputs in the registry"
+    assert "4 outputs in the registry" in cli("report", a).output  # operators see the ingest outcome
     ingest_outputs(Run(a))  # again, as after a crash: nothing doubles
     assert len(reg.find_datasets("calexp")) == 4
 
@@ -63,3 +64,21 @@ def test_an_output_type_registered_with_other_dimensions_is_refused(tmp_path: Pa
     r = cli("prepare", write_submit(tmp_path / "e", per_visit, repo=toy_repo, payload={"outputRun": "e/run"}))
     assert r.exit_code == 2
     assert "output 'calexp' is registered with dimensions (visit, detector), the task's are (visit)" in r.output
+
+
+def test_a_failed_ingest_loses_nothing_and_restart_repeats_it(tmp_path: Path, toy_repo: Path, cli) -> None:
+    from batchprod.execution.run import prepare
+    from batchprod.wms.base import get_wms
+
+    run = prepare(write_submit(tmp_path / "f", CALIBRATE, repo=toy_repo, payload={"outputRun": "f/run"}))
+    registry = toy_repo / "registry.db"
+    registry.rename(tmp_path / "away.db")  # the registry is unreachable when the run ends
+    assert get_wms(run.wms_name()).execute(run) == "SUCCEEDED"
+    message = run.store.run_info()["message"]
+    assert message.startswith("outputs not ingested into the registry:")
+    assert json.loads(cli("report", run.submit_dir, "--json").output)["message"] == message
+    assert "outputs not ingested into the registry" in cli("report", run.submit_dir).output
+    (tmp_path / "away.db").rename(registry)
+    assert cli("restart", run.submit_dir).exit_code == 0
+    assert len(Registry(registry).find_datasets("calexp", ["f/run"])) == 4
+    assert run.store.run_info()["message"] == "4 outputs in the registry"

@@ -59,6 +59,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "status": run_status(run),
         "created": info["created"],
         "elapsed_s": round(end - info["created"], 3),
+        "message": info["message"],  # e.g. the post-run ingest's outcome
         "jobs": totals,
         "labels": labels,
         "quanta": quanta,
@@ -77,4 +78,6 @@ def render_table(summary: dict[str, Any]) -> Any:
         t.add_row(label, *(str(row[c]) for c in COLUMNS))
     t.add_section()
     t.add_row("all jobs", *(str(summary["jobs"][c]) for c in COLUMNS), style="bold")
+    if summary.get("message"):
+        t.caption = summary["message"]
     return t
