@@ -52,6 +52,9 @@ def test_one_data_id_in_two_runs_needs_an_input_chain(tmp_path: Path, toy_repo: 
     r = cli("prepare", cfg)
     assert r.exit_code == 2 and "is in runs 'a/run' and 'c/run'" in r.output and "inCollection" in r.output
     assert not (tmp_path / "d" / "submit").exists()
+    cfg = write_submit(tmp_path / "d", COADD, repo=toy_repo, payload={"outputRun": "d/run", "inCollection": "c/run,b/run"})
+    r = cli("prepare", cfg)  # a misspelt run is named, not silently skipped
+    assert r.exit_code == 2 and "key 'payload.inCollection': run 'b/run' is not in the registry" in r.output
     cfg = write_submit(tmp_path / "d", COADD, repo=toy_repo, payload={"outputRun": "d/run", "inCollection": "c/run,a/run"})
     assert cli("prepare", cfg).exit_code == 0
     qg = Run(tmp_path / "d" / "submit" / "d" / "run").qgraph

@@ -199,6 +199,11 @@ def prepare(
     registry = Registry(repo / REGISTRY_FILE)
     try:
         in_runs = cfg.typed("inCollection", PAYLOAD_KEYS["inCollection"], default=None)
+        unknown = sorted(set(in_runs or []) - set(registry.runs()))
+        if unknown:
+            _, keypath = cfg.find_raw("inCollection")
+            raise ConfigError(f"{cfg.where(keypath)}: key '{keypath}': run '{unknown[0]}' is not in the registry "
+                              f"(runs: {', '.join(registry.runs())})")
         qg = build_quantum_graph(pipeline, registry, query, input_runs=in_runs, metadata={"output_run": output_run})
     finally:
         registry.close()

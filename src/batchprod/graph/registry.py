@@ -159,6 +159,11 @@ class Registry:
             rows = conn.execute(sa.select(dataset_type_t.c.name, dataset_type_t.c.dimensions)).all()
         return {n: tuple(d.split(",")) if d else () for n, d in rows}
 
+    def runs(self) -> list[str]:
+        """Every run that holds datasets."""
+        with self.engine.connect() as conn:
+            return sorted(r[0] for r in conn.execute(sa.select(dataset_t.c.run).distinct()))
+
     def dimensions(self) -> set[str]:
         """Every dimension the registry knows (from dataset types and relations)."""
         dims: set[str] = set()
