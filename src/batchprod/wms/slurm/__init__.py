@@ -150,6 +150,14 @@ class SlurmBackend(Backend):
     def active(self) -> int:
         return len(self.subs) + len(self._inline.early)
 
+    def wait(self, timeout: float) -> None:
+        """Until the next squeue is due: nothing can end between polls, so waking every few ms
+        would only burn the orchestrator's CPU for the length of a long run."""
+        if self._inline.early:
+            return
+        due = self._last_poll + self.settings.poll_interval - time.monotonic()
+        time.sleep(min(max(timeout, due), self.settings.poll_interval))
+
     def running_since(self, handle: str) -> float | None:
         sub = self.subs.get(handle)
         return sub.running_since if sub else None
