@@ -25,6 +25,7 @@ from typing import Any
 from batchprod.errors import ConfigError
 from batchprod.execution.process import kill_group
 from batchprod.execution.run import Run
+from batchprod.execution.runner import KILL_SIGNALS
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
 from batchprod.wms.inline import InlineJobs, inline_post_job
@@ -134,8 +135,10 @@ class ParslBackend(Backend):
 
     def wait(self, timeout: float) -> None:
         """Until a task's future completes (few are in flight: the budget keeps ~4 per worker)."""
-        if self._inline.early or not self.tasks:
-            time.sleep(0 if self._inline.early else timeout)
+        if self._inline.early:
+            return
+        if not self.tasks:
+            time.sleep(timeout)
             return
         futures.wait([t.future for t in self.tasks.values()], timeout=max(timeout, 0.1),
                      return_when=futures.FIRST_COMPLETED)
@@ -167,7 +170,7 @@ class ParslBackend(Backend):
                 rc, host = t.future.result()
                 if rc < 0:
                     sig = -rc
-                elif rc > 128 and (rc - 128) in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                elif rc > 128 and (rc - 128) in KILL_SIGNALS:
                     sig = rc - 128  # the shell reports its child's death by signal
                 else:
                     code = rc
