@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from batchprod.testing import wait_for
+
 SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/slurm-ci/slurm.conf")
 
 
@@ -41,8 +43,10 @@ class BackendCase:
         elif self.name == "slurm":
             subprocess.run(["scancel", str(attempt["handle"])], check=True, env=dict(os.environ, SLURM_CONF=SLURM_CONF))
         else:  # parsl: the wrapper's own process group, as a node's OOM killer or an operator would
-            pid = int(Path(attempt["stdout"].removesuffix(".out") + ".pid").read_text())
-            os.killpg(pid, signal.SIGKILL)
+            # the worker records the pid just after the start, so the job may print before it exists
+            pid_path = Path(attempt["stdout"].removesuffix(".out") + ".pid")
+            wait_for(pid_path.exists, timeout=10)
+            os.killpg(int(pid_path.read_text()), signal.SIGKILL)
 
 
 def _require(what: str) -> None:
