@@ -105,3 +105,28 @@ def test_prov_json_export_is_valid_w3c_prov(done_run: Path, cli) -> None:
     assert kinds["Entity"] == 3 and kinds["Activity"] == 1 and kinds["Generation"] == 1
     assert kinds["Usage"] == 2 and kinds["Agent"] == 2 and kinds["Association"] == 2
     assert cli("provenance", done_run, "coadd:tract=0,patch=0", "--prov", "--lineage", "up").exit_code == 2
+
+
+def test_final_job_outputs_are_recorded_checksummed_and_ingested(tmp_path: Path, toy_repo: Path, cli) -> None:
+    final = {"command": "ls {repo}/{outputRun}/calexp > {repo}/{outputRun}/summary.txt", "outputs": ["summary.txt"]}
+    cfg = write_submit(tmp_path, repo=toy_repo, finalJob=final)
+    assert cli("submit", cfg).exit_code == 0
+    run_dir = tmp_path / "submit" / "toy" / "run"
+    summary = toy_repo / "toy" / "run" / "summary.txt"
+    rec = json.loads(cli("provenance", run_dir, summary, "--json").output)
+    assert rec["dataset"]["checksum"] == sha(summary) and rec["dataset"]["dataset_type"] == "summary"
+    assert rec["job"]["name"] == "finalJob" and rec["task"]["command"].startswith("ls ")
+    assert rec["context"] is not None and rec["inputs"] == []
+    from batchprod.graph.registry import Registry
+
+    (ds,) = Registry(toy_repo / "registry.db").find_datasets("summary")
+    assert ds.location == "toy/run/summary.txt" and ds.checksum == sha(summary)
+    r = cli("provenance", run_dir, summary, "--lineage", "up")
+    assert r.exit_code == 2 and "final job" in r.output
+
+
+def test_a_final_job_that_does_not_write_its_declared_output_fails(tmp_path: Path, toy_repo: Path, cli) -> None:
+    cfg = write_submit(tmp_path, repo=toy_repo, finalJob={"command": "true", "outputs": ["summary.txt"]})
+    assert cli("submit", cfg).exit_code == 1
+    job = Run(tmp_path / "submit" / "toy" / "run").store.job_by_name("finalJob")
+    assert job["status"] == "FAILED" and job["exit_code"] == 87

@@ -152,6 +152,7 @@ SITE_KEYS: dict[str, Converter] = {
 FINAL_JOB_KEYS: dict[str, Converter] = {
     "command": _str,
     "python": _str,
+    "outputs": _str_list,  # files it writes under <repo>/<outputRun>/: recorded, checksummed, ingested
     "whenRun": _when_run,
     **JOB_KEYS,
 }

@@ -134,7 +134,8 @@ def make_demo(directory: str | Path, visits: int = 8, detectors: int = 5, n_sour
         "requestMemory": 512,
         "numberOfRetries": 1,
         "pipetask": {"coadd": {"requestMemory": 1024, "priority": 10}, "measure": {"priority": 10}},
-        "finalJob": {"python": "batchprod.demo.tasks:merge_catalogs", "whenRun": "ALWAYS"},
+        "finalJob": {"python": "batchprod.demo.tasks:merge_catalogs", "whenRun": "ALWAYS",
+                     "outputs": ["final_catalog.fits"]},
     }
     (d / "submit.yaml").write_text(yaml.safe_dump(submit, sort_keys=False))
     (d / "demo.json").write_text(json.dumps({"visits": visits, "detectors": detectors, "sources": n_sources}))

@@ -30,7 +30,7 @@ def ingest_outputs(run: Run) -> int:
     registry = Registry(os.path.join(repo, REGISTRY_FILE))
     try:
         for dt in sorted(rows):
-            registry.register_dataset_type(dt, dims[dt])
+            registry.register_dataset_type(dt, dims.get(dt, ()))  # final-job outputs have no dimensions
             registry.insert_datasets(dt, out_run, rows[dt], skip_existing=True)
     finally:
         registry.close()

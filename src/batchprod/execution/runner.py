@@ -132,6 +132,23 @@ def collect_outputs(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str,
     return out
 
 
+FINAL_NODE = "finalJob"  # node id of the final job's outputs (it has no quantum)
+
+
+def final_outputs(final: dict[str, Any]) -> list[dict[str, Any]]:
+    """Output records of the files the final job declared (written in place: it runs alone, last)."""
+    out = []
+    for r in final.get("outputs") or []:
+        try:
+            size = os.stat(r["path"]).st_size
+        except FileNotFoundError:
+            print(f"error: finalJob: declared output '{r['dataset_type']}' was not written: {r['path']}",
+                  file=sys.stderr)
+            raise SystemExit(EXIT_MISSING_OUTPUT) from None
+        out.append({**r, "staged": r["path"], "node_id": FINAL_NODE, "size": size, "checksum": file_checksum(r["path"])})
+    return out
+
+
 def run_quantum(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str, Any]]:
     """Run one quantum into staging; returns its output records (final and staged paths)."""
     lq = _local(q, staged)
@@ -388,6 +405,7 @@ def _main(spec: dict[str, Any]) -> int:
                 load_function(final["python"])(spec)
             else:
                 _run_command(final["command"], "finalJob")
+            outputs.extend(final_outputs(final))
         for q in spec["quanta"]:
             print(f"quantum {q['label']} {q['data_id']}", flush=True)
             outputs.extend(run_quantum(q, staged))

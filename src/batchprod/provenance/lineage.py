@@ -20,10 +20,11 @@ import numpy as np
 
 from batchprod.errors import QueryError, RunError
 from batchprod.execution.run import CONFIG_FILE, Run
-from batchprod.execution.runner import file_checksum, render_command
+from batchprod.execution.runner import FINAL_NODE, file_checksum, render_command
 from batchprod.execution.states import JobState
 from batchprod.graph.quantum_graph import DatasetRef
 from batchprod.graph.registry import canonical
+from batchprod.workflow.generic import FinalJob
 
 UPSTREAM, DOWNSTREAM = "up", "down"
 
@@ -98,29 +99,41 @@ class Provenance:
                             "checksum": r.checksum, "produced_by": "registry"})
         return out
 
-    def record(self, ref: str, verify: bool = False) -> dict[str, Any]:
-        """Everything known about how one output came to be."""
-        row = self.output_row(ref)
-        job_id, q = int(row["job_id"]), self.quantum_of(int(row["job_id"]), row["node_id"])
+    def _task_part(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        """(task, data ID, inputs) of the quantum that made an output; for a final-job output, the final
+        job (it runs after every other job and may read any of them: its inputs are not itemized)."""
+        if row["node_id"] == FINAL_NODE:
+            final = self.wf.final
+            assert final is not None
+            return ({"label": FinalJob.NAME, "python": final.python, "command_template": final.command,
+                     "command": final.command, "config": {}}, {}, [])
+        q = self.quantum_of(int(row["job_id"]), row["node_id"])
         task = self.qg.tasks[int(self.qg.task_of[q])]
         data_id = self.qg.data_id(q)
         inputs = self._inputs(q)
-        outputs = [r.to_dict() for r in self.qg.outputs(q, self.repo, self.out_run)]
+        quantum = {"label": task.label, "data_id": data_id, "inputs": inputs, "config": task.config or {},
+                   "outputs": [r.to_dict() for r in self.qg.outputs(q, self.repo, self.out_run)]}
+        return ({"label": task.label, "python": task.python, "command_template": task.command,
+                 "command": render_command(task.command, quantum) if task.command else None,
+                 "config": task.config or {}}, data_id, inputs)
+
+    def record(self, ref: str, verify: bool = False) -> dict[str, Any]:
+        """Everything known about how one output came to be."""
+        row = self.output_row(ref)
+        job_id = int(row["job_id"])
+        task, data_id, inputs = self._task_part(row)
         attempt = self._succeeded_attempt(job_id) or {}
         contexts = self.run.store.contexts([attempt.get("context") or ""])
-        quantum = {"label": task.label, "data_id": data_id, "inputs": inputs, "outputs": outputs,
-                   "config": task.config or {}}
+        job_name = FinalJob.NAME if row["node_id"] == FINAL_NODE else self.wf.job_name(job_id)
         rec: dict[str, Any] = {
             "dataset": {"dataset_type": row["dataset_type"], "data_id": data_id, "path": row["path"],
                         "size": row["size"], "checksum": row["checksum"]},
             "run": {"name": self.run.name, "submit_dir": str(self.run.submit_dir), "output_run": self.out_run,
                     "config": _file_digest(self.run.submit_dir / CONFIG_FILE),
                     "pipeline": _file_digest(self.run.submit_dir / "pipeline.yaml")},
-            "task": {"label": task.label, "python": task.python, "command_template": task.command,
-                     "command": render_command(task.command, quantum) if task.command else None,
-                     "config": task.config or {}},
+            "task": task,
             "quantum": {"node_id": row["node_id"], "data_id": data_id},
-            "job": {"name": self.wf.job_name(job_id), "attempt": attempt.get("number"),
+            "job": {"name": job_name, "attempt": attempt.get("number"),
                     "host": attempt.get("host"), "start": attempt.get("start"), "end": attempt.get("end"),
                     "wall_s": attempt.get("wall_s"), "cpu_s": attempt.get("cpu_s"),
                     "peak_rss_mb": attempt.get("peak_rss_mb"), "request_memory_mb": attempt.get("request_memory"),
@@ -138,6 +151,9 @@ class Provenance:
         """Every quantum upstream (what it was made from, back to registry inputs) or downstream
         (what was made from it) of one output, in dependency order, with its job and outputs."""
         row = self.output_row(ref)
+        if row["node_id"] == FINAL_NODE:
+            raise RunError(f"'{ref}' was written by the final job, which follows the whole run: ask for the "
+                           "lineage of a job's output instead")
         start = self.quantum_of(int(row["job_id"]), row["node_id"])
         seen = {start}
         todo = deque([start])

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,7 +158,13 @@ def final_job_from_config(cfg: BpsConfig) -> FinalJob | None:
         raise ConfigError(f"{cfg.where('finalJob')}: key 'finalJob': give exactly one of 'python' or 'command'")
     base = cfg.job_settings(Context())
     base.update({k: v for k, v in vals.items() if k in base})
-    return FinalJob(vals.get("python"), vals.get("command"), vals.get("whenRun", "ALWAYS"), Resources.from_settings(base))
+    outputs = tuple(vals.get("outputs", ()))
+    for o in outputs:
+        if os.path.isabs(o) or ".." in o.split("/"):
+            raise ConfigError(f"{cfg.where('finalJob.outputs')}: key 'finalJob.outputs': '{o}' must be a path "
+                              "inside the output run")
+    return FinalJob(vals.get("python"), vals.get("command"), vals.get("whenRun", "ALWAYS"), Resources.from_settings(base),
+                    outputs)
 
 
 def workflow_from_config(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any]) -> GenericWorkflow:

@@ -7,6 +7,7 @@ million jobs cost one config lookup per label.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -76,8 +77,15 @@ class FinalJob:
     command: str | None
     when_run: str  # ALWAYS | SUCCESS
     resources: Resources = field(default_factory=Resources)
+    #: files it writes under ``<repo>/<outputRun>/``: checked, checksummed and recorded like any output
+    #: (dataset type = the file's stem, no dimensions), so they have provenance and are ingested
+    outputs: tuple[str, ...] = ()
 
     NAME = "finalJob"
+
+    def output_refs(self, repo: str, run: str) -> list[dict[str, Any]]:
+        return [{"dataset_type": os.path.splitext(os.path.basename(o))[0], "data_id": {},
+                 "path": os.path.join(repo, run, o), "checksum": None} for o in self.outputs]
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,8 @@ class GenericWorkflow:
             "name": FinalJob.NAME,
             "repo": self.run["repo"],
             "output_run": self.run["output_run"],
-            "final": {"python": self.final.python, "command": self.final.command},
+            "final": {"python": self.final.python, "command": self.final.command,
+                      "outputs": self.final.output_refs(self.run["repo"], self.run["output_run"])},
             "quanta": [],
         }
 
@@ -241,6 +250,7 @@ class GenericWorkflow:
                 "command": self.final.command,
                 "when_run": self.final.when_run,
                 "resources": asdict(self.final.resources),
+                "outputs": list(self.final.outputs),
             },
             "run": self.run,
         }
@@ -269,5 +279,6 @@ class GenericWorkflow:
             for g in header["groups"]
         ]
         f = header["final"]
-        final = None if f is None else FinalJob(f["python"], f["command"], f["when_run"], Resources(**f["resources"]))
+        final = None if f is None else FinalJob(f["python"], f["command"], f["when_run"], Resources(**f["resources"]),
+                                                tuple(f.get("outputs", ())))
         return cls(groups, a["job_group"], a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, header["run"])
