@@ -132,7 +132,7 @@ def collect_outputs(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str,
     return out
 
 
-FINAL_NODE = "finalJob"  # node id of the final job's outputs (it has no quantum)
+FINAL_NODE = "finalJob"  # node id of the final job's outputs (it has no quantum); = FinalJob.NAME, not imported: the wrapper stays light
 
 
 def final_outputs(final: dict[str, Any]) -> list[dict[str, Any]]:
