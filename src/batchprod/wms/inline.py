@@ -2,11 +2,14 @@
 
 Every backend runs a job made only of shell commands without a Python wrapper process (which costs
 more CPU than the job itself for short jobs); the orchestrator does these steps around it instead,
-on the shared filesystem, exactly as the Python wrapper would on the node.
+on the shared filesystem, exactly as the Python wrapper would on the node. Also here: what every
+backend gives a job (its variables) and, for backends whose jobs run elsewhere, the wrapper's spec
+file and the usage file it writes back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -23,6 +26,34 @@ from batchprod.execution.runner import (
     staging_map,
 )
 from batchprod.wms.base import Ended, Launch
+
+ENV_SUBMIT_DIR = "BATCHPROD_SUBMIT_DIR"
+
+
+def job_variables(launch: Launch, submit_dir: str) -> dict[str, str]:
+    """Variables every attempt gets: they mark it as this run's (so a restart finds orphans by
+    environment) and tell the payload its attempt and core count."""
+    return {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
+            ENV_SUBMIT_DIR: submit_dir, "OMP_NUM_THREADS": str(launch.cores)}
+
+
+def write_wrapper_spec(launch: Launch, **extra: Any) -> str:
+    """Write the job wrapper's spec next to the attempt's result (for a wrapper started elsewhere,
+    which enforces its memory request and reports its usage back); returns the file's path."""
+    spec = dict(launch.spec, enforce_memory=True, usage_path=f"{launch.result}.usage.json", **extra)
+    path = str(launch.result).replace(".result.json", ".spec.json")
+    with open(path, "w") as fh:
+        fh.write(json.dumps(spec))
+    return path
+
+
+def wrapper_usage(launch: Launch) -> dict[str, Any]:
+    """What the wrapper of ``write_wrapper_spec`` reported (resource use, host, context); {} if none."""
+    try:
+        with open(f"{launch.result}.usage.json") as fh:
+            return dict(json.load(fh))
+    except (OSError, ValueError):
+        return {}
 
 
 class InlineJobs:

@@ -30,10 +30,9 @@ from batchprod.execution.process import kill_group, kill_group_of, pid_alive, pr
 from batchprod.execution.run import Run
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, Ended, Launch
-from batchprod.wms.inline import InlineJobs, inline_post_job
+from batchprod.wms.inline import ENV_SUBMIT_DIR, InlineJobs, inline_post_job, job_variables
 
 MONITOR_INTERVAL = 0.1  # seconds between memory checks of running attempts (and longest wait)
-ENV_SUBMIT_DIR = "BATCHPROD_SUBMIT_DIR"
 RUNNER = [sys.executable, "-m", "batchprod.execution.runner"]
 
 
@@ -41,10 +40,7 @@ def job_env(launch: Launch, submit_dir: str, base: dict[bytes, bytes] | None = N
     """Environment of a job: marks it as this run's (so a restart can find orphans) and its attempt.
     Bytes throughout: subprocess would otherwise encode every variable of every job."""
     env = dict(base if base is not None else os.environb)
-    env[b"BATCHPROD_JOB"] = os.fsencode(launch.name)
-    env[b"BATCHPROD_ATTEMPT"] = str(launch.attempt).encode()
-    env[b"OMP_NUM_THREADS"] = str(launch.cores).encode()
-    env[ENV_SUBMIT_DIR.encode()] = os.fsencode(submit_dir)
+    env.update((os.fsencode(k), os.fsencode(v)) for k, v in job_variables(launch, submit_dir).items())
     return env
 
 

@@ -9,7 +9,6 @@ the whole process tree without touching the Parsl worker.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -28,8 +27,8 @@ from batchprod.execution.run import Run
 from batchprod.execution.runner import KILL_SIGNALS
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
-from batchprod.wms.inline import InlineJobs, inline_post_job
-from batchprod.wms.local.backend import ENV_SUBMIT_DIR, kill_run_processes
+from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
+from batchprod.wms.local.backend import kill_run_processes
 
 
 @dataclass
@@ -106,8 +105,7 @@ class ParslBackend(Backend):
         handles = []
         for launch in launches:
             pid_path = Path(str(launch.result).replace(".result.json", ".pid"))
-            env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
-                   ENV_SUBMIT_DIR: str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
+            env = job_variables(launch, str(self.run.submit_dir))
             script, staged, ok = self._inline.plan(launch)
             self._n += 1
             handle = f"parsl-{self._n}"
@@ -118,11 +116,7 @@ class ParslBackend(Backend):
                 # commands only: no Python wrapper per job; pre/post-job here, as on the local backend
                 argv, stdin, pid = ["/bin/sh", "-c", script], None, str(pid_path)
             else:
-                spec = dict(launch.spec, enforce_memory=True, new_session=True, pid_path=str(pid_path),
-                            usage_path=f"{launch.result}.usage.json")
-                stdin = str(launch.result).replace(".result.json", ".spec.json")
-                with open(stdin, "w") as fh:
-                    json.dump(spec, fh)
+                stdin = write_wrapper_spec(launch, new_session=True, pid_path=str(pid_path))
                 argv, pid = [sys.executable, "-m", "batchprod.execution.runner"], None
             fut = self.app(argv, env, str(launch.stdout), str(launch.stderr), stdin, pid)
             self.tasks[handle] = _Task(launch, fut, pid_path, staged=staged if script is not None else None,
@@ -177,18 +171,11 @@ class ParslBackend(Backend):
             outputs = None
             if t.staged is not None and t.forced is None and code == 0:
                 code, outputs = inline_post_job(t.launch, t.staged, t.started)
-            u = self._usage(t) if t.staged is None else {}  # only the Python wrapper measures itself
+            u = wrapper_usage(t.launch) if t.staged is None else {}  # only the Python wrapper measures itself
             ended = Ended.from_usage(t.launch.job, t.launch.attempt, code, sig, u, t.forced, t.reason, host)
             ended.outputs = outputs
             out.append(ended)
         return out
-
-    @staticmethod
-    def _usage(t: _Task) -> dict[str, Any]:
-        try:
-            return json.loads(Path(f"{t.launch.result}.usage.json").read_text())
-        except (OSError, ValueError):
-            return {}
 
     def kill(self, handle: str, fclass: FailureClass, reason: str) -> None:
         t = self.tasks.get(handle)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shlex
@@ -24,13 +23,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from batchprod.errors import ConfigError, RunError
 from batchprod.execution.run import Run
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
-from batchprod.wms.inline import InlineJobs, inline_post_job
+from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
@@ -117,8 +115,7 @@ class SlurmBackend(Backend):
 
     def batch_script(self, launch: Launch, body: str) -> str:
         """The job's batch script: its environment as exports, then ``body``."""
-        env = {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
-               "BATCHPROD_SUBMIT_DIR": str(self.run.submit_dir), "OMP_NUM_THREADS": str(launch.cores)}
+        env = job_variables(launch, str(self.run.submit_dir))
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
         return f"#!/bin/sh\n{exports}{body}"
 
@@ -135,10 +132,7 @@ class SlurmBackend(Backend):
                 # is then Slurm's to enforce (cgroups: OUT_OF_MEMORY -> oom).
                 body = script
             else:
-                spec = dict(launch.spec, enforce_memory=True, usage_path=f"{launch.result}.usage.json")
-                spec_path = str(launch.result).replace(".result.json", ".spec.json")
-                with open(spec_path, "w") as fh:
-                    json.dump(spec, fh)
+                spec_path = write_wrapper_spec(launch)
                 body = f"exec {shlex.quote(sys.executable)} -m batchprod.execution.runner < {shlex.quote(spec_path)}\n"
             out = _run_cmd(self.sbatch_args(launch), f"sbatch {launch.name}", self.batch_script(launch, body))
             job_id = out.strip().split(";")[0]
@@ -214,17 +208,10 @@ class SlurmBackend(Backend):
         self.pending = pending
         return early + ended
 
-    def _usage(self, sub: _Sub) -> dict[str, Any]:
-        try:
-            with open(f"{sub.launch.result}.usage.json") as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            return {}
-
     def _ended(self, sub: _Sub, code: int | None, sig: int | None, fclass: FailureClass | None,
                reason: str | None) -> Ended:
-        return Ended.from_usage(sub.launch.job, sub.launch.attempt, code, sig, self._usage(sub), fclass, reason,
-                                host=sub.node)
+        usage = wrapper_usage(sub.launch) if sub.staged is None else {}  # only the wrapper reports usage
+        return Ended.from_usage(sub.launch.job, sub.launch.attempt, code, sig, usage, fclass, reason, host=sub.node)
 
     def _from_slurm(self, sub: _Sub, state: str, reason: str, status: int | None) -> Ended:
         code = sig = None
