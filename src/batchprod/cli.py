@@ -148,11 +148,15 @@ def submit(config: Path, overrides: tuple[str, ...], detach: bool) -> None:
 
 @main.command("_execute", hidden=True)
 @click.argument("submit_dir", type=click.Path(path_type=Path))
+@click.option("--lock-fd", type=int, default=None, help="The run's lock, taken by the detaching parent.")
 @_user_errors
-def execute_cmd(submit_dir: Path) -> None:
+def execute_cmd(submit_dir: Path, lock_fd: int | None) -> None:
     """Run a prepared run in this process (used by --detach)."""
+    from batchprod.execution import lock
     from batchprod.execution.run import Run
 
+    if lock_fd is not None:
+        lock.adopt(submit_dir, lock_fd)
     sys.exit(_execute_foreground(Run(submit_dir), show_progress=False))
 
 
@@ -241,28 +245,31 @@ def provenance(run_ref: str, dataset: str, root: Path | None, as_json: bool, lin
 def restart(run_ref: str, root: Path | None, detach: bool) -> None:
     """Continue a run: succeeded jobs are kept; failed, unready, cancelled and interrupted jobs run
     again with a fresh retry budget (learned memory and attempt counts are kept)."""
-    from batchprod.errors import RunError
-    from batchprod.execution.process import same_process_alive
+    from batchprod.execution import lock
     from batchprod.execution.run import find_run
 
     run = find_run(run_ref, root)
-    info = run.store.run_info()
-    if same_process_alive(info.get("orchestrator_pid"), info.get("orchestrator_start")):
-        raise RunError(f"run '{info['name']}' is still running (orchestrator pid {info['orchestrator_pid']}); "
-                       "cancel it first")
     if detach:
         _detach(run)
         return
-    sys.exit(_execute_foreground(run, show_progress=True))
+    with lock.run_lock(run.submit_dir, run.name):  # before anything else: a second restart stops here
+        rc = _execute_foreground(run, show_progress=True)
+    sys.exit(rc)
 
 
 def _detach(run: Any) -> None:
+    """Start the engine in the background. The run's lock is taken here, before the fork, and handed
+    to the child: of two racing ``--detach`` calls one gets the run, the other an error at once."""
+    from batchprod.execution import lock
+
+    fd = lock.acquire(run.submit_dir, run.name)
     log = open(run.submit_dir / "orchestrator.log", "ab")  # noqa: SIM115 (handed to the child)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchprod.cli", "_execute", str(run.submit_dir)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        [sys.executable, "-m", "batchprod.cli", "_execute", str(run.submit_dir), "--lock-fd", str(fd)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, pass_fds=(fd,),
     )
     log.close()
+    lock.forget(run.submit_dir)  # the child holds it now
     console.print(f"detached: orchestrator pid {proc.pid}; follow with: batchprod report {run.submit_dir}")
 
 
@@ -276,8 +283,7 @@ def cancel(run_ref: str, root: Path | None) -> None:
     from batchprod.wms.base import get_wms
 
     run = find_run(run_ref, root)
-    get_wms(run.wms_name()).cancel(run)
-    console.print(f"cancelled {run.name}")
+    console.print(get_wms(run.wms_name()).cancel(run))
 
 
 @main.command()

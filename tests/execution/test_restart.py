@@ -65,7 +65,7 @@ def test_restart_refused_while_running_and_cancelled_run_restarts(tmp_path: Path
     orch = start_orchestrator(run.submit_dir)
     wait_for(lambda: run.store.attempts(status="RUNNING"))
     r = cli("restart", run.submit_dir)
-    assert r.exit_code == 2 and "is still running" in r.output
+    assert r.exit_code == 2 and "is being driven by pid" in r.output
     assert cli("cancel", run.submit_dir).exit_code == 0
     orch.wait(10)
     r = cli("report", run.submit_dir, "--json")

@@ -57,35 +57,60 @@ class BaseWmsService(ABC):
         cores, memory = self.budget(run)
         return Orchestrator(run, self.backend(run), cores=cores, memory_mb=memory, progress=progress).execute()
 
-    def cancel(self, run: Run, timeout: float = 60.0) -> None:
-        """Stop every running job of the run and mark it CANCELLED; the run stays restartable."""
-        import signal
+    def cancel(self, run: Run, timeout: float = 60.0) -> str:
+        """Stop every running job of the run and mark it CANCELLED; the run stays restartable.
+        Returns what was done, in words (a finished run is left as it is)."""
         import time
 
         from batchprod.errors import RunError
-        from batchprod.execution.process import same_process_alive
+        from batchprod.execution import lock
         from batchprod.execution.states import JobState, RunState
 
         info = run.store.run_info()
-        pid = info.get("orchestrator_pid")
-        if same_process_alive(pid, info.get("orchestrator_start")):
-            os.kill(pid, signal.SIGTERM)  # the orchestrator stops its jobs and records it
+        try:
+            lock.acquire(run.submit_dir, run.name)
+        except RunError:
+            # an engine drives the run: it stops its jobs and records it
+            pid = lock.holder_pid(run.submit_dir)
+            if pid is None:
+                raise
+            _terminate(pid)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if run.store.run_info()["status"] != RunState.RUNNING:
-                    return
+                if lock.is_free(run.submit_dir):
+                    return f"cancelled {info['name']} (engine pid {pid} stopped its jobs)"
+                now_pid = lock.holder_pid(run.submit_dir)
+                if now_pid is not None and now_pid != pid:  # a detached engine took over from its parent
+                    pid = now_pid
+                    _terminate(pid)
                 time.sleep(0.1)
-            raise RunError(f"run '{info['name']}': orchestrator {pid} did not stop within {timeout:.0f}s")
-        # The orchestrator is gone: stop whatever it left running and mark the run.
-        now = time.time()
-        active = run.store.attempts(status=[JobState.QUEUED, JobState.RUNNING])
-        self.cleanup_orphans(run, [str(a["handle"]) for a in active if a.get("handle")])
-        attempts = [{**a, "status": JobState.CANCELLED, "failure_class": "cancelled", "end": now,
-                     "message": "cancelled (orchestrator not running)"} for a in active]
-        jobs = [{**j, "status": JobState.CANCELLED, "message": "run cancelled", "updated": now}
-                for j in run.store.jobs(status=[JobState.PENDING, JobState.READY, JobState.QUEUED, JobState.RUNNING])]
-        run.store.write(jobs, attempts)
-        run.store.set_run(status=RunState.CANCELLED, orchestrator_pid=None)
+            raise RunError(f"run '{info['name']}': engine pid {pid} did not stop within {timeout:.0f}s") from None
+        try:
+            if info["status"] in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED):
+                return f"nothing to cancel: run {info['name']} is {info['status']} (changed nothing)"
+            # No engine: stop whatever a dead one left running and mark the run.
+            now = time.time()
+            active = run.store.attempts(status=[JobState.QUEUED, JobState.RUNNING])
+            self.cleanup_orphans(run, [str(a["handle"]) for a in active if a.get("handle")])
+            attempts = [{**a, "status": JobState.CANCELLED, "failure_class": "cancelled", "end": now,
+                         "message": "cancelled (orchestrator not running)"} for a in active]
+            jobs = [{**j, "status": JobState.CANCELLED, "message": "run cancelled", "updated": now}
+                    for j in run.store.jobs(status=[JobState.PENDING, JobState.READY, JobState.QUEUED,
+                                                    JobState.RUNNING])]
+            run.store.write(jobs, attempts)
+            run.store.set_run(status=RunState.CANCELLED, orchestrator_pid=None)
+        finally:
+            lock.release(run.submit_dir)
+        n = len(active)
+        return f"cancelled {info['name']} ({n} orphaned attempt{'s' if n != 1 else ''} stopped)"
+
+
+def _terminate(pid: int) -> None:
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
 
 
 def get_wms(name: str) -> BaseWmsService:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from batchprod.execution.ingest import ingest_outputs
+from batchprod.execution.lock import run_lock
 from batchprod.execution.logs import first_error_line
 from batchprod.execution.policy import JobCounters, decide
 from batchprod.execution.process import process_start
@@ -204,6 +205,11 @@ class Orchestrator:
 
     # -- main loop ----------------------------------------------------------------------------------
     def execute(self) -> RunState:
+        # one engine per run: the lock is taken before recovery looks at anything, held to the end
+        with run_lock(self.run.submit_dir, self.run.name):
+            return self._execute()
+
+    def _execute(self) -> RunState:
         self._load_state()
         store = self.run.store
         self._recover()
