@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batchprod.errors import RunError
+from batchprod.provenance.capture import sanitize_record
 
 _md = sa.MetaData()
 
@@ -233,7 +234,8 @@ class StateStore:
         contexts (hash -> record; known ones are kept) in one transaction."""
         if not (jobs or attempts or outputs or contexts):
             return
-        ctx_rows = [(h, json.dumps(r, sort_keys=True)) for h, r in (contexts or {}).items()]
+        # sanitized here too: a record from a remote wrapper of another version never stores a secret
+        ctx_rows = [(h, json.dumps(sanitize_record(r), sort_keys=True)) for h, r in (contexts or {}).items()]
         if self.engine.dialect.name == "sqlite":
             self._write_sqlite(jobs, attempts, outputs, ctx_rows)
             return
@@ -351,7 +353,7 @@ class StateStore:
             return {}
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(context_t).where(context_t.c.hash.in_(wanted))).all()
-        return {h: json.loads(r) for h, r in rows}
+        return {h: sanitize_record(json.loads(r)) for h, r in rows}  # older runs kept more values
 
     def find_outputs(self, path: str | None = None, dataset_type: str | None = None,
                      data_id: str | None = None) -> list[dict[str, Any]]:
