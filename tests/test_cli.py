@@ -58,7 +58,7 @@ def test_prepare_runs_nothing(tmp_path: Path, toy_repo: Path, cli) -> None:
         (lambda c: c["payload"].update(dataQuery="visti = 1"), "unknown dimension 'visti'"),
         (lambda c: c.update(project="{undefinedThing}"), "undefined variable {undefinedThing}"),
         (lambda c: c.update(finalJob={"command": "true", "outputs": ["../x"]}),
-         "key 'finalJob.outputs': '../x' must be a path inside the output run"),
+         "key 'finalJob.outputs': '../x' must be a file path inside the output run"),
         (lambda c: c.update(cluster={"c": {"pipetasks": "calibrate,nosuch"}}), "unknown task label 'nosuch'"),
         (lambda c: c.update(pipelineYaml="bad_template.yaml"), "key 'tasks.calibrate.command': cannot fill the template"),
         (lambda c: c.update(wmsServiceClass="slurmm"), "key 'wmsServiceClass': wmsServiceClass 'slurmm': unknown WMS"),

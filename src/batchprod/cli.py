@@ -61,6 +61,20 @@ OVERRIDE_OPTION = click.option(
 )
 
 
+def _existing_run_options(fn: F) -> F:
+    fn = click.option("--replace-run", is_flag=True,
+                      help="The output run already holds datasets: remove its rows and files first.")(fn)
+    fn = click.option("--extend-run", is_flag=True,
+                      help="The output run already holds datasets: keep them, run only jobs with new outputs.")(fn)
+    return fn
+
+
+def _existing(extend_run: bool, replace_run: bool) -> str:
+    if extend_run and replace_run:
+        raise click.UsageError("give --extend-run or --replace-run, not both")
+    return "extend" if extend_run else "replace" if replace_run else "refuse"
+
+
 @click.group()
 @click.version_option(package_name="batchprod")
 def main() -> None:
@@ -85,13 +99,14 @@ def _print_prepare(run: Any, timings: list[Any]) -> None:
 @OVERRIDE_OPTION
 @click.option("--wms", type=click.Choice(["htcondor"]), default=None,
               help="Also export the workflow for this WMS (htcondor: a DAGMan DAG + submit files).")
+@_existing_run_options
 @_user_errors
-def prepare(config: Path, overrides: tuple[str, ...], wms: str | None) -> None:
+def prepare(config: Path, overrides: tuple[str, ...], wms: str | None, extend_run: bool, replace_run: bool) -> None:
     """Build the quantum graph and workflow into a submit directory; run nothing."""
     from batchprod.execution.run import prepare as do_prepare
 
     timings: list[Any] = []
-    run = do_prepare(config, _overrides(overrides), timings)
+    run = do_prepare(config, _overrides(overrides), timings, existing=_existing(extend_run, replace_run))
     _print_prepare(run, timings)
     if wms == "htcondor":
         from batchprod.wms.htcondor import export_dag
@@ -132,13 +147,14 @@ def _execute_foreground(run: Any, show_progress: bool) -> int:
 @click.argument("config", type=click.Path(path_type=Path))
 @OVERRIDE_OPTION
 @click.option("--detach", is_flag=True, help="Run in the background; follow with 'batchprod report'.")
+@_existing_run_options
 @_user_errors
-def submit(config: Path, overrides: tuple[str, ...], detach: bool) -> None:
+def submit(config: Path, overrides: tuple[str, ...], detach: bool, extend_run: bool, replace_run: bool) -> None:
     """Prepare and run a workflow (foreground with a live progress bar, or --detach)."""
     from batchprod.execution.run import prepare as do_prepare
 
     timings: list[Any] = []
-    run = do_prepare(config, _overrides(overrides), timings)
+    run = do_prepare(config, _overrides(overrides), timings, existing=_existing(extend_run, replace_run))
     _print_prepare(run, timings)
     if detach:
         _detach(run)

@@ -83,11 +83,11 @@ def test_walltime(tmp_path: Path) -> None:
 
 def test_stage_out_failure_is_infrastructure_and_backs_off(tmp_path: Path) -> None:
     repo = make_toy_repo(tmp_path / "repo", **ONE)
-    blocker = repo / "toy" / "run" / "calexp" / "calexp_visit1_detector0.fits"
-    blocker.mkdir(parents=True)  # the final location cannot take a file: publishing fails
     task = command_task(["visit", "detector"], ["raw"], ["calexp"])
     run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=repo, numberOfRetries=0,
                                infraRetryDelay=0.3, maxInfraRetries=2))
+    blocker = repo / "toy" / "run" / "calexp" / "calexp_visit1_detector0.fits"
+    blocker.mkdir(parents=True)  # the final location cannot take a file: publishing fails
     LocalExecutor(run).execute()
     a = attempts(run)
     assert [x["failure_class"] for x in a] == ["infrastructure"] * 3
@@ -99,10 +99,10 @@ def test_stage_out_failure_is_infrastructure_and_backs_off(tmp_path: Path) -> No
 
 def test_stage_out_recovers_when_the_service_comes_back(tmp_path: Path) -> None:
     repo = make_toy_repo(tmp_path / "repo", **ONE)
-    blocker = repo / "toy" / "run" / "calexp" / "calexp_visit1_detector0.fits"
-    blocker.mkdir(parents=True)
     task = command_task(["visit", "detector"], ["raw"], ["calexp"])
     run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=repo, infraRetryDelay=1.0))
+    blocker = repo / "toy" / "run" / "calexp" / "calexp_visit1_detector0.fits"
+    blocker.mkdir(parents=True)
     orch = start_orchestrator(run.submit_dir)
     wait_for(lambda: any(x["failure_class"] == "infrastructure" for x in attempts(run)))
     blocker.rmdir()  # the storage is back

@@ -31,6 +31,7 @@ WORKFLOW_FILE = "workflow.bpwf"
 CONFIG_FILE = "config.yaml"
 REGISTRY_FILE = "registry.db"
 LOG_DIR = "logs"
+HISTORY_FILE = "history.log"  # what was done to the run besides executing it (replace, restart overrides)
 
 
 @dataclass
@@ -162,24 +163,105 @@ def _check_commands(wf: GenericWorkflow, pipeline_path: Path) -> None:
                     ) from None
 
 
+def _check_final_outputs(cfg: BpsConfig, wf: GenericWorkflow, qg: QuantumGraph) -> None:
+    """A final-job output is a dataset type named by its stem: it must not shadow a pipeline's."""
+    if wf.final is None:
+        return
+    types = {dt for t in qg.tasks for dt in (*t.inputs, *t.outputs)}
+    for o in wf.final.outputs:
+        stem = os.path.splitext(os.path.basename(o))[0]
+        if stem in types:
+            raise ConfigError(f"{cfg.where('finalJob.outputs')}: key 'finalJob.outputs': '{o}' would be dataset type "
+                              f"'{stem}', which the pipeline already has; rename the file")
+
+
 def _final_group(f: FinalJob) -> Any:
     from batchprod.workflow.generic import JobGroup
 
     return JobGroup(FinalJob.NAME, (), (), f.resources)
 
 
-def _safe_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name) or ".." in name.split("/"):
-        raise ConfigError(f"run name {name!r} may only hold letters, digits, '_', '-', '.', '/'")
+#: names an output run may not take: they are files of the repository itself
+_RESERVED_RUNS = frozenset({REGISTRY_FILE, f"{REGISTRY_FILE}-wal", f"{REGISTRY_FILE}-shm", f"{REGISTRY_FILE}-journal"})
+
+
+def _safe_name(value: Any, where: str) -> str:
+    """An output run name: relative path segments of a safe character set, inside the repository."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ConfigError(f"{where}: key 'payload.outputRun' is empty: give a run name such as u/me/run1")
+    name = str(value)
+    parts = name.split("/")
+    if (len(name) > 200 or name.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name) or name in _RESERVED_RUNS or parts[0] == "_staging"):
+        raise ConfigError(f"{where}: key 'payload.outputRun': {name[:80]!r} is not a usable run name (relative "
+                          "path segments of letters, digits, '_', '-', '.', no '.' or '..' segment, at most 200 "
+                          "characters, not a repository file)")
     return name
+
+
+#: what prepare does when the output run already holds datasets
+EXISTING_RUN = ("refuse", "extend", "replace")
+
+
+def _check_output_run(registry: Registry, repo: Path, output_run: str, in_runs: list[str] | None,
+                      existing: str, where: str) -> set[tuple[str, str]]:
+    """A finished output run is never overwritten by accident. Returns the datasets it holds (for extend)."""
+    if in_runs and output_run in in_runs:
+        raise ConfigError(f"{where}: key 'payload.outputRun': '{output_run}' is also an input run "
+                          "(payload.inCollection): a run cannot read and write the same collection")
+    held = registry.run_datasets(output_run)
+    area = repo / output_run
+    files = area.is_dir() and any(area.iterdir())
+    if existing == "refuse" and (held or files):
+        what = f"holds {len(held):,} datasets in {repo / REGISTRY_FILE}" if held else f"has files in {area}"
+        raise ConfigError(f"{where}: key 'payload.outputRun': output run '{output_run}' already {what}; "
+                          "give a new outputRun, or --extend-run (only new data IDs run) or --replace-run "
+                          "(its datasets and files are removed first)")
+    return held
+
+
+def _replace_output_run(repo: Path, output_run: str, submit_dir: Path) -> str:
+    """--replace-run: remove the old run's registry rows and its output area; recorded in the new run."""
+    registry = Registry(repo / REGISTRY_FILE)
+    try:
+        n = registry.remove_run(output_run)
+    finally:
+        registry.close()
+    area = repo / output_run
+    n_files = sum(len(f) for _, _, f in os.walk(area)) if area.is_dir() else 0
+    shutil.rmtree(area, ignore_errors=True)
+    note = (f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} --replace-run: removed {n:,} datasets of '{output_run}' "
+            f"from the registry and {n_files:,} files under {area}\n")
+    with open(submit_dir / HISTORY_FILE, "a") as fh:
+        fh.write(note)
+    return note.strip()
+
+
+def _already_done(qg: QuantumGraph, wf: GenericWorkflow, held: set[tuple[str, str]], repo: str,
+                  output_run: str) -> list[int]:
+    """--extend-run: jobs whose every output is already registered in the output run."""
+    from batchprod.graph.registry import canonical
+
+    if not held:
+        return []
+    done = []
+    for j in range(len(wf)):
+        if all((r.dataset_type, canonical(r.data_id)) in held
+               for q in wf.quanta(j) for r in qg.outputs(int(q), repo, output_run)):
+            done.append(j)
+    return done
 
 
 def prepare(
     config_path: str | Path,
     overrides: dict[str, Any] | None = None,
     timings: list[Timing] | None = None,
+    existing: str = "refuse",
 ) -> Run:
-    """Validate everything, build graph and workflow, then write the submit directory atomically."""
+    """Validate everything, build graph and workflow, then write the submit directory atomically.
+
+    ``existing``: an output run that already holds datasets is refused, extended (jobs whose outputs
+    are all registered there are not run) or replaced (its rows and files removed first)."""
     timings = timings if timings is not None else []
     t0 = time.perf_counter()
     cfg = load_config(config_path, overrides)
@@ -188,7 +270,7 @@ def prepare(
     repo = cfg.resolve_path("repo")
     if not (repo / REGISTRY_FILE).is_file():
         raise ConfigError(f"{cfg.where(cfg.find_raw('repo')[1])}: key 'payload.repo': no {REGISTRY_FILE} in {repo}")
-    output_run = _safe_name(str(cfg.get("outputRun")))
+    output_run = _safe_name(cfg.get("outputRun"), cfg.where(cfg.find_raw("outputRun")[1]))
     submit_dir = Path(str(cfg.get("submitPath"))).resolve()
     if submit_dir.exists():
         raise RunError(f"{submit_dir}: submit directory already exists (use 'batchprod restart' to continue that run)")
@@ -204,6 +286,7 @@ def prepare(
             _, keypath = cfg.find_raw("inCollection")
             raise ConfigError(f"{cfg.where(keypath)}: key '{keypath}': run '{unknown[0]}' is not in the registry "
                               f"(runs: {', '.join(registry.runs())})")
+        held = _check_output_run(registry, repo, output_run, in_runs, existing, cfg.where(cfg.find_raw("outputRun")[1]))
         qg = build_quantum_graph(pipeline, registry, query, input_runs=in_runs, metadata={"output_run": output_run})
     finally:
         registry.close()
@@ -213,6 +296,8 @@ def prepare(
     run_info = {"repo": str(repo), "output_run": output_run, "submit_dir": str(submit_dir), "name": output_run}
     wf = workflow_from_config(qg, cfg, run_info)
     _check_budget(cfg, wf)
+    _check_final_outputs(cfg, wf, qg)
+    done = _already_done(qg, wf, held, str(repo), output_run) if existing == "extend" else []
     _check_commands(wf, pipeline_path)
     timings.append(Timing("cluster + workflow", time.perf_counter() - t0, _peak_mb()))
 
@@ -256,7 +341,16 @@ def prepare(
                 "priority": wf.final.resources.priority, "request_memory": wf.final.resources.request_memory,
             })
         store.init_run(output_run, str(submit_dir), wms, jobs)
+        if done:
+            now = time.time()
+            store.write([{"id": j, "status": "SUCCEEDED", "attempts": 0, "retries": 0, "preemptions": 0,
+                          "infra_failures": 0, "request_memory": mem[int(wf.job_group[j])], "failure_class": None,
+                          "exit_code": None, "updated": now,
+                          "message": "not run: its outputs are already in the output run (--extend-run)"}
+                         for j in done], [], [])
         store.close()
+        if existing == "replace":
+            _replace_output_run(repo, output_run, tmp)
         tmp.rename(submit_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

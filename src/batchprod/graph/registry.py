@@ -164,6 +164,22 @@ class Registry:
         with self.engine.connect() as conn:
             return sorted(r[0] for r in conn.execute(sa.select(dataset_t.c.run).distinct()))
 
+    def run_datasets(self, run: str) -> set[tuple[str, str]]:
+        """(dataset type, canonical data ID) of every dataset registered under ``run``."""
+        with self.engine.connect() as conn:
+            q = sa.select(dataset_t.c.dataset_type, dataset_t.c.data_id).where(dataset_t.c.run == run)
+            return {(t, d) for t, d in conn.execute(q)}
+
+    def run_locations(self, run: str) -> list[str]:
+        """Locations (relative to the repository) of the datasets registered under ``run``."""
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.select(dataset_t.c.location).where(dataset_t.c.run == run))]
+
+    def remove_run(self, run: str) -> int:
+        """Delete every dataset row of ``run`` (the files are the caller's); returns how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(dataset_t.delete().where(dataset_t.c.run == run)).rowcount or 0
+
     def dimensions(self) -> set[str]:
         """Every dimension the registry knows (from dataset types and relations)."""
         dims: set[str] = set()

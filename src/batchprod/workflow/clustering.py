@@ -159,10 +159,20 @@ def final_job_from_config(cfg: BpsConfig) -> FinalJob | None:
     base = cfg.job_settings(Context())
     base.update({k: v for k, v in vals.items() if k in base})
     outputs = tuple(vals.get("outputs", ()))
+    where = f"{cfg.where('finalJob.outputs')}: key 'finalJob.outputs'"
+    stems: dict[str, str] = {}
     for o in outputs:
-        if os.path.isabs(o) or ".." in o.split("/"):
-            raise ConfigError(f"{cfg.where('finalJob.outputs')}: key 'finalJob.outputs': '{o}' must be a path "
-                              "inside the output run")
+        parts = o.split("/")
+        if not o.strip() or o.endswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in o:
+            raise ConfigError(f"{where}: '{o}' must be a file path inside the output run (no empty part, "
+                              "'.', '..', leading or trailing '/')")
+        stem = os.path.splitext(parts[-1])[0]
+        if not stem:
+            raise ConfigError(f"{where}: '{o}' has no file name (its stem names the dataset type)")
+        if stem in stems:
+            raise ConfigError(f"{where}: '{o}' and '{stems[stem]}' have one stem '{stem}' (the stem is the dataset "
+                              "type: make them differ)")
+        stems[stem] = o
     return FinalJob(vals.get("python"), vals.get("command"), vals.get("whenRun", "ALWAYS"), Resources.from_settings(base),
                     outputs)
 
