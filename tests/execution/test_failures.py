@@ -191,3 +191,39 @@ def test_failures_report_groups_by_signature(tmp_path: Path, cli, cls: str) -> N
     assert "6 failed jobs in 1 failure signatures" in text
     hist = json.loads(cli("report", run.submit_dir, "--job", "calibrate_visit2_detector1", "--json").output)
     assert hist["attempts_detail"][0]["stderr"].endswith("calibrate_visit2_detector1.1.err")
+
+
+def test_disk_full_under_the_engine_stops_cleanly_and_restart_finishes(tmp_path: Path, toy_repo: Path, cli,
+                                                                       monkeypatch) -> None:
+    """SQLite says 'database or disk is full' mid-run: one clear line naming the place, jobs stopped, run
+    restartable, and no job spends its retry budget on it."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from batchprod.execution.store import StateStore
+
+    cmd = "sleep 0.2; cp {inputs.raw} {outputs.calexp}"
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"],
+                                                                              ["calexp"], cmd)}},
+                               repo=toy_repo, numberOfRetries=0))
+    real_write = StateStore.write
+    calls = {"n": 0}
+
+    def full_disk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(StateStore, "write", full_disk)
+    r = cli("restart", run.submit_dir)
+    assert r.exit_code == 2
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("error: disk full at ") and str(run.submit_dir) in line and "restart" in line
+    assert "Traceback" not in r.output
+    monkeypatch.setattr(StateStore, "write", real_write)
+    r = cli("restart", run.submit_dir)
+    assert r.exit_code == 0, r.output
+    jobs = run.store.jobs()
+    assert all(j["status"] == "SUCCEEDED" and j["retries"] == 0 for j in jobs)

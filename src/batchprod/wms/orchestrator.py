@@ -13,6 +13,7 @@ work is also committed on the compute side (the runner's ``result.json``), so a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import json
 import os
@@ -24,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
+from batchprod.errors import RunError
 from batchprod.execution.ingest import ingest_outputs
 from batchprod.execution.lock import run_lock
 from batchprod.execution.logs import first_error_line
@@ -58,6 +62,22 @@ class _Active:
     memory: int
     launch: Launch
     killing: bool = False
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem"}
+
+
+def disk_trouble(exc: BaseException, state_dir: Path) -> str | None:
+    """'disk full at PATH' (or quota / read-only) if the error is one, else None. SQLite reports a
+    full disk as an OperationalError of its own: that is the state store, in the submit directory."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return f"{_DISK_ERRNOS[exc.errno]} at {exc.filename or state_dir}"
+    text = str(getattr(exc, "orig", exc)).lower()
+    if "disk is full" in text or "disk full" in text:
+        return f"disk full at {state_dir}"
+    if "readonly database" in text or "read-only" in text:
+        return f"read-only filesystem at {state_dir}"
+    return None
 
 
 def classify(exit_code: int | None, sig: int | None) -> FailureClass | None:
@@ -219,6 +239,13 @@ class Orchestrator:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             state = self._loop()
+        except (OSError, DBAPIError) as exc:
+            where = disk_trouble(exc, self.run.submit_dir)
+            if where is None:
+                raise
+            self._stop_on_disk_trouble()
+            raise RunError(f"{where}: the run stopped cleanly; free space (or make it writable) and "
+                           f"'batchprod restart {self.run.submit_dir}' (nothing is lost)") from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -227,6 +254,17 @@ class Orchestrator:
         message = self._ingest()
         store.set_run(status=state, orchestrator_pid=None, message=message)
         return state
+
+    def _stop_on_disk_trouble(self) -> None:
+        """Disk full or read-only under the engine: stop every attempt (they would fail for the same
+        reason) and record what can still be recorded. What cannot is repaired by restart's recovery,
+        which treats the attempts as abandoned by a lost engine: their budget is kept."""
+        self.backend.kill_many([a.handle for a in self.active.values()], FailureClass.INFRASTRUCTURE,
+                               "stopped: the engine cannot write its state (disk full or read-only)")
+        with contextlib.suppress(OSError, DBAPIError):
+            self.backend.escalate(0.0)
+            self.run.store.set_run(status=RunState.INTERRUPTED, orchestrator_pid=None,
+                                   message="stopped: disk full or read-only; restart when there is room")
 
     def _ingest(self) -> str | None:
         """Post-run: published outputs into the data registry. A failure here loses nothing (the state
