@@ -52,7 +52,11 @@ def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
         if "=" not in p:
             raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="-o")
         k, v = p.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "not a YAML value"
+            raise click.BadParameter(f"{p!r}: {problem}", param_hint="-o") from None
     return out
 
 
@@ -257,14 +261,22 @@ def provenance(run_ref: str, dataset: str, root: Path | None, as_json: bool, lin
 @click.argument("run_ref", metavar="RUN")
 @ROOT_OPTION
 @click.option("--detach", is_flag=True, help="Continue in the background.")
+@OVERRIDE_OPTION
 @_user_errors
-def restart(run_ref: str, root: Path | None, detach: bool) -> None:
+def restart(run_ref: str, root: Path | None, detach: bool, overrides: tuple[str, ...]) -> None:
     """Continue a run: succeeded jobs are kept; failed, unready, cancelled and interrupted jobs run
-    again with a fresh retry budget (learned memory and attempt counts are kept)."""
+    again with a fresh retry budget (learned memory and attempt counts are kept).
+
+    -o changes job values from now on (requestWalltime, requestMemory, numberOfRetries, ... at the top
+    level or as pipetask.LABEL.KEY / cluster.NAME.KEY / finalJob.KEY), recorded in the run's history."""
     from batchprod.execution import lock
-    from batchprod.execution.run import find_run
+    from batchprod.execution.run import add_restart_overrides, find_run
 
     run = find_run(run_ref, root)
+    if overrides:
+        with lock.run_lock(run.submit_dir, run.name):  # not while an engine drives the run
+            for said in add_restart_overrides(run, _overrides(overrides)):
+                console.print(f"changed from now on: {said}")
     if detach:
         _detach(run)
         return

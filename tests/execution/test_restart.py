@@ -108,3 +108,24 @@ def test_crash_safety_random_kills(tmp_path: Path) -> None:
     for seed in range(3):
         res = chaos_trial(tmp_path / f"t{seed}", ref, seed=seed, kills=3, max_delay=1.5)
         assert (res["lost"], res["duplicated"], res["inconsistent"]) == (0, 0, 0), res
+
+
+def test_restart_with_overrides_changes_job_values_and_records_them(tmp_path: Path, toy_repo: Path, cli) -> None:
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"],
+                                                    "sleep 1.5; cp {inputs.raw} {outputs.calexp}")}}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, requestWalltime=1, numberOfRetries=0,
+                               payload={"dataQuery": "visit = 1 AND detector = 0"}))
+    assert cli("restart", run.submit_dir).exit_code == 1
+    assert run.store.jobs()[0]["failure_class"] == "timeout"
+    bad = cli("restart", run.submit_dir, "-o", "pipelineYaml=x.yaml")
+    assert bad.exit_code == 2 and "restart can change job values only" in bad.output
+    bad = cli("restart", run.submit_dir, "-o", "pipetask.nosuch.requestWalltime=10")
+    assert bad.exit_code == 2 and "no such scope 'pipetask.nosuch'" in bad.output
+    r = cli("restart", run.submit_dir, "-o", "pipetask.calibrate.requestWalltime=00:00:30", "-o", "requestMemory=300")
+    assert r.exit_code == 0, r.output
+    assert "changed from now on: pipetask.calibrate.requestWalltime=30" in r.output
+    history = (run.submit_dir / "history.log").read_text()
+    assert "restart -o pipetask.calibrate.requestWalltime=30 -o requestMemory=300" in history
+    a = run.store.attempts(0)
+    assert [x["request_memory"] for x in a] == [100, 300]
+    assert Run(run.submit_dir).workflow.groups[0].resources.request_walltime == 30  # applies from now on

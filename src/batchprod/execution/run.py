@@ -6,6 +6,7 @@ so a bad input or a crash during prepare leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ WORKFLOW_FILE = "workflow.bpwf"
 CONFIG_FILE = "config.yaml"
 REGISTRY_FILE = "registry.db"
 LOG_DIR = "logs"
+OVERRIDES_FILE = "overrides.json"  # job values changed by 'restart -o', applied over the frozen workflow
 HISTORY_FILE = "history.log"  # what was done to the run besides executing it (replace, restart overrides)
 
 
@@ -64,7 +66,23 @@ class Run:
 
     @cached_property
     def workflow(self) -> GenericWorkflow:
-        return GenericWorkflow.load(self.submit_dir / WORKFLOW_FILE, self.qgraph)
+        wf = GenericWorkflow.load(self.submit_dir / WORKFLOW_FILE, self.qgraph)
+        for entry in self.restart_overrides():
+            _apply_overrides(wf, entry["values"])
+        return wf
+
+    def restart_overrides(self) -> list[dict[str, Any]]:
+        """Job values changed at restart (``restart -o``), oldest first; the frozen config stays as submitted."""
+        path = self.submit_dir / OVERRIDES_FILE
+        if not path.is_file():
+            return []
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{path}: damaged restart overrides: {exc}") from None
+        if not isinstance(data, list):
+            raise RunError(f"{path}: damaged restart overrides: expected a list")
+        return data
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -365,3 +383,82 @@ def prepare(
 def _chain(it: Any, last: dict[str, Any]) -> Any:
     yield from it
     yield last
+
+
+def _override_targets(wf: GenericWorkflow, scope: str) -> list[int | None]:
+    """Group indices (None = the final job) a restart override's scope reaches."""
+    kind, _, name = scope.partition(".")
+    if kind == "":
+        return [*range(len(wf.groups)), None]
+    if kind == "pipetask":
+        return [i for i, g in enumerate(wf.groups) if name in g.labels]
+    if kind == "cluster":
+        return [i for i, g in enumerate(wf.groups) if g.name == name]
+    return [None]  # finalJob
+
+
+def _apply_overrides(wf: GenericWorkflow, values: dict[str, Any]) -> None:
+    from dataclasses import replace
+
+    from batchprod.workflow.generic import Resources
+
+    fields = {f: f for f in Resources.__dataclass_fields__}
+    for dotted, value in values.items():
+        scope, _, key = dotted.rpartition(".")
+        attr = _RESOURCE_FIELD[key]
+        assert attr in fields
+        for i in _override_targets(wf, scope):
+            if i is None:
+                if wf.final is not None:
+                    wf.final = replace(wf.final, resources=replace(wf.final.resources, **{attr: value}))
+            else:
+                g = wf.groups[i]
+                wf.groups[i] = replace(g, resources=replace(g.resources, **{attr: value}))
+
+
+#: config key -> Resources field, for what a restart may change
+_RESOURCE_FIELD = {
+    "requestCpus": "request_cpus", "requestMemory": "request_memory", "requestWalltime": "request_walltime",
+    "priority": "priority", "numberOfRetries": "number_of_retries", "memoryMultiplier": "memory_multiplier",
+    "memoryLimit": "memory_limit", "maxPreemptions": "max_preemptions", "infraRetryDelay": "infra_retry_delay",
+    "maxInfraRetries": "max_infra_retries",
+}
+
+
+def add_restart_overrides(run: Run, overrides: dict[str, Any]) -> list[str]:
+    """Validate ``restart -o KEY=VALUE`` (job values only: resources and retry policy, at the top level
+    or under ``pipetask.<label>``, ``cluster.<name>``, ``finalJob``), record them in the run's history,
+    and make them apply from now on. Returns one description per value."""
+    from batchprod.config.keys import JOB_KEYS
+
+    wf = run.workflow
+    labels = {lab for g in wf.groups for lab in g.labels}
+    clusters = {g.name for g in wf.groups}
+    typed: dict[str, Any] = {}
+    for dotted, raw in overrides.items():
+        where = f"<command line> -o {dotted}"
+        scope, _, key = dotted.rpartition(".")
+        kind, _, name = scope.partition(".")
+        if key not in _RESOURCE_FIELD:
+            raise ConfigError(f"{where}: restart can change job values only ({', '.join(sorted(_RESOURCE_FIELD))}); "
+                              "anything else needs a new submission")
+        if not ((kind == "" and not name) or (kind == "pipetask" and name in labels)
+                or (kind == "cluster" and name in clusters) or (kind == "finalJob" and not name and wf.final)):
+            raise ConfigError(f"{where}: no such scope '{scope}' in this run (task labels: {', '.join(sorted(labels))}; "
+                              f"clusters: {', '.join(sorted(clusters))})")
+        try:
+            typed[dotted] = JOB_KEYS[key](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if not typed:
+        return []
+    entries = [*run.restart_overrides(), {"time": time.time(), "values": typed}]
+    path = run.submit_dir / OVERRIDES_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, path)
+    said = [f"{k}={v}" for k, v in typed.items()]
+    with open(run.submit_dir / HISTORY_FILE, "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} restart -o {' -o '.join(said)}\n")
+    run.__dict__.pop("workflow", None)  # apply from now on
+    return said

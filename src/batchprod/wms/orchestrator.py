@@ -185,6 +185,9 @@ class Orchestrator:
         for j, s in enumerate(self.status):
             if s in (JobState.FAILED, JobState.UNREADY, JobState.CANCELLED, JobState.KILLED, JobState.HELD):
                 self._set(j, JobState.PENDING, message="reset by restart", failure_class=None, exit_code=None)
+            if s != JobState.SUCCEEDED:
+                # learned memory is kept, but a request raised since (restart -o) is honoured
+                self.req_mem[j] = max(self.req_mem[j], self.resources(j).request_memory)
 
     def _recover(self) -> int:
         """After an orchestrator loss: stop orphaned attempts, adopt those that completed, and queue
