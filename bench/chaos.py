@@ -5,7 +5,8 @@
 
 Each trial: a 13-job run (9 calibrate, 3 coadd fan-ins, a final job) of real processes; the
 orchestrator is killed ``--kills`` times at random moments (every second kill also kills every job
-process, like a reboot) and restarted each time. Prints lost outputs (vs an uninterrupted run),
+process, like a reboot) and restarted each time (``--double-restart``: two engines race at every
+restart; the run lock must refuse one). Prints lost outputs (vs an uninterrupted run),
 duplicated publications (an output recorded twice, or a succeeded job's payload run again) and
 inconsistent states of the store. Goal: 0, 0, 0.
 """
@@ -26,18 +27,22 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-delay", type=float, default=1.5, help="latest kill moment after (re)start, seconds")
+    ap.add_argument("--double-restart", action="store_true",
+                    help="start two engines at every (re)start: the run lock must refuse one of them")
     a = ap.parse_args()
     t0 = time.time()
-    totals = {"lost": 0, "duplicated": 0, "inconsistent": 0, "restarts": 0, "attempts": 0, "jobs": 0}
+    totals = {"lost": 0, "duplicated": 0, "inconsistent": 0, "restarts": 0, "refused": 0, "attempts": 0, "jobs": 0}
     with tempfile.TemporaryDirectory() as d:
         ref = reference_outputs(Path(d) / "ref")
         for t in range(a.trials):
-            r = chaos_trial(Path(d) / f"trial{t}", ref, seed=a.seed + t, kills=a.kills, max_delay=a.max_delay)
+            r = chaos_trial(Path(d) / f"trial{t}", ref, seed=a.seed + t, kills=a.kills, max_delay=a.max_delay,
+                            racers=2 if a.double_restart else 1)
             for k in totals:
                 totals[k] += r[k]
             if r["lost"] or r["duplicated"] or r["inconsistent"]:
                 print(f"trial {t}: {r}")
-    print(f"trials {a.trials}, kills/trial {a.kills}, restarts {totals['restarts']}, jobs {totals['jobs']}, "
+    race = f", racing engines refused {totals['refused']}" if a.double_restart else ""
+    print(f"trials {a.trials}, kills/trial {a.kills}, restarts {totals['restarts']}{race}, jobs {totals['jobs']}, "
           f"attempts {totals['attempts']}: lost outputs {totals['lost']}, duplicated publications "
           f"{totals['duplicated']}, inconsistent states {totals['inconsistent']} ({time.time() - t0:.0f}s)")
 

@@ -5,6 +5,7 @@ them): a tiny data repository of text files and pipelines made of shell commands
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -183,10 +184,31 @@ def reference_outputs(workdir: str | Path, cores: int = 2) -> dict[str, str]:
     return published_outputs(workdir / "repo")
 
 
+def _start_racing(submit_dir: Path, racers: int) -> tuple[Any, int]:
+    """Start ``racers`` engines on one run at once. The run lock lets one drive it; the others are
+    refused (exit 2) or, if they came after it had finished, find nothing to do. Returns the one to
+    treat as the engine (still running if any is) and how many were refused."""
+    procs = [start_orchestrator(submit_dir) for _ in range(racers)]
+    if racers == 1:
+        return procs[0], 0
+    deadline = time.monotonic() + 30
+    while sum(p.poll() is None for p in procs) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    running = [p for p in procs if p.poll() is None]
+    if len(running) > 1:
+        for p in running:
+            p.kill()
+        raise AssertionError(f"{len(running)} engines drive one run at once")
+    refused = sum(p.poll() == 2 for p in procs)
+    keep = running[0] if running else next((p for p in procs if p.poll() != 2), procs[0])
+    return keep, refused
+
+
 def chaos_trial(workdir: str | Path, reference: dict[str, str], seed: int, kills: int = 3, cores: int = 2,
-                max_delay: float = 2.0) -> dict[str, Any]:
+                max_delay: float = 2.0, racers: int = 1) -> dict[str, Any]:
     """Run with ``kills`` SIGKILLs of the orchestrator at random moments (every other one also kills
-    every job process, like a reboot), restarting each time; then check outputs and the store."""
+    every job process, like a reboot), restarting each time; then check outputs and the store.
+    ``racers`` > 1 starts that many engines at every (re)start: all but one must be refused."""
     import random
     import signal as sig
 
@@ -198,8 +220,10 @@ def chaos_trial(workdir: str | Path, reference: dict[str, str], seed: int, kills
     workdir = Path(workdir)
     run = _prepare_chaos(workdir, cores)
     restarts = 0
+    refused = 0
     for k in range(kills + 50):
-        orch = start_orchestrator(run.submit_dir)
+        orch, lost_races = _start_racing(run.submit_dir, racers)
+        refused += lost_races
         if k >= kills:
             rc = orch.wait(120)
             if rc in (0, 1):
@@ -251,6 +275,6 @@ def chaos_trial(workdir: str | Path, reference: dict[str, str], seed: int, kills
         name, attempt = line.split()
         if int(attempt) > success_attempt.get(name, 1 << 30):
             ran_twice += 1
-    return {"restarts": restarts, "lost": lost, "duplicated": duplicated + ran_twice,
+    return {"restarts": restarts, "refused": refused, "lost": lost, "duplicated": duplicated + ran_twice,
             "inconsistent": len(inconsistent), "problems": inconsistent[:5],
             "attempts": len(atts), "jobs": len(jobs)}

@@ -86,7 +86,9 @@ def is_free(submit_dir: str | Path) -> bool:
 
 
 def adopt(submit_dir: str | Path, fd: int) -> None:
-    """Register a lock descriptor inherited from the parent that took it (``--detach``)."""
+    """Register a lock descriptor inherited from the parent that took it (``--detach``). It is made
+    close-on-exec again: a job process that outlived its engine must not keep the run locked."""
+    os.set_inheritable(fd, False)
     _held[str(Path(submit_dir).resolve())] = fd
     _stamp(fd)
 
