@@ -87,3 +87,24 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, toy_repo: Pat
 def test_unknown_run(cli, tmp_path: Path) -> None:
     r = cli("report", tmp_path / "nothing-here")
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_files_batchprod_writes_are_private(tmp_path, toy_repo, cli, monkeypatch) -> None:
+    import os
+    import stat
+
+    from batchprod.testing import write_submit
+
+    old = os.umask(0o022)
+    try:
+        monkeypatch.delenv("BATCHPROD_UMASK", raising=False)
+        assert cli("submit", write_submit(tmp_path, repo=toy_repo)).exit_code == 0
+        submit = tmp_path / "submit"
+        for p in [*submit.rglob("*"), *(toy_repo / "toy").rglob("*")]:
+            mode = stat.S_IMODE(p.lstat().st_mode)
+            assert mode & 0o077 == 0, f"{p}: {oct(mode)}"
+        monkeypatch.setenv("BATCHPROD_UMASK", "8")
+        r = cli("runs", "--root", submit)
+        assert r.exit_code == 2 and "BATCHPROD_UMASK" in r.output
+    finally:
+        os.umask(old)

@@ -83,6 +83,22 @@ def _existing(extend_run: bool, replace_run: bool) -> str:
 @click.version_option(package_name="batchprod")
 def main() -> None:
     """batchprod: run scientific pipelines at scale, and say exactly what happened."""
+    _private_files()
+
+
+def _private_files() -> None:
+    """What batchprod writes (run state, logs, configs, and the jobs it starts) is private to its user:
+    0600 files, 0700 directories. $BATCHPROD_UMASK (octal, e.g. 022) opens it up for a shared group."""
+    import os
+
+    raw = os.environ.get("BATCHPROD_UMASK", "077")
+    try:
+        mask = int(raw, 8)
+        if not 0 <= mask <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise click.UsageError(f"$BATCHPROD_UMASK: expected an octal umask such as 077 or 022, got {raw!r}") from None
+    os.umask(mask)
 
 
 def _print_prepare(run: Any, timings: list[Any]) -> None:

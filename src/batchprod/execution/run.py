@@ -334,7 +334,7 @@ def prepare(
     tmp.mkdir(parents=True)
     try:
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        shutil.copy(pipeline_path, tmp / "pipeline.yaml")
+        shutil.copyfile(pipeline_path, tmp / "pipeline.yaml")  # not copy: our umask, not the source's mode
         qg.save(tmp / QGRAPH_FILE)
         wf.save(tmp / WORKFLOW_FILE)
         (tmp / LOG_DIR).mkdir()
