@@ -13,12 +13,14 @@ Started as ``python -m batchprod.execution.runner`` with the job spec (JSON) on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
 import os
 import shlex
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -84,20 +86,298 @@ def _context(q: dict[str, Any]) -> QuantumContext:
     return QuantumContext(q["label"], q["data_id"], inputs, outputs, q.get("config") or {})
 
 
+class _Paths(list):  # type: ignore[type-arg]
+    """Input or output paths of one dataset type: rendered as one shell word per path."""
+
+
+_BREAKS = frozenset(" \t\n;&|()<>")
+_CMD = ("cmd", "paren")  # contexts where a shell-quoted value is one plain word
+_WHERE = {"sq": "inside single quotes", "ansi": "inside $'...' quotes", "dq": "inside double quotes",
+          "bt": "inside backquotes", "brace": "inside ${...}", "arith": "inside an arithmetic expression",
+          "arith_b": "inside an arithmetic expression", "dbracket": "inside [[ ... ]]",
+          "subscript": "inside an array subscript", "comment": "inside a comment"}
+
+
+class _QuoteScan:
+    """Follows the shell's quoting through the literal text of a command template, so that every
+    placeholder can be checked to stand where a shell-quoted word is just a word: not inside quotes,
+    ``${...}``, backquotes, arithmetic, ``[[ ]]``, a comment or a here-document (there a quoted value
+    would break out, be evaluated, or end the comment at a newline it holds). When in doubt it reports
+    the template as unclear: refusing a template is safe, running a value as code is not."""
+
+    def __init__(self) -> None:
+        self.stack: list[list[Any]] = [["cmd", 0]]  # [kind, counter]: 'case' words, or paren depth
+        self.prev = "\n"
+        self.word = ""
+        self.escape = False  # a backslash waits for its character
+        self.dollar = False  # a '$' waits for its character
+        self.heredocs: list[tuple[str, bool]] = []  # announced here-documents: (delimiter, strip tabs)
+        self.body: tuple[str, bool] | None = None  # the here-document being read
+        self.line = ""
+        self.lost: str | None = None
+
+    def problem(self) -> str | None:
+        """Why a placeholder cannot stand here (None: it can)."""
+        if self.lost:
+            return f"in a part of the template that cannot be followed safely ({self.lost})"
+        if self.body is not None:
+            return "inside a here-document"
+        if self.escape:
+            return "right after a backslash"
+        if self.dollar:
+            return "right after a '$'"
+        kind = self.stack[-1][0]
+        return None if kind in _CMD else _WHERE.get(kind, f"inside {kind}")
+
+    def placeholder(self) -> None:
+        self.prev, self.word, self.line = "a", self.word + "\0", self.line + "\0"
+
+    def feed(self, s: str) -> None:
+        i, n = 0, len(s)
+        self.dollar = False
+        while i < n and not self.lost:
+            i = self._step(s, i, n)
+
+    def _push(self, kind: str) -> None:
+        self.stack.append([kind, 0])
+        self.word = ""  # a new context starts a new word (so 'case' right after '$(' is seen)
+
+    def _dollar(self, s: str, i: int, n: int) -> int:
+        """At a '$' (quoted or not): what it opens. Returns the index after what it consumed."""
+        nxt = s[i + 1] if i + 1 < n else None
+        if nxt is None:
+            self.dollar = True
+            return i + 1
+        if nxt == "(":
+            if i + 2 < n and s[i + 2] == "(":
+                self._push("arith")
+                return i + 3
+            self._push("paren")
+            return i + 2
+        if nxt == "{":
+            self._push("brace")
+            return i + 2
+        if nxt == "[":
+            self._push("arith_b")
+            return i + 2
+        if nxt in "$#?!-@*0123456789":
+            return i + 2
+        return i + 1
+
+    def _word_end(self) -> None:
+        if self.word == "case":
+            self.stack[-1][1] += 1
+        self.word = ""
+
+    def _step(self, s: str, i: int, n: int) -> int:  # noqa: C901, PLR0911, PLR0912 (one shell state machine)
+        c = s[i]
+        nxt = s[i + 1] if i + 1 < n else None
+        if self.body is not None:  # here-document: lines until the delimiter
+            if c == "\n":
+                delim, strip = self.body
+                if (self.line.lstrip("\t") if strip else self.line) == delim:
+                    self.body = self.heredocs.pop(0) if self.heredocs else None
+                self.line = ""
+            else:
+                self.line += c
+            return i + 1
+        top = self.stack[-1]
+        kind = top[0]
+        if self.escape:
+            self.escape, self.prev = False, "a"
+            return i + 1
+        if kind == "sq":
+            if c == "'":
+                self.stack.pop()
+            return i + 1
+        if kind == "comment":
+            if c == "\n":
+                self.stack.pop()
+                return i  # the newline again, in the enclosing context
+            return i + 1
+        if c == "\\" and kind != "sq":
+            self.escape = True
+            return i + 1
+        if kind == "ansi":
+            if c == "'":
+                self.stack.pop()
+            return i + 1
+        if kind == "dq" or (kind == "brace" and any(k[0] == "dq" for k in self.stack)):
+            if c == '"':
+                if kind == "dq":
+                    self.stack.pop()
+                else:
+                    self._push("dq")
+            elif c == "$":
+                return self._dollar(s, i, n)
+            elif c == "`":
+                self._push("bt")
+            elif c == "}" and kind == "brace":
+                self.stack.pop()
+            return i + 1
+        if kind in ("brace", "arith", "arith_b", "dbracket", "subscript"):
+            if c in "'\"":
+                self._push("sq" if c == "'" else "dq")
+            elif c == "$":
+                return self._dollar(s, i, n)
+            elif c == "`":
+                self._push("bt")
+            elif kind == "brace" and c == "}":
+                self.stack.pop()
+            elif kind == "arith" and c == "(":
+                top[1] += 1
+            elif kind == "arith" and c == ")":
+                if top[1]:
+                    top[1] -= 1
+                elif nxt == ")":
+                    self.stack.pop()
+                    return i + 2
+                else:
+                    self.lost = "unbalanced ')' in an arithmetic expression"
+            elif kind in ("arith_b", "subscript") and c == "[":
+                top[1] += 1
+            elif kind in ("arith_b", "subscript") and c == "]":
+                if top[1]:
+                    top[1] -= 1
+                else:
+                    self.stack.pop()
+            elif kind == "dbracket" and c == "]" and nxt == "]":
+                self.stack.pop()
+                return i + 2
+            return i + 1
+        # command context: cmd (top level), paren ($(...), (...), <(...)), bt (`...`)
+        start = self.prev in _BREAKS
+        consumed = i + 1
+        if c in _BREAKS:
+            self._word_end()
+        else:
+            self.word += c
+        if c == "'":
+            self._push("sq")
+        elif c == '"':
+            self._push("dq")
+        elif c == "`":
+            if kind == "bt":
+                self.stack.pop()
+            else:
+                self._push("bt")
+        elif c == "$":
+            if nxt == "'":
+                self._push("ansi")
+                consumed = i + 2
+            elif nxt == '"':
+                self._push("dq")
+                consumed = i + 2
+            else:
+                consumed = self._dollar(s, i, n)
+        elif c == "(":
+            if start and nxt == "(":
+                self._push("arith")
+                consumed = i + 2
+            else:
+                self._push("paren")
+        elif c == ")":
+            if kind == "paren":
+                if top[1]:  # a 'case' pattern or the end of $(...): cannot tell which
+                    self.lost = "a 'case' inside $(...) or (...)"
+                else:
+                    self.stack.pop()
+        elif c == "[":
+            if start and nxt == "[":
+                self._push("dbracket")
+                consumed = i + 2
+            elif not start:
+                self._push("subscript")
+        elif c == "#" and start:
+            self._push("comment")
+        elif c == "<" and nxt == "<":
+            # '<<<' is a here-string (its word is an ordinary word); '<<' a here-document
+            consumed = i + 3 if i + 2 < n and s[i + 2] == "<" else self._heredoc(s, i + 2, n)
+        elif c == "\n" and self.heredocs:
+            self.body = self.heredocs.pop(0)
+            self.line = ""
+        self.prev = s[consumed - 1] if consumed - 1 > i else c
+        return consumed
+
+    def _heredoc(self, s: str, i: int, n: int) -> int:
+        """After '<<': note the here-document's delimiter (its body starts at the next newline)."""
+        strip = i < n and s[i] == "-"
+        i += strip
+        while i < n and s[i] in " \t":
+            i += 1
+        delim = ""
+        while i < n and s[i] not in _BREAKS:
+            c = s[i]
+            if c in "'\"":
+                end = s.find(c, i + 1)
+                if end < 0:
+                    break
+                delim += s[i + 1 : end]
+                i = end + 1
+            elif c == "\\" and i + 1 < n:
+                delim += s[i + 1]
+                i += 2
+            else:
+                delim += c
+                i += 1
+        if not delim or i >= n:
+            self.lost = "a here-document whose delimiter cannot be read"
+        self.heredocs.append((delim, strip))
+        return i
+
+
+@functools.lru_cache(maxsize=1024)
+def check_template(template: str) -> None:
+    """Raise ValueError if a placeholder of a command template stands where a shell-quoted value
+    would not be one plain word (inside quotes, ``${...}``, a here-document, ...)."""
+    scan = _QuoteScan()
+    for literal, field, _, _ in string.Formatter().parse(template):
+        scan.feed(literal)
+        if field is None:
+            continue
+        if "__" in field:
+            raise ValueError(f"placeholder {{{field}}}: names with '__' are not allowed")
+        where = scan.problem()
+        if where:
+            raise ValueError(
+                f"placeholder {{{field}}} is {where}: every value is shell-quoted for you, so a placeholder "
+                f"must be a plain word of the command, not in quotes, a comment, a here-document, ${{...}}, "
+                f"$((...)) or [[ ]] (write echo {{{field}}}, not echo '{{{field}}}' or \"{{{field}}}\")")
+        scan.placeholder()
+
+
+class _ShellFormatter(string.Formatter):
+    """Formats every value, then shell-quotes it: a value is always one word, never code."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if isinstance(value, _Paths):
+            return " ".join(shlex.quote(format(p, format_spec)) for p in value)
+        return shlex.quote(format(value, format_spec))
+
+
+_FORMATTER = _ShellFormatter()
+
+
 def render_command(template: str, q: dict[str, Any]) -> str:
-    """Fill a command template: {inputs.TYPE}, {outputs.TYPE}, {config.KEY}, {dataId}, {<dimension>}."""
-    ins: dict[str, list[str]] = {}
+    """Fill a command template: {inputs.TYPE}, {outputs.TYPE}, {config.KEY}, {dataId}, {label},
+    {<dimension>}. Every value is shell-quoted (one word however it is spelt), and a template with a
+    placeholder inside quotes, ``${...}``, a here-document, ... is refused with ValueError."""
+    check_template(template)
+    ins: dict[str, _Paths] = {}
     for r in q["inputs"]:
-        ins.setdefault(r["dataset_type"], []).append(shlex.quote(r["path"]))
+        ins.setdefault(r["dataset_type"], _Paths()).append(r["path"])
+    outs: dict[str, _Paths] = {}
+    for r in q["outputs"]:
+        outs.setdefault(r["dataset_type"], _Paths()).append(r["path"])
     fields: dict[str, Any] = {
-        "inputs": SimpleNamespace(**{k: " ".join(v) for k, v in ins.items()}),
-        "outputs": SimpleNamespace(**{r["dataset_type"]: shlex.quote(r["path"]) for r in q["outputs"]}),
+        "inputs": SimpleNamespace(**ins),
+        "outputs": SimpleNamespace(**outs),
         "config": SimpleNamespace(**(q.get("config") or {})),
         "dataId": " ".join(f"{k}={v}" for k, v in q["data_id"].items()),
         "label": q["label"],
         **q["data_id"],
     }
-    return template.format_map(fields)
+    return _FORMATTER.vformat(template, (), fields)
 
 
 def _run_command(cmd: str, what: str) -> None:

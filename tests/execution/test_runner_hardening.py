@@ -1,0 +1,124 @@
+"""Bad input and bad actors never hurt a run (issue 8): the job wrapper's side.
+
+Command injection through template values, shell semantics of task commands, kills of the payload,
+fencing of superseded attempts, and storage failures at publication.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from batchprod.execution.run import prepare
+from batchprod.execution.runner import render_command
+from batchprod.testing import command_task, make_toy_repo, write_submit
+from batchprod.wms.local import LocalExecutor
+
+ONE = {"visits": (1,), "detectors": (0,)}
+
+# values that run code if pasted into a shell command unquoted, or quoted in the wrong place
+EVIL = [
+    "'; touch {pwned}; echo '",
+    '"; touch {pwned}; echo "',
+    "$(touch {pwned})",
+    "`touch {pwned}`",
+    "a\ntouch {pwned}",
+    "x; touch {pwned}",
+    "\\",
+    "\\'; touch {pwned}; #",
+    "*",
+    "-n",
+    "",
+]
+
+# templates that take a value as a plain word: accepted, and the value arrives as one word
+ACCEPTED = [
+    "printf '%s\\n' {config.v} > {outputs.calexp}",
+    "printf '%s\\n' \"$(printf '%s' {config.v})\" > {outputs.calexp}",
+    "(cd / && printf '%s\\n' {config.v}) > {outputs.calexp}",
+    "cat <<EOF > /dev/null\nliteral {{text}}\nEOF\nprintf '%s\\n' {config.v} > {outputs.calexp}",
+    "x={config.v}; printf '%s\\n' \"$x\" > {outputs.calexp}",
+    "[ {config.v} = never ] || printf '%s\\n' {config.v} > {outputs.calexp}",
+    "printf '%s\\n' {config.v} | cat > {outputs.calexp}  # a comment with a quote: it's fine",
+]
+
+# templates where a quoted value would not be one plain word: refused at render
+REFUSED = [
+    ("echo '{config.v}'", "inside single quotes"),
+    ('echo "{config.v}"', "inside double quotes"),
+    ("echo \"$(echo '{config.v}')\"", "inside single quotes"),
+    ("cat <<EOF\n{config.v}\nEOF", "inside a here-document"),
+    ("echo hi # {config.v}", "inside a comment"),
+    ("echo $(( {config.v} + 1 ))", "inside an arithmetic expression"),
+    ("(( {config.v} > 1 ))", "inside an arithmetic expression"),
+    ("[[ {config.v} -eq 1 ]]", "inside [[ ... ]]"),
+    ("a[{config.v}]=1", "inside an array subscript"),
+    ("echo ${{x:-{config.v}}}", "inside ${...}"),
+    ("echo `echo {config.v}`", "inside backquotes"),
+    ("echo \\{config.v}", "right after a backslash"),
+    ("echo ${config.v}", "right after a '$'"),
+    ("echo $'{config.v}'", "inside $'...' quotes"),
+    ("\"$(case a in a) echo \"{config.v}\";; esac)\"", "cannot be followed safely"),
+    ("echo {config.__class__}", "'__'"),
+]
+
+
+def _quantum(tmp_path: Path, value: str, data_id: dict | None = None) -> dict:
+    return {"label": "calibrate", "data_id": data_id or {"visit": 1, "detector": 0}, "config": {"v": value},
+            "inputs": [{"dataset_type": "raw", "data_id": {}, "path": str(tmp_path / "in put.txt")}],
+            "outputs": [{"dataset_type": "calexp", "data_id": {}, "path": str(tmp_path / "out.txt")}]}
+
+
+@pytest.mark.parametrize("template", ACCEPTED)
+@pytest.mark.parametrize("evil", EVIL)
+def test_values_are_one_word_and_never_code(tmp_path: Path, template: str, evil: str) -> None:
+    pwned = tmp_path / "pwned"
+    value = evil.format(pwned=pwned)
+    cmd = render_command(template, _quantum(tmp_path, value))
+    p = subprocess.run(["/bin/bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True)
+    assert not pwned.exists(), cmd
+    if "[ " in template and value == "never":
+        return
+    assert p.returncode == 0, (cmd, p.stderr)
+    assert (tmp_path / "out.txt").read_text() == value + "\n", cmd
+
+
+@pytest.mark.parametrize(("template", "why"), REFUSED)
+def test_placeholders_where_quoting_cannot_protect_are_refused(tmp_path: Path, template: str, why: str) -> None:
+    with pytest.raises(ValueError, match="placeholder") as exc:
+        render_command(template, _quantum(tmp_path, "x"))
+    assert why in str(exc.value)
+
+
+def test_label_data_id_and_paths_are_quoted(tmp_path: Path) -> None:
+    q = _quantum(tmp_path, "v")
+    q["label"] = "cal; touch pwned"
+    cmd = render_command("printf '%s|' {label} {dataId} {visit:03d} {inputs.raw} > {outputs.calexp}", q)
+    subprocess.run(["/bin/bash", "-c", cmd], cwd=tmp_path, check=True)
+    assert not (tmp_path / "pwned").exists()
+    assert (tmp_path / "out.txt").read_text() == f"cal; touch pwned|visit=1 detector=0|001|{tmp_path / 'in put.txt'}|"
+
+
+def test_quoted_placeholder_is_a_config_error_at_prepare(tmp_path: Path) -> None:
+    from batchprod.errors import ConfigError
+
+    repo = make_toy_repo(tmp_path / "repo", **ONE)
+    task = {**command_task(["visit", "detector"], ["raw"], ["calexp"], "echo '{config.v}' > {outputs.calexp}"),
+            "config": {"v": "x"}}
+    with pytest.raises(ConfigError, match="inside single quotes"):
+        prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=repo))
+
+
+def test_injection_through_task_config_runs_nothing(tmp_path: Path) -> None:
+    repo = make_toy_repo(tmp_path / "repo", **ONE)
+    pwned = tmp_path / "pwned"
+    value = f"x; touch {pwned}"
+    task = {**command_task(["visit", "detector"], ["raw"], ["calexp"], "echo {config.v} > {outputs.calexp}"),
+            "config": {"v": value}}
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=repo))
+    assert LocalExecutor(run).execute() == "SUCCEEDED"
+    assert not pwned.exists()
+    (out,) = (repo / "toy" / "run" / "calexp").iterdir()
+    assert out.read_text() == value + "\n"
