@@ -84,6 +84,9 @@ def _existing(extend_run: bool, replace_run: bool) -> str:
 def main() -> None:
     """batchprod: run scientific pipelines at scale, and say exactly what happened."""
     _private_files()
+    for c in (console, err_console):
+        if not c.is_terminal:
+            c.width = 1_000_000  # piped or in a file: whole lines, nothing cut to fit 80 columns
 
 
 def _private_files() -> None:
@@ -136,27 +139,16 @@ def prepare(config: Path, overrides: tuple[str, ...], wms: str | None, extend_ru
 
 
 def _execute_foreground(run: Any, show_progress: bool) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from batchprod.execution.states import RunState
     from batchprod.report import render_table, summarize
+    from batchprod.report.progress import ProgressView
     from batchprod.wms.base import get_wms
 
     wms = get_wms(run.wms_name())
     total = run.store.run_info()["n_jobs"]
-    if show_progress and console.is_terminal:
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
-        ) as bar:
-            task = bar.add_task(run.name, total=total, detail="")
-
-            def progress(counts: dict[str, int]) -> None:
-                done = sum(counts.get(s, 0) for s in ("SUCCEEDED", "FAILED", "UNREADY", "CANCELLED", "KILLED"))
-                detail = " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()) if v)
-                bar.update(task, completed=done, detail=detail)
-
-            state = wms.execute(run, progress)
+    if show_progress:
+        with ProgressView(run.name, total, console) as view:
+            state = wms.execute(run, view)
     else:
         state = wms.execute(run)
     console.print(render_table(summarize(run)))
@@ -193,7 +185,7 @@ def execute_cmd(submit_dir: Path, lock_fd: int | None) -> None:
 
     if lock_fd is not None:
         lock.adopt(submit_dir, lock_fd)
-    sys.exit(_execute_foreground(Run(submit_dir), show_progress=False))
+    sys.exit(_execute_foreground(Run(submit_dir), show_progress=True))  # plain lines into orchestrator.log
 
 
 def _latest(root: Path | None) -> str:
@@ -212,8 +204,12 @@ def _latest(root: Path | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--failures", is_flag=True, help="Failed jobs grouped by failure signature, with causes.")
 @click.option("--job", "job_name", default=None, help="One job's whole history and log paths.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="With --failures: how many failed jobs to detail (every signature gets one anyway).")
+@click.option("--all", "show_all", is_flag=True, help="With --failures: detail every failed job.")
 @_user_errors
-def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool, job_name: str | None) -> None:
+def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool, job_name: str | None,
+           limit: int, show_all: bool) -> None:
     """Job counts per task label and a run summary (latest run if RUN is omitted).
 
     Exit code 0 only if the whole run succeeded."""
@@ -228,7 +224,7 @@ def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool
         data: Any = job_history(run, job_name)
         rendered = render_history(data)
     elif failures:
-        data = get_failures(run)
+        data = get_failures(run, limit=None if show_all else limit)
         rendered = [render_table(s), *render_failures(data)]
     else:
         data, rendered = s, [render_table(s)]

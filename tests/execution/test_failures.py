@@ -188,7 +188,7 @@ def test_failures_report_groups_by_signature(tmp_path: Path, cli, cls: str) -> N
     j = data["jobs"][0]
     assert j["data_id"] == {"visit": 1, "detector": 0} and j["stderr_tail"]
     text = cli("report", run.submit_dir, "--failures").output
-    assert "6 failed jobs in 1 failure signatures" in text
+    assert "6 failed jobs in 1 failure signature " in text
     hist = json.loads(cli("report", run.submit_dir, "--job", "calibrate_visit2_detector1", "--json").output)
     assert hist["attempts_detail"][0]["stderr"].endswith("calibrate_visit2_detector1.1.err")
 

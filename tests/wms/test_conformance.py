@@ -58,7 +58,7 @@ def test_payload_failure_downstream_unready_and_retry(tmp_path: Path, backend, c
     job = run.store.job_by_name("calibrate_visit2_detector1")
     assert job["attempts"] == 2 and job["failure_class"] == "user_error" and job["exit_code"] == 3
     f = json.loads(cli("report", run.submit_dir, "--failures", "--json").output)
-    assert f["failed"] == 2 and f["groups"][0]["error_line"] == "ValueError: bad detector"
+    assert f["failed"] == 2 and f["groups"][0]["cause"] == "ValueError: bad detector"
 
 
 def test_oom_retries_with_more_memory(tmp_path: Path, backend) -> None:

@@ -25,6 +25,14 @@ _COLUMN_OF = {
 }
 
 
+def column_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Jobs per state -> jobs per report column (the words every view uses)."""
+    out = dict.fromkeys(COLUMNS[1:], 0)
+    for state, n in counts.items():
+        out[_COLUMN_OF[JobState(state)]] += n
+    return out
+
+
 def run_status(run: Run) -> str:
     """The run's state; RUNNING with no live orchestrator is reported as INTERRUPTED."""
     info = run.store.run_info()

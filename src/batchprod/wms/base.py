@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from batchprod.execution.run import Run
     from batchprod.execution.states import RunState
 
-#: progress callback: counts of jobs per state
-Progress = Callable[[dict[str, int]], None]
+#: progress callback: jobs per state, and jobs per state for each task label
+Progress = Callable[[dict[str, int], dict[str, dict[str, int]]], None]
 
 
 class BaseWmsService(ABC):

@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 from batchprod.errors import RunError
 from batchprod.execution.ingest import ingest_outputs
 from batchprod.execution.lock import run_lock
-from batchprod.execution.logs import first_error_line
+from batchprod.execution.logs import batchprod_line, causal_line
 from batchprod.execution.policy import JobCounters, decide
 from batchprod.execution.process import process_start
 from batchprod.execution.run import Run
@@ -165,6 +165,11 @@ class Orchestrator:
         return self.run.attempt_paths(self.job_label(j), self.name(j), attempt)
 
     def _set(self, j: int, state: JobState, **fields: Any) -> None:
+        old = self.status[j]
+        if old != state:
+            lab = self.job_label(j)
+            self._tally[(lab, old)] -= 1
+            self._tally[(lab, state)] += 1
         self.status[j] = state
         self.extra[j].update(fields)
         self._dirty.add(j)
@@ -178,6 +183,9 @@ class Orchestrator:
         if len(rows) != total:
             raise RuntimeError(f"state store has {len(rows)} jobs, workflow has {total}")
         self.status = [JobState(r[1]) for r in rows]
+        # (label, state) -> jobs, kept up to date by _set: progress never rescans 10^6 jobs
+        self._tally: Counter[tuple[str, JobState]] = Counter(
+            (self.job_label(j), s) for j, s in enumerate(self.status))
         self.attempts = [int(r[2]) for r in rows]
         self.req_mem = [int(r[3]) for r in rows]
         self.counters = [JobCounters() for _ in rows]
@@ -439,7 +447,7 @@ class Orchestrator:
         what = reason or (f"{fclass}: killed by {signal.Signals(e.signal).name}" if e.signal
                           else f"{fclass}: exit code {e.exit_code}")
         row.update(status=JobState.CANCELLED if fclass == FailureClass.CANCELLED else JobState.FAILED,
-                   message=what, error_line=first_error_line(a.launch.stderr))
+                   message=what, error_line=self._cause(fclass, a.launch, what, reason))
         self._attempt_rows.append(row)
         if fclass == FailureClass.CANCELLED:
             self._set(j, JobState.CANCELLED, failure_class=fclass, exit_code=e.exit_code, message=what)
@@ -455,6 +463,21 @@ class Orchestrator:
             return
         self._set(j, JobState.FAILED, failure_class=fclass, exit_code=e.exit_code, message=f"{what}; {d.reason}")
         self._mark_unready(j)
+
+    @staticmethod
+    def _cause(fclass: FailureClass, launch: Launch, what: str, reason: str | None) -> str:
+        """The line an operator acts on. A payload error: what the payload said (its last meaningful
+        line, a traceback's final exception). Anything done to it from outside (oom, timeout, kill,
+        stage-in/out): batchprod's own account, which the payload cannot know."""
+        if fclass == FailureClass.USER_ERROR:
+            return causal_line(launch.stderr, launch.stdout) or batchprod_line(launch.stderr) or what
+        if reason:  # the backend or the engine knows why (it killed the job for memory or walltime, ...)
+            return reason
+        if fclass == FailureClass.OOM:  # e.g. the payload's own MemoryError
+            return batchprod_line(launch.stderr) or causal_line(launch.stderr) or what
+        if fclass == FailureClass.INFRASTRUCTURE:
+            return batchprod_line(launch.stderr) or what
+        return what
 
     def _mark_unready(self, j: int) -> None:
         if j == self.final_id:
@@ -503,7 +526,17 @@ class Orchestrator:
 
     # -- state --------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        return dict(Counter(str(s) for s in self.status))
+        out: Counter[str] = Counter()
+        for (_, state), n in self._tally.items():
+            out[str(state)] += n
+        return {k: v for k, v in out.items() if v}
+
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (label, state), n in self._tally.items():
+            if n:
+                out.setdefault(label, {})[str(state)] = n
+        return out
 
     def _flush(self) -> None:
         now = time.time()
@@ -523,4 +556,4 @@ class Orchestrator:
         self._attempt_rows = []
         self._output_rows = []
         if self.progress:
-            self.progress(self.counts())
+            self.progress(self.counts(), self.label_counts())

@@ -1,0 +1,106 @@
+"""What an operator reads is true: the payload's own cause, progress off a terminal, whole lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from batchprod.execution.logs import causal_line
+from batchprod.execution.run import prepare
+from batchprod.testing import command_task, write_submit
+from batchprod.wms.local import LocalExecutor
+
+
+def _failing_run(tmp_path: Path, toy_repo: Path, cmd: str, **keys):
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"], cmd),
+                          "coadd": command_task(["tract", "patch"], ["calexp"], ["coadd"])}}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, **keys))
+    LocalExecutor(run).execute()
+    return run
+
+
+def test_failures_grouped_by_what_the_payload_said(tmp_path: Path, toy_repo: Path, cli) -> None:
+    """No 'error' word in the payload's stderr: its own last line is still the cause and the group."""
+    cmd = "echo starting; echo saturated reference star catalog for visit {visit} >&2; exit 5"
+    run = _failing_run(tmp_path, toy_repo, cmd)
+    r = cli("report", run.submit_dir, "--failures", "--json")
+    f = json.loads(r.output)
+    assert f["failed"] == 4
+    (g,) = f["groups"]
+    assert g["count"] == 4 and g["cause"].startswith("saturated reference star catalog for visit ")
+    assert all(j["cause"].startswith("saturated reference star catalog") for j in f["jobs"])
+    text = cli("report", run.submit_dir, "--failures").output
+    assert "None" not in text and "exit=" not in text
+    assert "4 failed jobs in 1 failure signature " in text and "exit code 5" in text
+    assert "cause: saturated reference star catalog for visit 1" in text
+
+
+def test_cause_falls_back_to_batchprod_only_when_the_payload_said_nothing(tmp_path: Path, toy_repo: Path,
+                                                                           cli) -> None:
+    run = _failing_run(tmp_path, toy_repo, "exit 3")
+    f = json.loads(cli("report", run.submit_dir, "--failures", "--json").output)
+    assert f["groups"][0]["cause"]  # never None
+    assert "exited with code 3" in f["groups"][0]["cause"]
+
+
+def test_causal_line_reduces_tracebacks_and_skips_our_lines(tmp_path: Path) -> None:
+    err = tmp_path / "err"
+    err.write_text("quantum calibrate {'visit': 1}\nWARNING: slow disk\nTraceback (most recent call last):\n"
+                   '  File "x.py", line 3, in f\n    raise ValueError("bad flat")\nValueError: bad flat for 3\n'
+                   "error: calibrate {'visit': 1}: command exited with code 1: python x.py\n")
+    assert causal_line(err) == "ValueError: bad flat for 3"
+    out = tmp_path / "out"
+    out.write_text("+ mytool\nprocessing 12 sources\n\n---\n")
+    err.write_text("error: calibrate {'visit': 1}: command exited with code 4: mytool\n")
+    assert causal_line(err, out) == "processing 12 sources"
+
+
+def test_failures_limit_says_how_many_and_every_group_has_an_example(tmp_path: Path, toy_repo: Path, cli) -> None:
+    cmd = ("if test {detector} = 0; then echo flat field missing >&2; exit 2; fi; "
+           "echo no astrometric match >&2; exit 3")
+    run = _failing_run(tmp_path, toy_repo, cmd)
+    f = json.loads(cli("report", run.submit_dir, "--failures", "--json", "--limit", "1").output)
+    assert f["failed"] == 4 and len(f["groups"]) == 2
+    assert f["shown"] == 2  # the limit gives way to one example per signature
+    causes = {j["cause"] for j in f["jobs"]}
+    assert causes == {"flat field missing", "no astrometric match"}
+    text = cli("report", run.submit_dir, "--failures", "--limit", "1").output
+    assert "2 of 4 failed jobs shown" in text and "--all" in text
+    f = json.loads(cli("report", run.submit_dir, "--failures", "--json", "--all").output)
+    assert f["shown"] == 4
+
+
+def test_submit_piped_prints_progress_lines(tmp_path: Path, toy_repo: Path) -> None:
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"],
+                                                    "sleep 0.4; cp {inputs.raw} {outputs.calexp}")}}
+    cfg = write_submit(tmp_path, pipeline, repo=toy_repo, site={"local": {"cores": 1}})
+    env = {**os.environ, "BATCHPROD_PROGRESS_INTERVAL": "0.3"}
+    p = subprocess.run([sys.executable, "-m", "batchprod.cli", "submit", str(cfg)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if " jobs done (" in ln]
+    assert len(lines) >= 3, p.stdout
+    assert lines[0].split()[1] == "toy/run:" and "of 4 jobs done" in lines[0]
+    assert lines[-1].endswith("4 of 4 jobs done (succeeded 4)")
+    assert any("jobs/s" in ln for ln in lines[1:-1]), lines
+
+
+def test_tables_off_a_terminal_are_never_cut(tmp_path: Path, toy_repo: Path) -> None:
+    long = "calibrate_with_a_rather_long_task_label_that_an_operator_will_copy_and_paste_x"
+    pipeline = {"tasks": {long[:60]: command_task(["visit", "detector"], ["raw"], ["calexp"])}}
+    cfg = write_submit(tmp_path, pipeline, repo=toy_repo,
+                       payload={"outputRun": "u/operator/a_very_long_output_run_name_for_a_big_reprocessing/run1"})
+    env = {**os.environ, "COLUMNS": "80"}
+    bp = [sys.executable, "-m", "batchprod.cli"]
+    assert subprocess.run([*bp, "submit", str(cfg)], capture_output=True, env=env, timeout=120).returncode == 0
+    for cmd in (["report"], ["runs"]):
+        out = subprocess.run([*bp, *cmd, "--root", str(tmp_path / "submit")] if cmd == ["runs"] else
+                             [*bp, *cmd, "u/operator/a_very_long_output_run_name_for_a_big_reprocessing/run1",
+                              "--root", str(tmp_path / "submit")],
+                             capture_output=True, text=True, env=env, timeout=60).stdout
+        assert "u/operator/a_very_long_output_run_name_for_a_big_reprocessing/run1" in out, out
+        if cmd == ["report"]:
+            assert long[:60] in out, out
