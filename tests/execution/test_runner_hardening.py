@@ -6,6 +6,7 @@ fencing of superseded attempts, and storage failures at publication.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -122,3 +123,75 @@ def test_injection_through_task_config_runs_nothing(tmp_path: Path) -> None:
     assert not pwned.exists()
     (out,) = (repo / "toy" / "run" / "calexp").iterdir()
     assert out.read_text() == value + "\n"
+
+
+# -- shell semantics: a failed or killed part of a command fails it ------------------------------------
+def _one_command_job(tmp_path: Path, command: str, **keys) -> list[dict]:
+    repo = make_toy_repo(tmp_path / "repo", **ONE)
+    task = command_task(["visit", "detector"], ["raw"], ["calexp"], command)
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=repo, numberOfRetries=0,
+                               maxPreemptions=0, **keys))
+    LocalExecutor(run).execute()
+    return run.store.attempts(0)
+
+
+@pytest.mark.parametrize("command", [
+    "false | cat; cp {inputs.raw} {outputs.calexp}",  # a failed stage of a pipeline
+    "false; cp {inputs.raw} {outputs.calexp}",  # a failed command of a sequence
+    "cp {inputs.raw} {outputs.calexp}; echo $NOT_SET_ANYWHERE",  # an unset variable
+    "set +e; cp {inputs.raw} {outputs.calexp}; false",  # strict mode turned off: the exit status still counts
+])
+def test_a_failed_part_of_a_command_fails_the_job(tmp_path: Path, command: str) -> None:
+    (a,) = _one_command_job(tmp_path, command)
+    assert (a["status"], a["failure_class"]) == ("FAILED", "user_error")
+    assert "error: calibrate {'visit': 1, 'detector': 0}: command exited with code" in Path(a["stderr"]).read_text()
+
+
+@pytest.mark.parametrize(("command", "sig"), [
+    ("sh -c 'kill -KILL $$' | cat; cp {inputs.raw} {outputs.calexp}", signal.SIGKILL),
+    ("sh -c 'kill -TERM $$'; cp {inputs.raw} {outputs.calexp}", signal.SIGTERM),
+    ("cp {inputs.raw} {outputs.calexp}; sh -c 'kill -INT $$'", signal.SIGINT),
+])
+def test_payload_killed_inside_a_shell_job_is_killed_not_user_error(tmp_path: Path, command: str, sig: int) -> None:
+    (a,) = _one_command_job(tmp_path, command)
+    assert (a["failure_class"], a["signal"]) == ("killed", sig)
+    assert f"payload killed by {signal.Signals(sig).name}" in Path(a["stderr"]).read_text()
+    assert not list((tmp_path / "repo" / "toy" / "run").glob("calexp/*"))  # nothing published
+
+
+def test_crash_by_signal_inside_a_shell_job_stays_user_error(tmp_path: Path) -> None:
+    (a,) = _one_command_job(tmp_path, "sh -c 'kill -SEGV $$'; cp {inputs.raw} {outputs.calexp}")
+    assert (a["failure_class"], a["exit_code"]) == ("user_error", 128 + signal.SIGSEGV)
+
+
+def test_job_script_started_by_sh_runs_under_bash(tmp_path: Path) -> None:
+    """Batch systems start the script with #!/bin/sh or 'sh -c': it re-runs itself under bash."""
+    from batchprod.execution.runner import shell_script
+
+    spec = {"quanta": [{"label": "c", "data_id": {"v": 1}, "command": "false | cat", "inputs": [], "outputs": []}]}
+    p = subprocess.run(["/bin/sh", "-c", shell_script(spec, {})], capture_output=True, text=True)
+    assert p.returncode == 1 and "command exited with code 1: false | cat" in p.stderr
+
+
+@pytest.mark.parametrize(("command", "rc"), [
+    ("false | cat", 1),
+    ("false; true", 1),
+    ("sh -c 'kill -KILL $$'", -signal.SIGKILL),  # the wrapper dies of the kill, as the payload did
+    ("sh -c 'kill -TERM $$' | cat", -signal.SIGTERM),
+    ("sh -c 'kill -HUP $$'; true", -signal.SIGHUP),
+])
+def test_python_wrapper_commands_are_strict_and_report_kills(command: str, rc: int) -> None:
+    import sys
+
+    code = f"from batchprod.execution.runner import _run_command; _run_command({command!r}, 'finalJob')"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == rc, p.stderr
+
+
+def test_final_job_payload_killed_is_killed(tmp_path: Path) -> None:
+    repo = make_toy_repo(tmp_path / "repo", **ONE)
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"])}},
+                               repo=repo, maxPreemptions=0, finalJob={"command": "sh -c 'kill -KILL $$' | cat"}))
+    LocalExecutor(run).execute()
+    final = run.store.attempts()[-1]
+    assert (final["failure_class"], final["signal"]) == ("killed", signal.SIGKILL)

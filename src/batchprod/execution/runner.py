@@ -380,16 +380,28 @@ def render_command(template: str, q: dict[str, Any]) -> str:
     return _FORMATTER.vformat(template, (), fields)
 
 
+def _kill_signal(rc: int) -> int | None:
+    """The kill signal a command's status reports: -N from Python (killed itself), or 128+N from a
+    shell whose payload was killed (None: an ordinary exit, or a signal that means a crash)."""
+    sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0
+    return sig if sig in KILL_SIGNALS else None
+
+
 def _run_command(cmd: str, what: str) -> None:
+    """Run one command with bash's strict mode (a failed or killed part of ``a; b`` or ``a | b``
+    fails the command); a payload killed by a kill signal makes the wrapper die of it too."""
     print(f"+ {cmd}", flush=True)
-    rc = subprocess.call(cmd, shell=True)
+    rc = subprocess.call([BASH, "-c", f"{STRICT}\n{cmd}"])
     if rc == 0:
         return
-    if rc < 0 and -rc in KILL_SIGNALS:
+    sig = _kill_signal(rc)
+    if sig is not None:
         # stopped from outside: die of the same signal so the orchestrator sees a kill, not an error
-        print(f"error: {what}: payload killed by {signal.Signals(-rc).name}", file=sys.stderr, flush=True)
-        signal.signal(-rc, signal.SIG_DFL)
-        os.kill(os.getpid(), -rc)
+        print(f"error: {what}: payload killed by {signal.Signals(sig).name}", file=sys.stderr, flush=True)
+        if sig != signal.SIGKILL:  # (its handler cannot be set)
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), signal.SIGKILL)  # the signal was blocked or ignored: still a kill
     code = rc if rc > 0 else 128 - rc
     print(f"error: {what}: command exited with code {code}: {cmd}", file=sys.stderr, flush=True)
     raise SystemExit(code)
@@ -451,24 +463,52 @@ def staging_map(spec: dict[str, Any]) -> dict[str, str]:
     return {r["path"]: _staged(spec, r, attempt) for q in spec["quanta"] for r in q["outputs"]}
 
 
+def _exit_trap() -> str:
+    """The job script's EXIT trap: says which command failed, and makes a payload killed by a kill
+    signal (the shell reports 128+N) kill the job's shell with it, so the backend sees a kill."""
+    names = " ".join(f"{128 + int(s)}) _bp_sig={signal.Signals(s).name.removeprefix('SIG')};;"
+                     for s in sorted(KILL_SIGNALS))
+    resets = " ".join(signal.Signals(s).name.removeprefix("SIG") for s in sorted(KILL_SIGNALS) if s != signal.SIGKILL)
+    return ("trap '_bp_rc=$?; set +eu; trap - EXIT; if [ $_bp_rc -ne 0 ]; then _bp_sig=; "
+            f"case $_bp_rc in {names} esac; "
+            'if [ -n "$_bp_sig" ]; then echo "error: $_bp_what: payload killed by SIG$_bp_sig: $_bp_cmd" >&2; '
+            f"trap - {resets}; kill -s $_bp_sig $$; kill -s KILL $$; fi; "
+            'echo "error: $_bp_what: command exited with code $_bp_rc: $_bp_cmd" >&2; fi; exit $_bp_rc\' EXIT')
+
+
+BASH = "/bin/bash"
+#: every task command runs with these: a failed or killed part of ``a; b`` or ``a | b`` fails it
+STRICT = "set -euo pipefail"
+
+
 def shell_script(spec: dict[str, Any], staged: dict[str, str]) -> str | None:
-    """The job as one shell script when every quantum is a command (no Python to start): the local
+    """The job as one bash script when every quantum is a command (no Python to start): the local
     backend runs it directly, with the wrapper's pre/post steps done in the orchestrator. None if
-    the job needs the Python wrapper."""
+    the job needs the Python wrapper.
+
+    Each command runs under ``set -euo pipefail`` through ``eval`` (so a stray quote or here-document
+    in one command cannot swallow the rest of the script); a trap names the failed command, and a
+    payload killed by a kill signal kills the job with it (``killed``, not ``user_error``). Started by
+    ``sh`` (a batch script), the script re-runs itself under bash first."""
     if spec.get("final") or any(q.get("python") or not q.get("command") for q in spec["quanta"]):
         return None
-    lines = []
+    lines = ["_bp_what=job; _bp_cmd=", _exit_trap()]
     for q in spec["quanta"]:
         what = f"{q['label']} {q['data_id']}"
         cmd = render_command(q["command"], _local(q, staged))
+        # the options again for every command: one may have changed them for the next
+        lines.append(f"{STRICT}; _bp_what={shlex.quote(what)}; _bp_cmd={shlex.quote(cmd)}")
         lines.append(f"echo {shlex.quote('quantum ' + what)}")
-        # a brace group, not a subshell: one fork less per job (an 'exit' inside still ends the job)
-        lines.append(f"{{ {cmd}\n}} || {{ rc=$?; echo {shlex.quote('error: ' + what + ': command exited with code')} "
-                     f'"$rc: "{shlex.quote(cmd)} >&2; exit $rc; }}')
+        # (a command that turned 'set -e' off still fails the job by its own exit status)
+        lines.append('eval "$_bp_cmd"\n_bp_rc=$?; if [ $_bp_rc -ne 0 ]; then exit $_bp_rc; fi')
     if spec.get("result_path"):
         # the commands finished well: a marker lets a restart finish post-job if the orchestrator died
-        lines.append(f"printf 0 > {shlex.quote(spec['result_path'] + '.exit')}")
-    return "\n".join(lines) + "\n"
+        marker = shlex.quote(spec["result_path"] + ".exit")
+        lines.append(f"_bp_what=post-job; _bp_cmd='write the completion marker'; printf 0 > {marker} "
+                     f"|| exit {EXIT_INFRASTRUCTURE}")
+    body = "\n".join(lines) + "\n"
+    # under sh (a batch script's #!/bin/sh, 'sh -c'): the same script again, under bash
+    return f'[ -n "${{BASH_VERSION-}}" ] || exec {BASH} -c {shlex.quote(body)}\n{body}'
 
 
 def complete_after_loss(spec: dict[str, Any]) -> bool:

@@ -4,7 +4,7 @@ Ended attempts are collected with ``wait4`` (exit status + rusage in one call, n
 the whole process tree of each running attempt is measured (RSS via psutil) and killed at its
 memory request (``oom``).
 
-A job made only of shell commands runs *inline* (see ``wms/inline.py``): its script is started directly (``/bin/sh``) and
+A job made only of shell commands runs *inline* (see ``wms/inline.py``): its script is started directly (``/bin/bash``) and
 the wrapper's pre-job (stage-in check) and post-job (checksums, manifest, publication) steps run
 here in the orchestrator, because a Python interpreter per job (~50 ms of imports) would cap local
 dispatch at a few dozen jobs per second. Jobs with Python payloads start the Python wrapper.
@@ -28,6 +28,7 @@ import psutil
 
 from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env, tree_rss_mb
 from batchprod.execution.run import Run
+from batchprod.execution.runner import BASH
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, Ended, Launch
 from batchprod.wms.inline import ENV_SUBMIT_DIR, InlineJobs, inline_post_job, job_variables
@@ -91,7 +92,7 @@ class LocalBackend(Backend):
             if not ok:
                 handles.append("-")
                 continue
-            cmd = ["/bin/sh", "-c", script] if script is not None else RUNNER
+            cmd = [BASH, "-c", script] if script is not None else RUNNER
             fo, fe = open(launch.stdout, "wb"), open(launch.stderr, "wb")  # noqa: SIM115 (closed when reaped)
             popen = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL if script is not None else subprocess.PIPE, stdout=fo, stderr=fe,
