@@ -207,9 +207,14 @@ def _latest(root: Path | None) -> str:
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
               help="With --failures: how many failed jobs to detail (every signature gets one anyway).")
 @click.option("--all", "show_all", is_flag=True, help="With --failures: detail every failed job.")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              metavar="FILE.tsv", help="Write a trace: one TSV row per job attempt (like Nextflow's); '-' = stdout.")
+@click.option("--watch", is_flag=True, help="Refresh the report until the run ends.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between --watch refreshes.")
 @_user_errors
 def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool, job_name: str | None,
-           limit: int, show_all: bool) -> None:
+           limit: int, show_all: bool, trace_path: Path | None, watch: bool, interval: float) -> None:
     """Job counts per task label and a run summary (latest run if RUN is omitted).
 
     Exit code 0 only if the whole run succeeded."""
@@ -219,7 +224,16 @@ def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool
     from batchprod.report.failures import job_history, render_failures, render_history
 
     run = find_run(run_ref or _latest(root), root)
+    if watch:
+        sys.exit(_watch(run, interval))
     s = summarize(run)
+    if trace_path is not None:
+        from batchprod.report.trace import write_trace
+
+        n = write_trace(run, trace_path)
+        if str(trace_path) != "-":
+            click.echo(f"trace: {n:,} attempts written to {trace_path}", err=True)
+        sys.exit(0 if s["status"] == "SUCCEEDED" else 1)
     if job_name:
         data: Any = job_history(run, job_name)
         rendered = render_history(data)
@@ -234,6 +248,68 @@ def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool
         for item in rendered:
             console.print(item)
     sys.exit(0 if s["status"] == "SUCCEEDED" else 1)
+
+
+def _watch(run: Any, interval: float) -> int:
+    """``report --watch``: the report table, refreshed until the run is no longer RUNNING."""
+    import time
+
+    from rich.live import Live
+
+    from batchprod.execution import lock
+    from batchprod.report import render_table, summarize
+
+    def live() -> bool:  # an engine drives the run (or is starting to: it holds the lock already)
+        return s["status"] == "RUNNING" or not lock.is_free(run.submit_dir)
+
+    s = summarize(run)
+    if console.is_terminal:
+        with Live(render_table(s), console=console, auto_refresh=False) as live_view:
+            while live():
+                time.sleep(interval)
+                s = summarize(run)
+                live_view.update(render_table(s), refresh=True)
+    else:
+        from batchprod.report.progress import words
+
+        while True:
+            cols = {k: v for k, v in s["jobs"].items() if k != "total"}
+            done = sum(cols.get(c, 0) for c in ("succeeded", "failed", "unready", "cancelled"))
+            click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {s['run']}: {s['status']}, {done:,} of "
+                       f"{s['jobs']['total']:,} jobs done ({words(cols) or 'nothing yet'})")
+            if not live():
+                break
+            time.sleep(interval)
+            s = summarize(run)
+        console.print(render_table(s))
+    return 0 if s["status"] == "SUCCEEDED" else 1
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@click.argument("job_name", metavar="JOB")
+@ROOT_OPTION
+@click.option("--attempt", type=click.IntRange(min=1), default=None, help="Attempt number (default: the latest).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what is appended until the attempt has ended.")
+@click.option("--stdout", "stream", flag_value="stdout", default=None, help="Only the attempt's stdout.")
+@click.option("--stderr", "stream", flag_value="stderr", help="Only the attempt's stderr.")
+@_user_errors
+def logs(run_ref: str, job_name: str, root: Path | None, attempt: int | None, follow: bool, stream: str | None) -> None:
+    """Print a job attempt's stdout and stderr (the latest attempt unless --attempt N); --follow
+    tails them while it runs and returns when it has ended."""
+    import os
+
+    from batchprod.execution.run import find_run
+    from batchprod.report.logs import print_logs
+
+    run = find_run(run_ref, root)
+    try:
+        print_logs(run, job_name, attempt, out=sys.stdout, follow=follow, stream=stream or "both")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # `batchprod logs RUN JOB | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 @main.command()

@@ -104,3 +104,29 @@ def test_tables_off_a_terminal_are_never_cut(tmp_path: Path, toy_repo: Path) -> 
         assert "u/operator/a_very_long_output_run_name_for_a_big_reprocessing/run1" in out, out
         if cmd == ["report"]:
             assert long[:60] in out, out
+
+
+def test_trace_logs_and_watch_from_the_command_line(tmp_path: Path, toy_repo: Path, cli) -> None:
+    cmd = "echo visit {visit} went wrong >&2; test {detector} = 0 || exit 4; cp {inputs.raw} {outputs.calexp}"
+    run = _failing_run(tmp_path, toy_repo, cmd, numberOfRetries=1)
+    trace = tmp_path / "trace.tsv"
+    r = cli("report", run.submit_dir, "--trace", trace)
+    assert r.exit_code == 1
+    rows = trace.read_text().splitlines()
+    assert len(rows) == 1 + len(run.store.attempts())
+    assert rows[0].split("\t")[:4] == ["job", "label", "data_id", "attempt"]
+    r = cli("logs", run.submit_dir, "calibrate_visit1_detector1", "--stderr")
+    assert r.exit_code == 0 and "visit 1 went wrong" in r.output and "attempt 2" in r.output
+    r = cli("logs", run.submit_dir, "calibrate_visit1_detector9")
+    assert r.exit_code == 2 and "did you mean" in r.output
+    # --watch on a live detached run: lines until it ends, then the table and the run's exit code
+    slow = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"],
+                                                "sleep 0.5; cp {inputs.raw} {outputs.calexp}")}}
+    other = prepare(write_submit(tmp_path / "w", slow, repo=toy_repo, payload={"outputRun": "toy/watched"},
+                                 site={"local": {"cores": 1}}))
+    assert cli("restart", other.submit_dir, "--detach").exit_code == 0
+    p = subprocess.run([sys.executable, "-m", "batchprod.cli", "report", str(other.submit_dir), "--watch",
+                        "--interval", "0.3"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if "jobs done" in ln]
+    assert len(lines) >= 2 and any("RUNNING" in ln for ln in lines) and "SUCCEEDED, 4 of 4 jobs done" in lines[-1]
