@@ -366,9 +366,15 @@ def restart(run_ref: str, root: Path | None, detach: bool, overrides: tuple[str,
             for said in add_restart_overrides(run, _overrides(overrides)):
                 console.print(f"changed from now on: {said}")
     if detach:
+        from batchprod.report.report import restart_plan
+
+        console.print(restart_plan(run))
         _detach(run)
         return
     with lock.run_lock(run.submit_dir, run.name):  # before anything else: a second restart stops here
+        from batchprod.report.report import restart_plan
+
+        console.print(restart_plan(run))
         rc = _execute_foreground(run, show_progress=True)
     sys.exit(rc)
 

@@ -130,3 +130,29 @@ def test_trace_logs_and_watch_from_the_command_line(tmp_path: Path, toy_repo: Pa
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stdout.splitlines() if "jobs done" in ln]
     assert len(lines) >= 2 and any("RUNNING" in ln for ln in lines) and "SUCCEEDED, 4 of 4 jobs done" in lines[-1]
+
+
+def test_killed_engine_shows_interrupted_with_the_hint_and_restart_says_what_it_does(tmp_path: Path,
+                                                                                       toy_repo: Path,
+                                                                                       cli) -> None:
+    import signal
+
+    from batchprod.testing import start_orchestrator, wait_for
+
+    flag = tmp_path / "go"
+    cmd = f"test {{detector}} = 0 || test -e {flag} || sleep 60; cp {{inputs.raw}} {{outputs.calexp}}"
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"], cmd)}}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, site={"local": {"cores": 2}}))
+    orch = start_orchestrator(run.submit_dir)
+    wait_for(lambda: len(run.store.jobs(status="SUCCEEDED")) >= 2 and run.store.attempts(status="RUNNING"))
+    orch.send_signal(signal.SIGKILL)
+    orch.wait()
+    s = json.loads(cli("report", run.submit_dir, "--json").output)
+    assert s["status"] == "INTERRUPTED" and s["jobs"].get("running", 0) == 0 and s["jobs"]["interrupted"] >= 1
+    assert s["hint"] == f"batchprod restart {run.submit_dir}"
+    text = cli("report", run.submit_dir).output
+    assert "INTERRUPTED" in text and f"batchprod restart {run.submit_dir}" in text and "running" not in text
+    flag.touch()
+    r = cli("restart", run.submit_dir)
+    assert r.exit_code == 0, r.output
+    assert "restart: kept 2 succeeded jobs, re-running 2 jobs" in r.output

@@ -15,12 +15,14 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from batchprod.errors import RunError
 
 LOCK_FILE = "engine.lock"
+PROBE_GRACE = 0.25  # seconds an engine keeps trying before it believes someone else holds the run
 
 #: submit dir -> descriptor of a lock this process holds (taken here or inherited from a detaching parent)
 _held: dict[str, int] = {}
@@ -43,12 +45,19 @@ def acquire(submit_dir: str | Path, name: str | None = None) -> int:
         return _held[key]
     path = Path(key) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunError(f"run '{name or key}' is being driven by {_holder(path)}; "
-                       "wait for it, or stop it with 'batchprod cancel'") from None
+    deadline = time.monotonic() + PROBE_GRACE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            # a reader probing with is_free() holds it for microseconds: only a holder that stays is real
+            if time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            os.close(fd)
+            raise RunError(f"run '{name or key}' is being driven by {_holder(path)}; "
+                           "wait for it, or stop it with 'batchprod cancel'") from None
     _stamp(fd)
     _held[key] = fd
     return fd

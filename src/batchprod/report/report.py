@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from batchprod.execution import lock
 from batchprod.execution.process import same_process_alive
 from batchprod.execution.run import Run
 from batchprod.execution.states import JobState, RunState
@@ -33,13 +34,18 @@ def column_counts(counts: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def run_status(run: Run) -> str:
-    """The run's state; RUNNING with no live orchestrator is reported as INTERRUPTED."""
-    info = run.store.run_info()
+def run_status(run: Run, info: dict[str, Any] | None = None) -> str:
+    """The run's state; RUNNING with no engine holding the run's lock is INTERRUPTED (its engine died)."""
+    info = info or run.store.run_info()
     status = info["status"]
-    if status == RunState.RUNNING and not same_process_alive(info.get("orchestrator_pid"), info.get("orchestrator_start")):
+    if status == RunState.RUNNING and lock.is_free(run.submit_dir) and not same_process_alive(
+            info.get("orchestrator_pid"), info.get("orchestrator_start")):
         return RunState.INTERRUPTED
     return str(status)
+
+
+def restart_hint(run: Run) -> str:
+    return f"batchprod restart {run.submit_dir}"
 
 
 def summarize(run: Run) -> dict[str, Any]:
@@ -60,11 +66,18 @@ def summarize(run: Run) -> dict[str, Any]:
         for c in COLUMNS:
             totals[c] += row[c]
     end = info["updated"] if info["status"] != RunState.RUNNING else time.time()
+    status = run_status(run, info)
+    if status == RunState.INTERRUPTED:
+        # its engine is gone: nothing runs, whatever the last rows said
+        totals["interrupted"] = totals.pop("running")
+        for row in labels.values():
+            row["interrupted"] = row.pop("running")
     return {
         "run": info["name"],
         "submit_dir": info["submit_dir"],
         "wms": info["wms"],
-        "status": run_status(run),
+        "status": status,
+        "hint": restart_hint(run) if status == RunState.INTERRUPTED else None,
         "created": info["created"],
         "elapsed_s": round(end - info["created"], 3),
         "message": info["message"],  # e.g. the post-run ingest's outcome
@@ -78,14 +91,44 @@ def render_table(summary: dict[str, Any]) -> Any:
     """A rich Table of the per-label counts."""
     from rich.table import Table
 
+    cols = [("interrupted" if c == "running" and "interrupted" in summary["jobs"] else c) for c in COLUMNS]
     t = Table(title=f"run {summary['run']}: {summary['status']}  ({summary['elapsed_s']:.1f}s, wms={summary['wms']})")
-    t.add_column("label")
-    for c in COLUMNS:
-        t.add_column(c, justify="right")
+    t.add_column("label", no_wrap=True)
+    for c in cols:
+        t.add_column(c, justify="right", no_wrap=True)
     for label, row in summary["labels"].items():
-        t.add_row(label, *(str(row[c]) for c in COLUMNS))
+        t.add_row(label, *(f"{row[c]:,}" for c in cols))
     t.add_section()
-    t.add_row("all jobs", *(str(summary["jobs"][c]) for c in COLUMNS), style="bold")
-    if summary.get("message"):
-        t.caption = summary["message"]
-    return t
+    t.add_row("all jobs", *(f"{summary['jobs'][c]:,}" for c in cols), style="bold")
+    notes = [summary[k] for k in ("message",) if summary.get(k)]
+    if summary.get("hint"):
+        notes.append(f"its engine is gone; continue with: {summary['hint']}")
+    if not notes:
+        return t
+    from rich.console import Group
+    from rich.text import Text
+
+    # below the table, not in its caption: a caption is wrapped to the table's width, cutting paths
+    return Group(t, *(Text(n, overflow="ignore") for n in notes))
+
+
+def restart_plan(run: Run) -> str:
+    """What a restart is about to do, in words: kept N succeeded, re-running M, learned memory of K kept."""
+    from batchprod.report.failures import plural
+
+    wf = run.workflow
+    base = [g.resources.request_memory for g in wf.groups]
+    groups = wf.job_group.tolist()
+    final_mem = wf.final.resources.request_memory if wf.final is not None else 0
+    kept = rerun = learned = 0
+    for j, status, mem in run.store.job_columns("id", "status", "request_memory"):
+        if status == JobState.SUCCEEDED:
+            kept += 1
+            continue
+        rerun += 1
+        if mem > (base[groups[j]] if j < len(groups) else final_mem):
+            learned += 1
+    parts = [f"kept {plural(kept, 'succeeded job')}", f"re-running {plural(rerun, 'job')}"]
+    if learned:
+        parts.append(f"learned memory of {plural(learned, 'job')} kept")
+    return "restart: " + ", ".join(parts)
