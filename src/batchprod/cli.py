@@ -151,7 +151,7 @@ def _execute_foreground(run: Any, show_progress: bool) -> int:
             state = wms.execute(run, view)
     else:
         state = wms.execute(run)
-    console.print(render_table(summarize(run)))
+    console.print(render_table(summarize(run), console.width))
     return 0 if state == RunState.SUCCEEDED else 1
 
 
@@ -239,9 +239,9 @@ def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool
         rendered = render_history(data)
     elif failures:
         data = get_failures(run, limit=None if show_all else limit)
-        rendered = [render_table(s), *render_failures(data)]
+        rendered = [render_table(s, console.width), *render_failures(data, console.width)]
     else:
-        data, rendered = s, [render_table(s)]
+        data, rendered = s, [render_table(s, console.width)]
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -264,11 +264,11 @@ def _watch(run: Any, interval: float) -> int:
 
     s = summarize(run)
     if console.is_terminal:
-        with Live(render_table(s), console=console, auto_refresh=False) as live_view:
+        with Live(render_table(s, console.width), console=console, auto_refresh=False) as live_view:
             while live():
                 time.sleep(interval)
                 s = summarize(run)
-                live_view.update(render_table(s), refresh=True)
+                live_view.update(render_table(s, console.width), refresh=True)
     else:
         from batchprod.report.progress import words
 
@@ -281,7 +281,7 @@ def _watch(run: Any, interval: float) -> int:
                 break
             time.sleep(interval)
             s = summarize(run)
-        console.print(render_table(s))
+        console.print(render_table(s, console.width))
     return 0 if s["status"] == "SUCCEEDED" else 1
 
 
@@ -432,8 +432,6 @@ def serve(root: Path | None, host: str, port: int) -> None:
 @_user_errors
 def runs(root: Path | None, as_json: bool) -> None:
     """List runs under the submit root, newest first."""
-    from rich.table import Table
-
     from batchprod.execution.run import Run, list_runs
     from batchprod.report import summarize
 
@@ -441,14 +439,13 @@ def runs(root: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    t = Table(title=f"runs under {root or Path.cwd() / 'submit'}")
-    for c in ("run", "status", "jobs", "succeeded", "failed", "elapsed", "submit dir"):
-        t.add_column(c)
-    for s in rows:
-        j = s["jobs"]
-        t.add_row(s["run"], s["status"], str(j["total"]), str(j["succeeded"]), str(j["failed"]),
-                  f"{s['elapsed_s']:.0f}s", s["submit_dir"])
-    console.print(t)
+    from batchprod.report.tables import fit_table
+
+    headers = ["run", "status", "jobs", "succeeded", "failed", "submitted", "elapsed", "submit dir"]
+    table = [[s["run"], s["status"], f"{s['jobs']['total']:,}", f"{s['jobs']['succeeded']:,}",
+              f"{s['jobs']['failed']:,}", s["created_iso"], f"{s['elapsed_s']:,.0f}s", s["submit_dir"]] for s in rows]
+    console.print(fit_table(f"runs under {root or Path.cwd() / 'submit'}", headers, table, console.width,
+                            right=["jobs", "succeeded", "failed", "elapsed"], optional=["submit dir"]))
 
 
 @main.command()

@@ -156,3 +156,33 @@ def test_killed_engine_shows_interrupted_with_the_hint_and_restart_says_what_it_
     r = cli("restart", run.submit_dir)
     assert r.exit_code == 0, r.output
     assert "restart: kept 2 succeeded jobs, re-running 2 jobs" in r.output
+
+
+def test_an_80_column_terminal_keeps_whole_names(tmp_path: Path, toy_repo: Path) -> None:
+    """On a real terminal (a pty via script(1)) of 80 columns, names and headers are never cut."""
+    import re
+    import shutil
+
+    import pytest
+
+    if not shutil.which("script"):
+        pytest.skip("script(1) not installed")
+    name = "u/operator/a_very_long_output_run_name_for_a_big_reprocessing/run1"
+    long_label = "calibrate_with_a_rather_long_label_x"
+    pipeline = {"tasks": {long_label: command_task(["visit", "detector"], ["raw"], ["calexp"],
+                                                   "echo the flat field for this detector is saturated >&2; exit 3")}}
+    cfg = write_submit(tmp_path, pipeline, repo=toy_repo, payload={"outputRun": name})
+    bp = f"{sys.executable} -m batchprod.cli"
+    root = tmp_path / "submit"
+    subprocess.run([sys.executable, "-m", "batchprod.cli", "submit", str(cfg)], capture_output=True, timeout=120)
+    for cmd in (f"runs --root {root}", f"report {name} --root {root}", f"report {name} --root {root} --failures"):
+        p = subprocess.run(["script", "-qc", f"{bp} {cmd}", "/dev/null"], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "80", "LINES": "50", "TERM": "xterm"}, timeout=60)
+        out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", p.stdout)
+        assert "…" not in out, out
+        assert max(len(ln) for ln in out.splitlines()) <= 80, out
+        assert name in out, out
+        if "report" in cmd:
+            assert long_label in out, out
+        if "--failures" in cmd:
+            assert f"{long_label}_visit1_detector0" in out and "the flat field for this detector is saturated" in out

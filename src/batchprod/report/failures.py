@@ -92,22 +92,16 @@ def _data_id_words(did: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in did.items()) or "-"
 
 
-def render_failures(f: dict[str, Any]) -> list[Any]:
-    from rich.table import Table
+def render_failures(f: dict[str, Any], width: int | None = None) -> list[Any]:
+    from batchprod.report.tables import fit_table
 
     out: list[Any] = []
     title = (f"{plural(f['failed'], 'failed job')} in {plural(len(f['groups']), 'failure signature')} "
              f"({f['unready']:,} unready downstream)")
-    t = Table(title=title)
-    t.add_column("count", justify="right", no_wrap=True)
-    t.add_column("class", no_wrap=True)
-    t.add_column("labels")
-    t.add_column("cause", overflow="fold")
-    t.add_column("examples")
-    for g in f["groups"]:
-        t.add_row(f"{g['count']:,}", g["failure_class"], ", ".join(f"{k}: {v:,}" for k, v in g["labels"].items()),
-                  g["cause"], "\n".join(g["examples"]))
-    out.append(t)
+    rows = [[f"{g['count']:,}", g["failure_class"], ", ".join(f"{k}: {v:,}" for k, v in g["labels"].items()),
+             g["cause"], "\n".join(g["examples"])] for g in f["groups"]]
+    out.append(fit_table(title, ["count", "class", "labels", "cause", "examples"], rows, width or 1_000_000,
+                         right=["count"]))
     for j in f["jobs"]:
         lines = [f"[bold]{j['name']}[/bold]  {j['label']}  {_data_id_words(j['data_id'])}  {j['failure_class']}, "
                  f"{_exit_words(j['exit_code'], j['signal'])}, {plural(j['attempts'], 'attempt')}",

@@ -26,6 +26,15 @@ _COLUMN_OF = {
 }
 
 
+def iso(ts: float | None) -> str:
+    """A time as ISO 8601 in the local zone with its offset (what the operator's clock says), or ''."""
+    if ts is None:
+        return ""
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
 def column_counts(counts: dict[str, int]) -> dict[str, int]:
     """Jobs per state -> jobs per report column (the words every view uses)."""
     out = dict.fromkeys(COLUMNS[1:], 0)
@@ -79,6 +88,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "status": status,
         "hint": restart_hint(run) if status == RunState.INTERRUPTED else None,
         "created": info["created"],
+        "created_iso": iso(info["created"]),
         "elapsed_s": round(end - info["created"], 3),
         "message": info["message"],  # e.g. the post-run ingest's outcome
         "jobs": totals,
@@ -87,19 +97,16 @@ def summarize(run: Run) -> dict[str, Any]:
     }
 
 
-def render_table(summary: dict[str, Any]) -> Any:
-    """A rich Table of the per-label counts."""
-    from rich.table import Table
+def render_table(summary: dict[str, Any], width: int | None = None) -> Any:
+    """The per-label counts as a table that fits ``width`` uncut (None = no limit), with the run's
+    message and, for an interrupted run, the command that continues it below."""
+    from batchprod.report.tables import fit_table
 
     cols = [("interrupted" if c == "running" and "interrupted" in summary["jobs"] else c) for c in COLUMNS]
-    t = Table(title=f"run {summary['run']}: {summary['status']}  ({summary['elapsed_s']:.1f}s, wms={summary['wms']})")
-    t.add_column("label", no_wrap=True)
-    for c in cols:
-        t.add_column(c, justify="right", no_wrap=True)
-    for label, row in summary["labels"].items():
-        t.add_row(label, *(f"{row[c]:,}" for c in cols))
-    t.add_section()
-    t.add_row("all jobs", *(f"{summary['jobs'][c]:,}" for c in cols), style="bold")
+    title = f"run {summary['run']}: {summary['status']}  ({summary['elapsed_s']:,.1f}s, wms={summary['wms']})"
+    rows = [[label, *(f"{row[c]:,}" for c in cols)] for label, row in summary["labels"].items()]
+    footer = ["all jobs", *(f"{summary['jobs'][c]:,}" for c in cols)]
+    t = fit_table(title, ["label", *cols], rows, width or 1_000_000, right=cols, footer=footer)
     notes = [summary[k] for k in ("message",) if summary.get(k)]
     if summary.get("hint"):
         notes.append(f"its engine is gone; continue with: {summary['hint']}")
@@ -109,7 +116,7 @@ def render_table(summary: dict[str, Any]) -> Any:
     from rich.text import Text
 
     # below the table, not in its caption: a caption is wrapped to the table's width, cutting paths
-    return Group(t, *(Text(n, overflow="ignore") for n in notes))
+    return Group(t, *(Text(n, overflow="fold") for n in notes))
 
 
 def restart_plan(run: Run) -> str:
