@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from batchprod._arrayfile import load_arrays, save_arrays
+from batchprod._arrayfile import ArrayFileError, check_csr, int_array, load_arrays, save_arrays
 from batchprod.errors import GraphError
 from batchprod.graph.registry import canonical
 
@@ -195,8 +194,11 @@ class QuantumGraph:
         refs = []
         for e in self.ext_idx[self.ext_ptr[q] : self.ext_ptr[q + 1]]:
             dt, did, loc, ck = self.ext_datasets[int(e)]
-            path = loc if os.path.isabs(loc) else os.path.join(str(repo), loc)
-            refs.append(DatasetRef(dt, json.loads(did), path, ck))
+            try:
+                path = loc if os.path.isabs(loc) else os.path.join(str(repo), loc)
+                refs.append(DatasetRef(dt, json.loads(did), path, ck))
+            except (TypeError, ValueError):
+                raise GraphError(f"quantum graph: registry input {int(e)} ({dt!r}) is damaged") from None
         return refs
 
     # -- checks -------------------------------------------------------------------------------------
@@ -246,26 +248,73 @@ class QuantumGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> QuantumGraph:
+        """Read a graph file; a damaged or tampered one (truncated arrays, indices out of range, a
+        bad header) is one GraphError naming the file. The checks are vectorized: ~25 ms at 10^6 quanta."""
         path = Path(path)
         if not path.is_file():
             raise GraphError(f"{path}: quantum graph file not found")
         try:
             header, arr = load_arrays(path)
-            if header.get("format") != "batchprod-qgraph":
-                raise GraphError(f"{path}: not a batchprod quantum graph")
-            if header.get("version") != FORMAT_VERSION:
-                raise GraphError(f"{path}: unsupported graph format version {header.get('version')}")
-            tasks = [TaskNode.from_json(t) for t in header["tasks"]]
-            return cls(
-                tasks,
-                arr["task_offsets"],
-                [arr[f"data_ids_{i}"] for i in range(len(tasks))],
-                arr["pred_ptr"],
-                arr["pred_idx"],
-                arr["ext_ptr"],
-                arr["ext_idx"],
-                [tuple(x) for x in header["ext_datasets"]],
-                header.get("metadata"),
-            )
-        except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        except OSError as exc:
+            raise GraphError(f"{path}: cannot read quantum graph: {exc.strerror or exc}") from None
+        except ArrayFileError as exc:
             raise GraphError(f"{path}: cannot read quantum graph: {exc}") from None
+        if header.get("format") != "batchprod-qgraph":
+            raise GraphError(f"{path}: not a batchprod quantum graph")
+        if header.get("version") != FORMAT_VERSION:
+            raise GraphError(f"{path}: unsupported graph format version {header.get('version')}")
+        try:
+            tasks = [_task_from_header(t) for t in header["tasks"]]
+            ext = [tuple(x) for x in header["ext_datasets"]]
+            metadata = header.get("metadata")
+            if not isinstance(metadata, dict | None) or not set(map(len, ext)) <= {4}:
+                raise ArrayFileError("bad header (metadata or registry inputs)")
+            data_ids = _check_arrays(tasks, arr, len(ext))
+        except ArrayFileError as exc:
+            raise GraphError(f"{path}: damaged quantum graph: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise GraphError(f"{path}: damaged quantum graph: bad header ({type(exc).__name__}: {exc})") from None
+        return cls(tasks, arr["task_offsets"], data_ids, arr["pred_ptr"], arr["pred_idx"], arr["ext_ptr"],
+                   arr["ext_idx"], ext, metadata)
+
+
+def _task_from_header(d: Any) -> TaskNode:
+    t = TaskNode.from_json(d)
+    names = [t.label, *t.dimensions, *t.inputs, *t.outputs]
+    if not all(isinstance(x, str) for x in names) or not all(isinstance(x, str | None) for x in (t.python, t.command)) \
+            or not isinstance(t.config, dict):
+        raise ArrayFileError(f"bad header (task {t.label!r})")
+    return t
+
+
+def _check_arrays(tasks: list[TaskNode], arr: dict[str, np.ndarray], n_ext: int) -> list[np.ndarray]:
+    """Sizes and index ranges of a loaded graph's arrays (raises ArrayFileError); the data ID blocks."""
+    if len({t.label for t in tasks}) != len(tasks):
+        raise ArrayFileError("bad header (a task label appears twice)")
+    offsets = int_array(arr, "task_offsets")
+    if len(offsets) != len(tasks) + 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+        raise ArrayFileError(f"array 'task_offsets': not {len(tasks) + 1} non-decreasing offsets from 0")
+    n = int(offsets[-1])
+    if n >= 2**31:
+        raise ArrayFileError(f"array 'task_offsets': {n} quanta")
+    data_ids = []
+    for i, t in enumerate(tasks):
+        a = arr.get(f"data_ids_{i}")
+        if a is None or a.dtype.kind not in "iu":
+            raise ArrayFileError(f"array 'data_ids_{i}': missing or not integers")
+        count = int(offsets[i + 1] - offsets[i])
+        if a.size != count * len(t.dimensions) or (t.dimensions and a.ndim != 2):
+            raise ArrayFileError(f"array 'data_ids_{i}': shape {a.shape}, expected ({count}, {len(t.dimensions)}) "
+                                 f"for task '{t.label}'")
+        data_ids.append(a)
+    pred_ptr, pred_idx = int_array(arr, "pred_ptr"), int_array(arr, "pred_idx")
+    check_csr(pred_ptr, pred_idx, n, n, ("pred_ptr", "pred_idx"), "quanta")
+    # quanta are numbered in dependency order: every producer before its consumer (so no cycle)
+    consumer = np.repeat(np.arange(n, dtype=np.int64), np.diff(pred_ptr))
+    later = np.flatnonzero(pred_idx >= consumer)
+    if len(later):
+        raise ArrayFileError(f"array 'pred_idx': quantum {int(consumer[later[0]])} depends on quantum "
+                             f"{int(pred_idx[later[0]])}, which does not come before it")
+    check_csr(int_array(arr, "ext_ptr"), int_array(arr, "ext_idx"), n, n_ext, ("ext_ptr", "ext_idx"),
+              "registry inputs")
+    return data_ids

@@ -8,7 +8,6 @@ million jobs cost one config lookup per label.
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from batchprod._arrayfile import load_arrays, save_arrays
+from batchprod._arrayfile import ArrayFileError, check_csr, check_index, int_array, load_arrays, save_arrays
 from batchprod.errors import WorkflowError
 from batchprod.graph.quantum_graph import QuantumGraph
 
@@ -268,17 +267,51 @@ class GenericWorkflow:
 
     @classmethod
     def load(cls, path: str | Path, qgraph: QuantumGraph) -> GenericWorkflow:
+        """Read a workflow file for ``qgraph``; a damaged or tampered one (truncated arrays, indices
+        out of range, a bad header) is one WorkflowError naming the file. Vectorized checks."""
         try:
             header, a = load_arrays(path)
-        except (OSError, zipfile.BadZipFile, KeyError, ValueError) as exc:
+        except OSError as exc:
+            raise WorkflowError(f"{path}: cannot read workflow: {exc.strerror or exc}") from None
+        except ArrayFileError as exc:
             raise WorkflowError(f"{path}: cannot read workflow: {exc}") from None
         if header.get("format") != "batchprod-workflow" or header.get("version") != FORMAT_VERSION:
             raise WorkflowError(f"{path}: not a batchprod workflow of version {FORMAT_VERSION}")
-        groups = [
-            JobGroup(g["name"], tuple(g["labels"]), tuple(g["dimensions"]), Resources(**g["resources"]))
-            for g in header["groups"]
-        ]
-        f = header["final"]
-        final = None if f is None else FinalJob(f["python"], f["command"], f["when_run"], Resources(**f["resources"]),
-                                                tuple(f.get("outputs", ())))
-        return cls(groups, a["job_group"], a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, header["run"])
+        try:
+            groups = [
+                JobGroup(g["name"], tuple(g["labels"]), tuple(g["dimensions"]), _resources(g["resources"]))
+                for g in header["groups"]
+            ]
+            f = header["final"]
+            final = None if f is None else FinalJob(f["python"], f["command"], f["when_run"], _resources(f["resources"]),
+                                                    tuple(f.get("outputs", ())))
+            run = header["run"]
+            if not (isinstance(run, dict) and isinstance(run.get("repo"), str) and isinstance(run.get("output_run"), str)):
+                raise ArrayFileError("bad header (run)")
+            for g in groups:
+                if not all(isinstance(x, str) for x in (g.name, *g.labels, *g.dimensions)):
+                    raise ArrayFileError(f"bad header (group {g.name!r})")
+            if final is not None and (not all(isinstance(x, str | None) for x in (final.python, final.command))
+                                      or final.when_run not in ("ALWAYS", "SUCCESS")
+                                      or not all(isinstance(o, str) for o in final.outputs)):
+                raise ArrayFileError("bad header (final job)")
+            job_group = int_array(a, "job_group")
+            n = len(job_group)
+            check_index(job_group, len(groups), "job_group", "job groups")
+            # every job runs at least one quantum (its name and data ID come from the first)
+            check_csr(int_array(a, "job_qptr"), int_array(a, "job_qidx"), n, len(qgraph), ("job_qptr", "job_qidx"),
+                      "quanta in the graph", min_per_row=1)
+            check_csr(int_array(a, "dep_ptr"), int_array(a, "dep_idx"), n, n, ("dep_ptr", "dep_idx"), "jobs")
+        except ArrayFileError as exc:
+            raise WorkflowError(f"{path}: damaged workflow: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise WorkflowError(f"{path}: damaged workflow: bad header ({type(exc).__name__}: {exc})") from None
+        return cls(groups, job_group, a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, run)
+
+
+def _resources(d: Any) -> Resources:
+    r = Resources(**d)
+    for k, v in asdict(r).items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ArrayFileError(f"bad header (resource {k} = {v!r})")
+    return r
