@@ -2,9 +2,11 @@
 
 Everything it shows comes from the runs' state stores (the same calls as ``batchprod report``,
 ``report --failures``, ``report --job`` and ``provenance``), so the API, the CLI and the dashboard
-can never disagree. Run names are resolved strictly inside the root: a request cannot open a state
-store elsewhere on the machine. Changing things (cancel, restart) stays with the CLI until the
-service has authentication.
+can never disagree. Run names are resolved strictly inside the root, and a run whose files (state
+store, graph, workflow, config) lead outside its directory through a symlink is refused: a request
+cannot open a file elsewhere on the machine. A damaged run is listed as DAMAGED with its one-line
+error instead of failing the listing for every run; asked for by name it is an error JSON (500).
+Changing things (cancel, restart) stays with the CLI until the service has authentication.
 """
 
 from __future__ import annotations
@@ -16,11 +18,41 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from batchprod.errors import BatchprodError, RunError
-from batchprod.execution.run import STATE_FILE, Run, list_runs
+from batchprod.errors import BatchprodError, GraphError, RunError, WorkflowError
+from batchprod.execution.paths import OutsideRunError, check_in
+from batchprod.execution.run import CONFIG_FILE, QGRAPH_FILE, STATE_FILE, WORKFLOW_FILE, Run, list_runs
+from batchprod.execution.store import DamagedStateError
 from batchprod.provenance.lineage import Provenance
 from batchprod.report import summarize
 from batchprod.report.failures import failures, job_history
+
+#: what a request may make the service open in a run's directory: none may lead outside it
+RUN_FILES = (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", QGRAPH_FILE, WORKFLOW_FILE, CONFIG_FILE,
+             "pipeline.yaml")
+DAMAGED = "DAMAGED"
+
+
+def _status_of(exc: BatchprodError) -> int:
+    """Damaged run files are the server's problem (500), a file leading outside a run is refused
+    (403), a missing run, job or dataset is 404, a malformed request 400."""
+    if isinstance(exc, OutsideRunError):
+        return 403
+    if isinstance(exc, DamagedStateError | GraphError | WorkflowError):
+        return 500
+    return 404 if isinstance(exc, RunError) else 400
+
+
+def _open(d: Path) -> Run:
+    for f in RUN_FILES:
+        check_in(d, d / f)
+    return Run(d)
+
+
+def _damaged(d: Path, name: str, exc: BatchprodError) -> dict[str, Any]:
+    """A run that cannot be read, in the shape of a summary (so a client needs no special case)."""
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return {"run": name, "name": name, "submit_dir": str(d), "wms": None, "status": DAMAGED, "created": None,
+            "elapsed_s": None, "message": line, "error": line, "jobs": {}, "labels": {}, "quanta": {}}
 
 
 def create_app(root: str | Path) -> FastAPI:
@@ -32,20 +64,35 @@ def create_app(root: str | Path) -> FastAPI:
         d = (base / name).resolve()
         if not d.is_relative_to(base) or not (d / STATE_FILE).is_file():
             raise HTTPException(404, f"run '{name}' not found under {base}")
-        return Run(d)
+        return _open(d)
 
     def name_of(d: Path) -> str:
         return str(d.resolve().relative_to(base))
 
+    def every_run() -> list[dict[str, Any]]:
+        out = []
+        for d in list_runs(base):
+            name = name_of(d)
+            try:
+                out.append({**summarize(_open(d)), "name": name})
+            except BatchprodError as exc:  # one damaged run must not hide the others
+                out.append(_damaged(d, name, exc))
+        return out
+
     @app.exception_handler(BatchprodError)
     async def user_error(_request: Request, exc: BatchprodError) -> JSONResponse:
-        # the CLI's one-line message; a missing job or dataset is 404, a malformed request 400
-        return JSONResponse({"detail": str(exc)}, status_code=404 if isinstance(exc, RunError) else 400)
+        # the CLI's one-line message, never a traceback
+        status = _status_of(exc)
+        body: dict[str, Any] = {"detail": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        if status == 500:
+            body["status"] = DAMAGED
+        return JSONResponse(body, status_code=status)
 
     @app.get("/api/runs")
     def runs() -> list[dict[str, Any]]:
-        """Every run under the root, newest first, with its job counts."""
-        return [{**summarize(Run(d)), "name": name_of(d)} for d in list_runs(base)]
+        """Every run under the root, newest first, with its job counts; a damaged run with status
+        DAMAGED and its error line."""
+        return every_run()
 
     @app.get("/api/runs/{name:path}/failures")
     def run_failures(name: str) -> dict[str, Any]:
@@ -72,7 +119,7 @@ def create_app(root: str | Path) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     def dashboard() -> str:
         """Every run with a progress bar per task label; refreshes itself every 10 s."""
-        return _dashboard([{**summarize(Run(d)), "name": name_of(d)} for d in list_runs(base)], base)
+        return _dashboard(every_run(), base)
 
     return app
 
@@ -81,6 +128,10 @@ def _dashboard(runs: list[dict[str, Any]], base: Path) -> str:
     e = html.escape
     parts = [f"<h1>batchprod: {len(runs)} runs under {e(str(base))}</h1>"]
     for r in runs:
+        if r["status"] == DAMAGED:
+            parts.append(f"<h2>{e(r['name'])} <small class='{DAMAGED}'>{DAMAGED}</small></h2>"
+                         f"<p class='{DAMAGED}'>{e(r['error'])}</p>")
+            continue
         j = r["jobs"]
         parts.append(f"<h2>{e(r['name'])} <small class='{e(r['status'])}'>{e(r['status'])}</small></h2>"
                      f"<p>{j['succeeded']}/{j['total']} jobs succeeded, {j['failed']} failed, "
@@ -95,6 +146,6 @@ def _dashboard(runs: list[dict[str, Any]], base: Path) -> str:
                      f"<a href='api/runs/{e(r['name'])}'>json</a></p>")
     style = ("body{font-family:sans-serif;margin:2em}td{padding:2px 8px}.bar{width:300px;background:#eee}"
              ".bar span{display:inline-block;height:12px}.ok{background:#2a2}.bad{background:#c22}"
-             ".FAILED{color:#c22}.SUCCEEDED{color:#2a2}")
+             ".FAILED{color:#c22}.SUCCEEDED{color:#2a2}.DAMAGED{color:#b60}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>"
             f"<title>batchprod</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
