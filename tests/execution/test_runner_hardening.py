@@ -195,3 +195,59 @@ def test_final_job_payload_killed_is_killed(tmp_path: Path) -> None:
     LocalExecutor(run).execute()
     final = run.store.attempts()[-1]
     assert (final["failure_class"], final["signal"]) == ("killed", signal.SIGKILL)
+
+
+# -- resource use: the job's own, not the orchestrator's ------------------------------------------------
+@pytest.fixture
+def big_orchestrator():
+    """Make this process (the orchestrator of in-process runs, the parent of wrappers) big, so that
+    anything it leaks into its children's figures shows."""
+    ballast = bytearray(300 * 2**20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    yield ballast
+    del ballast
+
+
+def test_peak_rss_of_local_jobs_is_their_own(tmp_path: Path) -> None:
+    import sys
+
+    from batchprod.testing import start_orchestrator
+
+    repo = make_toy_repo(tmp_path / "repo", visits=(1,), detectors=(0, 1, 2))
+    # detector 0: a tiny job; 1: one process of ~400 MB for a moment (too short to be sampled);
+    # 2: two processes of ~80 MB at once for a while (sampled as a tree) burning CPU
+    alloc = f"{sys.executable} -c 'b = bytearray({{}} * 2**20); b[::4096] = b\"x\" * len(b[::4096]); {{}}'"
+    hog = alloc.format(450, "")
+    busy = alloc.format(80, "import time; t = time.process_time()\nwhile time.process_time() - t < 0.6: pass")
+    cmd = (f"if [ {{detector}} = 1 ]; then {hog}; fi; "
+           f"if [ {{detector}} = 2 ]; then {busy} & {busy}; wait; fi; cp {{inputs.raw}} {{outputs.calexp}}")
+    task = command_task(["visit", "detector"], ["raw"], ["calexp"], cmd)
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=repo, requestMemory=2000))
+    assert start_orchestrator(run.submit_dir).wait(60) == 0  # an orchestrator of its own: a known size
+    assert run.store.run_info()["status"] == "SUCCEEDED"
+    by_det = {a["job_id"]: a for a in run.store.attempts()}
+    names = {j["id"]: j["name"] for j in run.store.jobs()}
+    peak = {names[j][-1]: a["peak_rss_mb"] for j, a in by_det.items()}
+    cpu = {names[j][-1]: a["cpu_s"] for j, a in by_det.items()}
+    assert peak["0"] is None or peak["0"] < 30, peak  # was the orchestrator's (~65 MB)
+    assert 450 <= peak["1"] < 600, peak
+    assert 160 <= peak["2"] < 300, peak  # both processes at once
+    assert cpu["2"] >= 1.0 and cpu["0"] < 0.5, cpu
+
+
+def test_python_wrapper_reports_its_own_peak(tmp_path: Path, big_orchestrator) -> None:
+    import json
+    import sys
+
+    out = tmp_path / "out.txt"
+    spec = {"name": "j", "attempt": 1, "repo": str(tmp_path), "output_run": "run",
+            "result_path": str(tmp_path / "j.1.result.json"), "usage_path": str(tmp_path / "usage.json"),
+            "quanta": [{"label": "t", "data_id": {"visit": 1}, "node_id": "n", "python": "batchprod.testing:alloc_task",
+                        "command": None, "config": {"mb": 20, "hold": 0}, "inputs": [],
+                        "outputs": [{"dataset_type": "calexp", "data_id": {"visit": 1}, "path": str(out)}]}]}
+    p = subprocess.run([sys.executable, "-m", "batchprod.execution.runner"], input=json.dumps(spec), text=True,
+                       capture_output=True)
+    assert p.returncode == 0, p.stderr
+    usage = json.loads((tmp_path / "usage.json").read_text())
+    assert 20 < usage["peak_rss_mb"] < 250, usage  # its own (imports + 20 MB), not this process's 300+ MB

@@ -41,7 +41,10 @@ def test_success_records_states_attempts_and_outputs(tmp_path: Path, toy_repo: P
         assert "raw visit=" in text and "coadd" in text  # really produced from its inputs
         assert o["checksum"].startswith("sha256:") and o["size"] == len(text.encode())
     for a in run.store.attempts():
-        assert a["status"] == "SUCCEEDED" and a["exit_code"] == 0 and a["peak_rss_mb"] > 0
+        assert a["status"] == "SUCCEEDED" and a["exit_code"] == 0
+        # the job's own peak, or None (too short to sample and under what the kernel's figure owes to
+        # the orchestrator); never the orchestrator's own size
+        assert a["peak_rss_mb"] is None or 0 < a["peak_rss_mb"] < 50
         assert Path(a["stdout"]).is_file() and Path(a["stderr"]).is_file()
     s = summarize(run)
     assert s["status"] == "SUCCEEDED"

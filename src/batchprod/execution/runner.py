@@ -637,6 +637,22 @@ class MemoryGuard:
             time.sleep(self.interval)
 
 
+def _own_peak_kb() -> int:
+    """Peak RSS of this process since it started the wrapper (KiB): the high-water mark of its own
+    address space. ``ru_maxrss`` of RUSAGE_SELF is not that: it also holds the peak of the address
+    space the process had before ``exec`` — its parent's (a Parsl worker, a batch shell)."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _write_usage(path: str, guard: MemoryGuard | None, spec: dict[str, Any]) -> None:
     """Resource use of the attempt and the provenance context it ran in (host, software, environment),
     for backends whose jobs run elsewhere than the orchestrator."""
@@ -646,7 +662,8 @@ def _write_usage(path: str, guard: MemoryGuard | None, spec: dict[str, Any]) -> 
     from batchprod.provenance.capture import context_hash, context_record, payload_modules
 
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    peak = max(me.ru_maxrss, kids.ru_maxrss) / 1024
+    # the payload's processes were started by this one: their peaks are the job's own
+    peak = max(_own_peak_kb(), kids.ru_maxrss) / 1024
     if guard is not None:
         peak = max(peak, guard.peak_mb)
     cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime

@@ -4,6 +4,13 @@ Ended attempts are collected with ``wait4`` (exit status + rusage in one call, n
 the whole process tree of each running attempt is measured (RSS via psutil) and killed at its
 memory request (``oom``).
 
+Peak memory of an attempt: the largest tree RSS sampled, or the kernel's peak from ``wait4`` when it
+is above :func:`spawn_baseline_kb`. Below that the kernel's figure is the orchestrator's, not the
+job's: Linux records the peak of the address space a process leaves at ``exec`` — for a child of the
+orchestrator, the orchestrator's own (every job used to show the same ~60 MB). An attempt too short to
+be sampled and under that baseline has no peak (None: not measured) rather than a wrong one. CPU
+seconds are the kernel's (the job and every descendant it waited for).
+
 A job made only of shell commands runs *inline* (see ``wms/inline.py``): its script is started directly (``/bin/bash``) and
 the wrapper's pre-job (stage-in check) and post-job (checksums, manifest, publication) steps run
 here in the orchestrator, because a Python interpreter per job (~50 ms of imports) would cap local
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -45,6 +53,21 @@ def job_env(launch: Launch, submit_dir: str, base: dict[bytes, bytes] | None = N
     return env
 
 
+def spawn_baseline_kb() -> int:
+    """The most a child's ``ru_maxrss`` can owe to its parent: our own peak RSS (KiB), read after
+    the child was started. A child reports at least the peak of our address space when it started
+    (vfork) or its size then (fork)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def job_peak_mb(sampled_mb: float, ru_maxrss_kb: int, baseline_kb: int) -> float | None:
+    """Peak RSS of an ended attempt: the sampled tree peak, or the kernel's when it is the job's
+    (above what it inherited from us); None when neither measured it."""
+    kernel = ru_maxrss_kb / 1024 if ru_maxrss_kb > baseline_kb else 0.0
+    peak = max(sampled_mb, kernel)
+    return peak if peak > 0 else None
+
+
 def kill_run_processes(submit_dir: str, timeout: float = 10.0) -> None:
     """Kill every process of a run left from a previous orchestrator (found by environment, so even
     attempts whose pid was never recorded are found) and wait until they are gone."""
@@ -69,6 +92,7 @@ class _Proc:
     started: float = field(default_factory=time.time)
     staged: dict[str, str] | None = None  # set for inline jobs: the orchestrator does post-job
     pidfd: int | None = None  # readable when the process ends: wait() sleeps until then
+    baseline_kb: int = 0  # a wait4 peak up to this is the orchestrator's, not the job's
 
 
 class LocalBackend(Backend):
@@ -106,7 +130,9 @@ class LocalBackend(Backend):
                     popen.stdin.close()
                 except BrokenPipeError:
                     pass
-            p = _Proc(launch, popen, [fo, fe], None, staged=staged if script is not None else None)
+            # taken after the start: our peak only grows, so this bounds what the child inherited
+            p = _Proc(launch, popen, [fo, fe], None, staged=staged if script is not None else None,
+                      baseline_kb=spawn_baseline_kb())
             if self._pidfds:
                 try:
                     p.pidfd = os.pidfd_open(popen.pid)  # works on a zombie too: it is not reaped yet
@@ -190,7 +216,8 @@ class LocalBackend(Backend):
                 exit_code=code,
                 signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                 fclass=p.forced, reason=p.reason,
-                peak_rss_mb=max(p.peak_rss, ru.ru_maxrss / 1024), cpu_s=ru.ru_utime + ru.ru_stime, host=self.host,
+                peak_rss_mb=job_peak_mb(p.peak_rss, ru.ru_maxrss, p.baseline_kb), cpu_s=ru.ru_utime + ru.ru_stime,
+                host=self.host,
                 outputs=outputs,
             ))
         return out
