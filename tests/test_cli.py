@@ -108,3 +108,28 @@ def test_files_batchprod_writes_are_private(tmp_path, toy_repo, cli, monkeypatch
         assert r.exit_code == 2 and "BATCHPROD_UMASK" in r.output
     finally:
         os.umask(old)
+
+
+def test_runs_flags_damaged_runs_and_a_damaged_config_is_one_line(tmp_path, toy_repo, cli) -> None:
+    import json
+
+    from batchprod.testing import write_submit
+
+    assert cli("submit", write_submit(tmp_path, repo=toy_repo)).exit_code == 0
+    root = tmp_path / "submit"
+    bad = root / "broken" / "run"
+    bad.mkdir(parents=True)
+    (bad / "state.db").write_bytes(b"this is not a database" * 100)
+    dangling = root / "gone" / "run"
+    dangling.mkdir(parents=True)
+    (dangling / "state.db").symlink_to(tmp_path / "nowhere.db")
+    r = cli("runs", "--root", root, "--json")
+    assert r.exit_code == 0, r.output
+    rows = {x["run"]: x for x in json.loads(r.output)}
+    assert rows["toy/run"]["status"] == "SUCCEEDED"
+    damaged = [x for x in rows.values() if x["status"] == "DAMAGED"]
+    assert len(damaged) == 2 and all("\n" not in x["message"] for x in damaged)
+    good = root / "toy" / "run"
+    (good / "config.yaml").write_text("{[ not yaml")
+    r = cli("restart", good)
+    assert r.exit_code == 2 and "damaged run config" in r.output and "Traceback" not in r.output

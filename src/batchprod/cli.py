@@ -434,8 +434,15 @@ def runs(root: Path | None, as_json: bool) -> None:
     """List runs under the submit root, newest first."""
     from batchprod.execution.run import Run, list_runs
     from batchprod.report import summarize
+    from batchprod.report.report import COLUMNS
 
-    rows = [summarize(Run(d)) for d in list_runs(root)]
+    rows = []
+    for d in list_runs(root):
+        try:
+            rows.append(summarize(Run(d)))
+        except BatchprodError as exc:  # one damaged run is flagged, not fatal for the listing
+            rows.append({"run": str(d), "status": "DAMAGED", "message": str(exc), "jobs": dict.fromkeys(COLUMNS, 0),
+                         "elapsed_s": 0, "created_iso": "", "submit_dir": str(d)})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

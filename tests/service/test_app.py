@@ -155,8 +155,6 @@ def test_damaged_runs_are_flagged_not_fatal(damaged_root: Path) -> None:
                   "(File is not a zip file)", "status": "DAMAGED"}
 
 
-@pytest.mark.xfail(strict=True, reason="report/failures.py reads stderr tails with execution.logs.tail, which "
-                                       "follows any path; it must call execution.paths.tail_in(run.submit_dir, ...)")
 def test_a_log_symlinked_outside_the_run_is_not_served(damaged_root: Path, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0:the secret line\n")

@@ -86,7 +86,14 @@ class Run:
 
     @cached_property
     def config(self) -> dict[str, Any]:
-        return yaml.safe_load((self.submit_dir / CONFIG_FILE).read_text())
+        path = self.submit_dir / CONFIG_FILE
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+            raise RunError(f"{path}: damaged run config: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        if not isinstance(data, dict):
+            raise RunError(f"{path}: damaged run config: not a mapping")
+        return data
 
     @property
     def name(self) -> str:
@@ -143,7 +150,13 @@ def list_runs(submit_root: str | Path | None = None) -> list[Path]:
         if STATE_FILE in filenames:
             found.append(Path(dirpath))
             dirnames.clear()  # never walk a run's own logs: a 200,000-job run has 600,000 files there
-    return sorted(found, key=lambda d: (d / STATE_FILE).stat().st_mtime, reverse=True)
+    def mtime(d: Path) -> float:
+        try:
+            return (d / STATE_FILE).lstat().st_mtime
+        except OSError:  # a dangling or vanished state file: listed (and flagged by whoever opens it), last
+            return 0.0
+
+    return sorted(found, key=mtime, reverse=True)
 
 
 def _check_budget(cfg: BpsConfig, wf: GenericWorkflow) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from batchprod.errors import RunError
-from batchprod.execution.logs import signature, tail
+from batchprod.execution.logs import signature
+from batchprod.execution.paths import tail_in
 from batchprod.execution.run import Run
 from batchprod.execution.states import JobState
 
@@ -56,7 +57,7 @@ def failures(run: Run, examples: int = 3, tail_lines: int = 5, limit: int | None
             "attempts": r["attempts"], "request_memory": r["request_memory"], "message": r["message"],
             "cause": r["error_line"] or r["message"] or f"{r['failure_class']}: no message recorded",
             "error_line": r["error_line"], "stdout": r["stdout"], "stderr": r["stderr"],
-            "stderr_tail": tail(r["stderr"], tail_lines),
+            "stderr_tail": tail_in(run.submit_dir, r["stderr"], tail_lines),
         })
     unready = len(run.store.jobs(status=JobState.UNREADY))
     return {"failed": len(rows), "shown": len(jobs), "unready": unready,

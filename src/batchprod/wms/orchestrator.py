@@ -181,7 +181,8 @@ class Orchestrator:
         rows = self.run.store.job_columns("id", "status", "attempts", "request_memory")
         total = self.n + (1 if self.final_id is not None else 0)
         if len(rows) != total:
-            raise RuntimeError(f"state store has {len(rows)} jobs, workflow has {total}")
+            raise RunError(f"{self.run.submit_dir}: damaged run: the state store has {len(rows):,} jobs, "
+                           f"the workflow {total:,}")
         self.status = [JobState(r[1]) for r in rows]
         # (label, state) -> jobs, kept up to date by _set: progress never rescans 10^6 jobs
         self._tally: Counter[tuple[str, JobState]] = Counter(
