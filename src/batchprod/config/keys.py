@@ -6,9 +6,54 @@ schema cannot drift from the code that reads it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
+
+Converter = Callable[[Any], Any]
+
+
+#: Upper bounds: far above any real request, far below what overflows a scheduler, SQLite or numpy.
+MAX_CPUS = 4096
+MAX_MEMORY_MB = 2**26  # 64 TiB
+MAX_WALLTIME_S = 366 * 86400
+MAX_RETRIES = 1000
+MAX_PRIORITY = 2**31 - 1
+MAX_DELAY_S = 86400.0
+MAX_POLL_S = 3600.0
+MAX_MULTIPLIER = 100.0
+MAX_COUNT = 10**7
+MAX_DIGITS = 20
+
+#: A task label, cluster name or dataset type: safe in a file name, a DAG line and a log path.
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+#: Names batchprod itself uses for a job group.
+RESERVED_NAMES = frozenset({"finalJob"})
+#: A WMS: an entry-point name (local, slurm, ...) or 'package.module:Class'.
+WMS_CLASS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*(?::[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)?")
+#: A Python payload: 'package.module:function' (the function may be 'Class.method').
+PYTHON_REF_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
+#: Keys run by a shell at job time: ``${ENV}`` in them is left for that shell (never baked in at load).
+SHELL_KEYS = frozenset({"finalJob.command"})
+
+
+def _show(v: Any) -> str:
+    from batchprod.config.safe_yaml import show
+
+    return show(v)
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """A label / cluster name / dataset type name, or ValueError saying what a name may hold."""
+    s = name if isinstance(name, str) else None
+    if s is None or not NAME_RE.fullmatch(s):
+        raise ValueError(
+            f"{what} {_show(name)} must start with a letter and hold at most 64 letters, digits, '_' or '-'"
+        )
+    if s in RESERVED_NAMES:
+        raise ValueError(f"{what} '{s}' is reserved")
+    return s
 
 
 def _int(v: Any) -> int:
@@ -19,74 +64,102 @@ def _int(v: Any) -> int:
     if isinstance(v, float) and v.is_integer():
         return int(v)
     if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
+        if len(v.strip().lstrip("-")) > MAX_DIGITS:
+            raise ValueError(f"number too large: {_show(v)}")
         return int(v)
-    raise ValueError(f"expected an integer, got {v!r}")
+    raise ValueError(f"expected an integer, got {_show(v)}")
 
 
-def _nonneg_int(v: Any) -> int:
-    i = _int(v)
-    if i < 0:
-        raise ValueError(f"expected a non-negative integer, got {v!r}")
-    return i
+def _int_in(lo: int, hi: int, what: str) -> Converter:
+    def conv(v: Any) -> int:
+        i = _int(v)
+        if i < lo:
+            raise ValueError(f"expected {what}, got {_show(v)}")
+        if i > hi:
+            raise ValueError(f"expected {what} <= {hi}, got {_show(v)}")
+        return i
+
+    return conv
 
 
-def _pos_int(v: Any) -> int:
-    i = _int(v)
-    if i <= 0:
-        raise ValueError(f"expected a positive integer, got {v!r}")
-    return i
+_int_any = _int_in(-MAX_PRIORITY, MAX_PRIORITY, "an integer")
+_nonneg_int = _int_in(0, MAX_COUNT, "a non-negative integer")
+_pos_int = _int_in(1, MAX_COUNT, "a positive integer")
+_retries = _int_in(0, MAX_RETRIES, "a non-negative integer")
+_cpus = _int_in(1, MAX_CPUS, "a positive integer")
 
-
-Converter = Callable[[Any], Any]
-
-_MEM_UNITS = {"": 1, "MB": 1, "M": 1, "MIB": 1, "GB": 1024, "G": 1024, "GIB": 1024, "KB": 1 / 1024}
+_MEM_UNITS = {"": 1, "MB": 1, "M": 1, "MIB": 1, "GB": 1024, "G": 1024, "GIB": 1024, "KB": 1 / 1024,
+              "TB": 1024**2, "T": 1024**2, "TIB": 1024**2}
 
 
 def memory_mb(v: Any) -> int:
-    """Memory in MB: an integer (MB) or a string with a unit such as '4GB' or '512MB'."""
+    """Memory in MB (0 allowed): an integer (MB) or a string with a unit such as '4GB' or '512MB'."""
     if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", v)
+        m = re.fullmatch(r"\s*(\d{1,20}(?:\.\d{1,20})?)\s*([A-Za-z]*)\s*", v)
         if not m or m.group(2).upper() not in _MEM_UNITS:
-            raise ValueError(f"expected memory in MB or with a unit (e.g. 4GB), got {v!r}")
-        return int(float(m.group(1)) * _MEM_UNITS[m.group(2).upper()])
-    return _nonneg_int(v)
+            raise ValueError(f"expected memory in MB or with a unit (e.g. 4GB), got {_show(v)}")
+        mb = float(m.group(1)) * _MEM_UNITS[m.group(2).upper()]
+        if mb > MAX_MEMORY_MB:
+            raise ValueError(f"expected memory <= {MAX_MEMORY_MB} MB (64 TiB), got {_show(v)}")
+        return int(mb)
+    i = _int_in(0, MAX_MEMORY_MB, "memory in MB (a non-negative integer)")(v)
+    return i
+
+
+def positive_memory_mb(v: Any) -> int:
+    """A memory request: like memory_mb, but more than 0 MB."""
+    mb = memory_mb(v)
+    if mb <= 0:
+        raise ValueError(f"expected more than 0 MB, got {_show(v)}")
+    return mb
 
 
 def walltime_seconds(v: Any) -> int:
     """Walltime in seconds: an integer or 'HH:MM:SS' / 'MM:SS'."""
     if isinstance(v, str) and ":" in v:
         parts = v.strip().split(":")
-        if len(parts) > 3 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"expected seconds or HH:MM:SS, got {v!r}")
+        if len(parts) > 3 or not all(p.isdigit() and p.isascii() and len(p) <= 10 for p in parts):
+            raise ValueError(f"expected seconds or HH:MM:SS, got {_show(v)}")
         total = 0
         for p in parts:
             total = total * 60 + int(p)
+        if total > MAX_WALLTIME_S:
+            raise ValueError(f"expected a walltime of at most {MAX_WALLTIME_S} s (366 days), got {_show(v)}")
         return total
-    return _nonneg_int(v)
+    return _int_in(0, MAX_WALLTIME_S, "a non-negative number of seconds")(v)
 
 
-def _float_at_least(lo: float, what: str) -> Converter:
+def _float_in(lo: float, hi: float, what: str) -> Converter:
     def conv(v: Any) -> float:
         if isinstance(v, bool):
             raise ValueError("expected a number, got a boolean")
+        if isinstance(v, str) and len(v) > 40:
+            raise ValueError(f"expected a number, got {_show(v)}")
         try:
             f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {v!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"expected a number, got {_show(v)}") from None
+        if not math.isfinite(f):
+            raise ValueError(f"expected a finite number, got {_show(v)}")
         if f < lo:
-            raise ValueError(f"expected {what}, got {v!r}")
+            raise ValueError(f"expected {what}, got {_show(v)}")
+        if f > hi:
+            raise ValueError(f"expected {what} <= {hi:g}, got {_show(v)}")
         return f
 
     return conv
 
 
-_float_ge1 = _float_at_least(1.0, "a number >= 1")
-_nonneg_float = _float_at_least(0.0, "a non-negative number")
+_float_ge1 = _float_in(1.0, MAX_MULTIPLIER, "a number >= 1")
+_delay = _float_in(0.0, MAX_DELAY_S, "a non-negative number")
+_poll = _float_in(0.0, MAX_POLL_S, "a non-negative number")
 
 
 def _str(v: Any) -> str:
-    if isinstance(v, (dict, list)):
+    if isinstance(v, (dict, list, set, bytes)):
         raise ValueError(f"expected a string, got a {type(v).__name__}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"expected a string, got {v!r}")
     return str(v)
 
 
@@ -94,31 +167,47 @@ def _str_list(v: Any) -> list[str]:
     """A list of names, given as a YAML list or a comma-separated string."""
     if isinstance(v, str):
         return [s.strip() for s in v.split(",") if s.strip()]
-    if isinstance(v, list) and all(isinstance(s, (str, int)) for s in v):
+    if isinstance(v, list) and all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in v):
         return [str(s) for s in v]
-    raise ValueError(f"expected a list of names or a comma-separated string, got {v!r}")
+    raise ValueError(f"expected a list of names or a comma-separated string, got {_show(v)}")
 
 
 def _when_run(v: Any) -> str:
     s = _str(v).upper()
     if s not in ("ALWAYS", "SUCCESS"):
-        raise ValueError(f"expected ALWAYS or SUCCESS, got {v!r}")
+        raise ValueError(f"expected ALWAYS or SUCCESS, got {_show(v)}")
+    return s
+
+
+def wms_class(v: Any) -> str:
+    """A WMS: an entry-point name or 'module:Class' (whether it loads is checked by get_wms)."""
+    s = _str(v)
+    if not WMS_CLASS_RE.fullmatch(s):
+        raise ValueError(f"expected a WMS name (e.g. local, slurm, parsl) or 'module:Class', got {_show(v)}")
+    return s
+
+
+def python_ref(v: Any) -> str:
+    """A Python payload 'module:function' (whether it imports is checked by check_python_ref)."""
+    s = v if isinstance(v, str) else None
+    if s is None or not PYTHON_REF_RE.fullmatch(s):
+        raise ValueError(f"expected 'module:function', got {_show(v)}")
     return s
 
 
 #: Keys that describe one job's resources and retry policy; valid at top level, in site.<name>,
 #: cluster.<name> and pipetask.<label>, searched in that (reverse) order.
 JOB_KEYS: dict[str, Converter] = {
-    "requestCpus": _pos_int,
-    "requestMemory": memory_mb,
+    "requestCpus": _cpus,
+    "requestMemory": positive_memory_mb,
     "requestWalltime": walltime_seconds,
-    "priority": _int,
-    "numberOfRetries": _nonneg_int,
+    "priority": _int_any,
+    "numberOfRetries": _retries,
     "memoryMultiplier": _float_ge1,
-    "memoryLimit": memory_mb,
-    "maxPreemptions": _nonneg_int,
-    "infraRetryDelay": _nonneg_float,
-    "maxInfraRetries": _nonneg_int,
+    "memoryLimit": memory_mb,  # 0 = the site's memory
+    "maxPreemptions": _retries,
+    "infraRetryDelay": _delay,
+    "maxInfraRetries": _retries,
 }
 
 PAYLOAD_KEYS: dict[str, Converter] = {
@@ -133,8 +222,8 @@ PAYLOAD_KEYS: dict[str, Converter] = {
 CLUSTER_KEYS: dict[str, Converter] = {"pipetasks": _str_list, "dimensions": _str_list, **JOB_KEYS}
 
 SITE_KEYS: dict[str, Converter] = {
-    "wmsServiceClass": _str,
-    "cores": _pos_int,
+    "wmsServiceClass": wms_class,
+    "cores": _int_in(1, 2**20, "a positive integer"),
     "memory": memory_mb,
     # batch systems
     "partition": _str,
@@ -143,7 +232,7 @@ SITE_KEYS: dict[str, Converter] = {
     "sbatchOptions": _str,
     "maxJobs": _pos_int,
     "maxIdle": _pos_int,
-    "pollInterval": _nonneg_float,
+    "pollInterval": _poll,
     "parslProvider": _str,
     "maxWorkers": _pos_int,
     **JOB_KEYS,
@@ -151,7 +240,7 @@ SITE_KEYS: dict[str, Converter] = {
 
 FINAL_JOB_KEYS: dict[str, Converter] = {
     "command": _str,
-    "python": _str,
+    "python": python_ref,
     "outputs": _str_list,  # files it writes under <repo>/<outputRun>/: recorded, checksummed, ingested
     "whenRun": _when_run,
     **JOB_KEYS,
@@ -161,13 +250,13 @@ TOP_KEYS: dict[str, Converter] = {
     "includeConfigs": _str_list,
     "pipelineYaml": _str,
     "computeSite": _str,
-    "wmsServiceClass": _str,
+    "wmsServiceClass": wms_class,
     "submitPath": _str,
     "operator": _str,
     "project": _str,
     "campaign": _str,
     "timestamp": _str,
-    "pollInterval": lambda v: float(v),
+    "pollInterval": _poll,
     **JOB_KEYS,
 }
 

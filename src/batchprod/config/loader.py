@@ -11,7 +11,7 @@ import getpass
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -20,33 +20,35 @@ from typing import Any
 
 import yaml
 
+from batchprod.config.imports import check_python_ref, check_wms_class
 from batchprod.config.keys import (
     JOB_KEYS,
     RUNTIME_VARS,
     SECTIONS,
+    SHELL_KEYS,
     TOP_KEYS,
     Converter,
+    check_name,
 )
+from batchprod.config.safe_yaml import check_plain, exists, is_file, one_line, parse_yaml, read_yaml, show
 from batchprod.errors import ConfigError
 
-_VAR = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_.]*)\}")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: ``${ENV}`` (group 1) or ``{variable}`` (group 2), in one pass: a substituted value is never rescanned.
+_SUBST = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 _MISSING = object()
+#: Variables may refer to variables this deep (a -> b -> ...); deeper is an error, not a stack overflow.
+MAX_VAR_DEPTH = 32
+#: A value after substitution ("{a}{a}" with a = "{b}{b}" ... doubles per level).
+MAX_VALUE_CHARS = 100_000
+#: Where a value set by an override comes from, for error messages.
+COMMAND_LINE = "<command line>"
+_OVERRIDE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 #: Environment variables a default needs that a batch or CI environment may not set.
 _ENV_FALLBACKS = {"PWD": os.getcwd, "USER": getpass.getuser}
 
 
 def _read_yaml(path: Path, key_hint: str = "") -> dict[str, Any]:
-    where = f" (from {key_hint})" if key_hint else ""
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found{where}")
-    try:
-        with path.open() as fh:
-            data = yaml.safe_load(fh)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{at} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml(path, f"from {key_hint}" if key_hint else "")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -54,47 +56,77 @@ def _read_yaml(path: Path, key_hint: str = "") -> dict[str, Any]:
     return data
 
 
-def _merge(dst: dict[str, Any], src: Mapping[str, Any], sources: dict[str, str], origin: str, prefix: str = "") -> None:
-    """Deep-merge src into dst, remembering which file set each leaf (for error messages)."""
-    for k, v in src.items():
-        k = str(k)
-        path = f"{prefix}{k}"
-        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v, sources, origin, path + ".")
-        elif isinstance(v, Mapping):
-            dst[k] = {}
-            _merge(dst[k], v, sources, origin, path + ".")
-        else:
-            dst[k] = v
-        sources[path] = origin
+def _merge(
+    dst: dict[str, Any],
+    src: Mapping[Any, Any],
+    sources: dict[str, str],
+    origin: str,
+    prefix: str = "",
+    src_sources: Mapping[str, str] | None = None,
+) -> None:
+    """Deep-merge src into dst, remembering which file set each key (for error messages and for
+    paths relative to that file). ``src_sources`` (keys set by files src itself included) wins
+    over ``origin``, so a key set in a nested include keeps naming that file."""
+    stack: list[tuple[dict[str, Any], Mapping[Any, Any], str]] = [(dst, src, prefix)]
+    while stack:
+        d, s, pre = stack.pop()
+        for k, v in s.items():
+            k = str(k)
+            path = f"{pre}{k}"
+            if isinstance(v, Mapping):
+                if not isinstance(d.get(k), dict):
+                    d[k] = {}
+                stack.append((d[k], v, path + "."))
+            else:
+                d[k] = v
+            sources[path] = (src_sources or {}).get(path, origin)
 
 
-def _load_tree(path: Path, sources: dict[str, str], stack: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve()
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, ValueError, RuntimeError):  # NUL in the name, a symlink loop
+        raise ConfigError(f"{one_line(path)}: not a usable file name") from None
+
+
+def _load_tree(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """One file with its includes merged under it: (data, key path -> file that set it)."""
+    path = _resolve(path)
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ConfigError(f"{path}: includeConfigs cycle: {chain}")
+    if len(stack) > 32:
+        raise ConfigError(f"{path}: includeConfigs nested more than 32 files deep")
     raw = _read_yaml(path, key_hint=f"includeConfigs of {stack[-1]}" if stack else "")
     merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     includes = raw.pop("includeConfigs", []) or []
     if isinstance(includes, str):
         includes = [includes]
-    if not isinstance(includes, list):
-        raise ConfigError(f"{path}: key 'includeConfigs': expected a list of files")
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i.strip() for i in includes):
+        raise ConfigError(f"{path}: key 'includeConfigs': expected a list of files, got {show(includes)}")
     for inc in includes:
-        inc_path = Path(os.path.expandvars(str(inc)))
+        # relative to the file that names it, so a nested include finds its own neighbours
+        inc_path = Path(os.path.expanduser(os.path.expandvars(inc.strip())))
         if not inc_path.is_absolute():
             inc_path = path.parent / inc_path
-        if not inc_path.is_file():
-            raise ConfigError(f"{path}: key 'includeConfigs': file not found: {inc_path}")
-        _merge(merged, _load_tree(inc_path, sources, (*stack, path)), sources, str(inc_path))
+        if not is_file(inc_path):
+            raise ConfigError(f"{path}: key 'includeConfigs': file not found: {one_line(inc_path)}")
+        inc_data, inc_sources = _load_tree(inc_path, (*stack, path))
+        _merge(merged, inc_data, sources, str(_resolve(inc_path)), src_sources=inc_sources)
     _merge(merged, raw, sources, str(path))
-    return merged
+    return merged, sources
 
 
 def _suggest(key: str, allowed: Mapping[str, Any] | frozenset[str]) -> str:
+    if len(key) > 100:  # difflib is quadratic; nobody misspells a key by 100 characters
+        return ""
     close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _kind(value: Any) -> str:
+    return "a list" if isinstance(value, list) else f"{show(value, 40)}"
 
 
 @lru_cache(maxsize=1)
@@ -134,7 +166,7 @@ class BpsConfig:
         if ctx.cluster is not None:
             out.append((f"cluster.{ctx.cluster}.", (d.get("cluster") or {}).get(ctx.cluster) or {}))
         site = ctx.site if ctx.site is not None else d.get("computeSite", _defaults()["computeSite"])
-        if site:
+        if isinstance(site, str) and site:  # anything else is reported by validate()
             sd = (d.get("site") or {}).get(site)
             if sd is None:
                 sd = (_defaults().get("site") or {}).get(site) or {}
@@ -174,40 +206,61 @@ class BpsConfig:
         self._cache[ck] = value
         return value
 
-    def _substitute(self, value: Any, keypath: str, ctx: Context, stack: tuple[str, ...]) -> Any:
+    def _substitute(
+        self,
+        value: Any,
+        keypath: str,
+        ctx: Context,
+        stack: tuple[str, ...],
+        memo: dict[str, str] | None = None,
+        shell: bool | None = None,
+    ) -> Any:
+        """Fill ``${ENV}`` and ``{variable}`` in a value (each variable once: ``memo``).
+
+        In a key a shell runs at job time (``finalJob.command``), ``${ENV}`` stays literal, also
+        inside the variables it uses, so that no secret is baked into the submit directory.
+        """
+        if memo is None:
+            memo = {}
+        if shell is None:
+            shell = keypath in SHELL_KEYS
         if isinstance(value, list):
-            return [self._substitute(v, keypath, ctx, stack) for v in value]
+            return [self._substitute(v, keypath, ctx, stack, memo, shell) for v in value]
         if not isinstance(value, str):
             return value
 
-        def env(m: re.Match[str]) -> str:
-            name = m.group(1)
-            if name not in os.environ:
-                if name in _ENV_FALLBACKS:
-                    return _ENV_FALLBACKS[name]()
-                raise ConfigError(
-                    f"{self.where(keypath)}: key '{keypath}': environment variable ${{{name}}} is not set"
-                )
-            return os.environ[name]
+        def fail(problem: str) -> ConfigError:
+            return ConfigError(f"{self.where(keypath)}: key '{keypath}': {problem}")
 
-        value = _ENV.sub(env, value)
-
-        def var(m: re.Match[str]) -> str:
-            name = m.group(1)
+        def sub(m: re.Match[str]) -> str:
+            env, name = m.group(1), m.group(2)
+            if env is not None:
+                if shell:
+                    return m.group(0)
+                if env not in os.environ:
+                    if env in _ENV_FALLBACKS:
+                        return _ENV_FALLBACKS[env]()
+                    raise fail(f"environment variable ${{{env}}} is not set")
+                return os.environ[env]
+            if name in memo:
+                return memo[name]
             if name in stack:
-                chain = " -> ".join((*stack, name))
-                raise ConfigError(f"{self.where(keypath)}: key '{keypath}': variable cycle {chain}")
+                raise fail(f"variable cycle {' -> '.join((*stack, name))}")
+            if len(stack) >= MAX_VAR_DEPTH:
+                chain = " -> ".join((*stack[:3], "...", *stack[-2:], name))
+                raise fail(f"variables nested more than {MAX_VAR_DEPTH} deep: {chain}")
             raw, sub_path = self.find_raw(name, ctx)
             if raw is _MISSING:
                 if name in RUNTIME_VARS:
                     return m.group(0)
-                raise ConfigError(
-                    f"{self.where(keypath)}: key '{keypath}': undefined variable {{{name}}}"
-                )
-            resolved = self._substitute(raw, sub_path, ctx, (*stack, name))
-            return str(resolved)
+                raise fail(f"undefined variable {{{name}}}")
+            resolved = self._substitute(raw, sub_path, ctx, (*stack, name), memo, shell)
+            memo[name] = str(resolved)
+            return memo[name]
 
-        out = _VAR.sub(var, value)
+        out = _SUBST.sub(sub, value)
+        if len(out) > MAX_VALUE_CHARS:
+            raise fail(f"longer than {MAX_VALUE_CHARS} characters once its variables are filled")
         return out
 
     def typed(self, key: str, conv: Converter, ctx: Context = Context(), default: Any = _MISSING) -> Any:
@@ -217,9 +270,9 @@ class BpsConfig:
             return default
         try:
             return conv(value)
-        except ValueError as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             _, keypath = self.find_raw(key, ctx)
-            raise ConfigError(f"{self.where(keypath)}: key '{keypath}': {exc}") from None
+            raise ConfigError(f"{self.where(keypath)}: key '{keypath}': {one_line(exc)}") from None
 
     def job_settings(self, ctx: Context) -> dict[str, Any]:
         """All job-level values (resources, retry policy) for one lookup context, typed."""
@@ -229,40 +282,51 @@ class BpsConfig:
     def validate(self) -> None:
         """Check every key and value once, before anything is written."""
         d = self.data
+        check_plain(d, self._fail)
+        # Sections first: every lookup below walks them.
+        for key, (kind, _) in SECTIONS.items():
+            if key not in d:
+                continue
+            value = d[key]
+            if not isinstance(value, Mapping):
+                raise self._fail(key, f"expected a mapping, got {_kind(value)}")
+            if kind != "map":
+                continue
+            for name, sub in value.items():
+                path = f"{key}.{name}"
+                if key in ("pipetask", "cluster"):
+                    try:
+                        check_name(name, "task label" if key == "pipetask" else "cluster name")
+                    except ValueError as exc:
+                        raise self._fail(path, str(exc)) from None
+                if not isinstance(sub, Mapping):
+                    raise self._fail(path, f"expected a mapping, got {_kind(sub)}")
         for key, value in d.items():
             if key in SECTIONS:
                 kind, table = SECTIONS[key]
-                if not isinstance(value, Mapping):
-                    raise ConfigError(f"{self.where(key)}: key '{key}': expected a mapping")
                 if kind == "free":
                     for name, v in value.items():
                         if isinstance(v, (Mapping, list)):
-                            raise ConfigError(
-                                f"{self.where(f'{key}.{name}')}: key '{key}.{name}': expected a value"
-                            )
+                            raise self._fail(f"{key}.{name}", "expected a value")
                 elif kind == "flat":
                     self._check_table(value, table, key)
                 else:
                     for name, sub in value.items():
-                        if not isinstance(sub, Mapping):
-                            raise ConfigError(
-                                f"{self.where(f'{key}.{name}')}: key '{key}.{name}': expected a mapping"
-                            )
                         self._check_table(sub, table, f"{key}.{name}")
             elif key not in TOP_KEYS:
                 raise ConfigError(
-                    f"{self.where(key)}: unknown key '{key}'{_suggest(key, {**TOP_KEYS, **SECTIONS})}"
+                    f"{self.where(key)}: unknown key '{one_line(key, 80)}'{_suggest(key, {**TOP_KEYS, **SECTIONS})}"
                 )
             else:
                 if isinstance(value, Mapping):
-                    raise ConfigError(f"{self.where(key)}: key '{key}': expected a value, got a mapping")
+                    raise self._fail(key, "expected a value, got a mapping")
                 self.typed(key, TOP_KEYS[key], Context())
         # Values reached through the search order (defaults included) must type-check in every
         # context that will be used.
-        site = self.get("computeSite")
+        site = self.typed("computeSite", TOP_KEYS["computeSite"])
         if site not in (d.get("site") or {}) and site not in (_defaults().get("site") or {}):
             raise ConfigError(
-                f"{self.where('computeSite')}: key 'computeSite': site '{site}' is not defined under 'site'"
+                f"{self.where('computeSite')}: key 'computeSite': site '{one_line(site, 80)}' is not defined under 'site'"
                 f"{_suggest(site, {**(d.get('site') or {}), **_defaults()['site']})}"
             )
         for label in d.get("pipetask") or {}:
@@ -272,19 +336,33 @@ class BpsConfig:
         self.job_settings(Context())
         if "pipelineYaml" not in d:
             raise ConfigError(f"{self.path}: required key 'pipelineYaml' is not set")
+        # Python references name something real (imported now, as the job would).
+        wms = self.typed("wmsServiceClass", TOP_KEYS["wmsServiceClass"])
+        _, keypath = self.find_raw("wmsServiceClass")
+        check_wms_class(wms, f"{self.where(keypath)}: key '{keypath}'")
+        final = d.get("finalJob") or {}
+        if "python" in final:
+            ref = self._substitute(final["python"], "finalJob.python", Context(), ("python",))
+            check_python_ref(ref, f"{self.where('finalJob.python')}: key 'finalJob.python'")
+
+    def _fail(self, keypath: str, problem: str) -> ConfigError:
+        """The error for a bad value: '<file that set it>: key '<keypath>': <problem>'."""
+        return ConfigError(f"{self.where(keypath)}: key '{one_line(keypath, 120)}': {problem}")
 
     def _check_table(self, table: Mapping[str, Any], allowed: Mapping[str, Converter], prefix: str) -> None:
         for k, v in table.items():
             path = f"{prefix}.{k}"
             if k not in allowed:
-                raise ConfigError(f"{self.where(path)}: unknown key '{path}'{_suggest(str(k), allowed)}")
+                raise ConfigError(
+                    f"{self.where(path)}: unknown key '{one_line(path, 120)}'{_suggest(str(k), allowed)}"
+                )
             if isinstance(v, Mapping):
-                raise ConfigError(f"{self.where(path)}: key '{path}': expected a value, got a mapping")
+                raise self._fail(path, "expected a value, got a mapping")
             value = self._substitute(v, path, self._ctx_for(prefix), (str(k),))
             try:
                 allowed[k](value)
-            except ValueError as exc:
-                raise ConfigError(f"{self.where(path)}: key '{path}': {exc}") from None
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise self._fail(path, one_line(exc)) from None
 
     @staticmethod
     def _ctx_for(prefix: str) -> Context:
@@ -304,10 +382,11 @@ class BpsConfig:
         _, keypath = self.find_raw(key)
         p = Path(os.path.expanduser(str(value)))
         if not p.is_absolute():
-            base = Path(self.where(keypath)).parent if keypath in self.sources else Path.cwd()
+            origin = self.sources.get(keypath, "<")
+            base = Path(origin).parent if not origin.startswith("<") else Path.cwd()
             p = base / p
-        if must_exist and not p.exists():
-            raise ConfigError(f"{self.where(keypath)}: key '{keypath}': file not found: {p}")
+        if must_exist and not exists(p):
+            raise ConfigError(f"{self.where(keypath)}: key '{keypath}': file not found: {one_line(p)}")
         return p
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,22 +394,61 @@ class BpsConfig:
         return self.data
 
 
+def _apply_override(data: dict[str, Any], sources: dict[str, str], dotted: Any, value: Any) -> None:
+    """Set one ``-o KEY=VALUE``; a bad KEY is a ConfigError naming '<command line> -o KEY'."""
+    shown = dotted if isinstance(dotted, str) and all(
+        _OVERRIDE_PART.fullmatch(p) for p in dotted.split(".")) else show(dotted, 80)
+    where = f"{COMMAND_LINE} -o {shown}"
+    if not isinstance(dotted, str) or not dotted.strip():
+        raise ConfigError(f"{where}: empty key (expected -o KEY=VALUE, KEY a dotted path such as site.local.cores)")
+    parts = dotted.split(".")
+    for part in parts:
+        if not _OVERRIDE_PART.fullmatch(part):
+            raise ConfigError(f"{where}: key part {show(part, 40)} may only hold letters, digits, '_' or '-'")
+    if parts[0] == "includeConfigs":
+        raise ConfigError(f"{where}: includeConfigs cannot be set on the command line; include in the file")
+    # the value may come from anywhere (a caller, a parsed string): bound it before walking it
+    check_plain(value, lambda key, problem: ConfigError(f"{where}: key '{one_line(key, 120)}': {problem}"),
+                prefix=dotted)
+    cur = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = cur.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            above = ".".join(parts[: i + 1])
+            raise ConfigError(f"{where}: '{above}' is a value ({show(nxt, 40)}), not a section with keys")
+        cur = nxt
+    cur[parts[-1]] = value
+    sources[dotted] = where
+    if isinstance(value, Mapping):
+        _merge({}, value, sources, where, dotted + ".")
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """``-o KEY=VALUE`` strings as load_config takes them. VALUE is YAML, read with the same bounds
+    as a file (depth, aliases, NUL, ...); a problem is a ConfigError naming '<command line> -o KEY'."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"{COMMAND_LINE} -o {show(pair, 80)}: expected KEY=VALUE")
+        out[key] = parse_yaml(text, f"{COMMAND_LINE} -o {one_line(key, 80)}")
+    return out
+
+
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> BpsConfig:
-    """Read a submit YAML with its includes, apply dotted-key overrides, and validate it."""
+    """Read a submit YAML with its includes, apply dotted-key overrides, and validate it.
+
+    Every problem is a :class:`ConfigError` of one line naming the file (or ``<command line> -o
+    KEY``) and the key; nothing is written.
+    """
     p = Path(path)
-    sources: dict[str, str] = {}
-    data = _load_tree(p, sources)
+    data, sources = _load_tree(p)
     for dotted, value in (overrides or {}).items():
-        cur = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            cur = cur.setdefault(part, {})
-        cur[parts[-1]] = value
-        sources[dotted] = "<command line>"
+        _apply_override(data, sources, dotted, value)
     if "timestamp" not in data:
         # One timestamp per submission, frozen with the config so a restart keeps the same names.
         data["timestamp"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         sources["timestamp"] = "<batchprod>"
-    cfg = BpsConfig(data, sources, p.resolve())
+    cfg = BpsConfig(data, sources, _resolve(p))
     cfg.validate()
     return cfg
