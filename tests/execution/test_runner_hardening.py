@@ -251,3 +251,176 @@ def test_python_wrapper_reports_its_own_peak(tmp_path: Path, big_orchestrator) -
     assert p.returncode == 0, p.stderr
     usage = json.loads((tmp_path / "usage.json").read_text())
     assert 20 < usage["peak_rss_mb"] < 250, usage  # its own (imports + 20 MB), not this process's 300+ MB
+
+
+# -- fencing: a superseded attempt never publishes over its replacement ---------------------------------
+def _job_spec(tmp_path: Path, attempt: int, python: str | None = None) -> dict:
+    logs = tmp_path / "submit" / "logs" / "calibrate"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "repo" / "run" / "calexp" / "calexp_visit1.txt"
+    q = {"label": "calibrate", "data_id": {"visit": 1}, "node_id": "n1", "command": None if python else "true",
+         "python": python, "config": {"mb": 1, "hold": 0}, "inputs": [],
+         "outputs": [{"dataset_type": "calexp", "data_id": {"visit": 1}, "path": str(out)}]}
+    return {"name": "calibrate_visit1", "attempt": attempt, "repo": str(tmp_path / "repo"), "output_run": "run",
+            "result_path": str(logs / f"calibrate_visit1.{attempt}.result.json"), "quanta": [q]}
+
+
+def _stage(spec: dict, text: str) -> list[dict]:
+    from batchprod.execution.runner import collect_outputs, staging_map
+
+    staged = staging_map(spec)
+    for st in staged.values():
+        Path(st).parent.mkdir(parents=True, exist_ok=True)
+        Path(st).write_text(text)
+    return [o for q in spec["quanta"] for o in collect_outputs(q, staged)]
+
+
+def _final(spec: dict) -> Path:
+    return Path(spec["quanta"][0]["outputs"][0]["path"])
+
+
+def test_superseded_attempt_cannot_publish_over_its_replacement(tmp_path: Path) -> None:
+    from batchprod.execution.runner import FencedOff, finish_attempt, staging_map, write_fence
+
+    old, new = _job_spec(tmp_path, 1), _job_spec(tmp_path, 2)
+    old_outputs = _stage(old, "attempt 1\n")  # the zombie: its payload is done, post-job not yet
+    write_fence(new["result_path"], 2)  # recovery starts attempt 2
+    finish_attempt(new, _stage(new, "attempt 2\n"), 0.1)
+    published = _final(new).stat()
+    with pytest.raises(FencedOff, match="attempt 1 was superseded by attempt 2"):
+        finish_attempt(old, old_outputs, 0.1)
+    assert _final(new).read_text() == "attempt 2\n" and _final(new).stat() == published  # untouched
+    assert not Path(old["result_path"]).exists() and not Path(old["result_path"] + ".pending").exists()
+    assert Path(new["result_path"]).exists()
+    assert not any(Path(p).exists() for p in staging_map(old).values())  # it cleaned up after itself
+
+
+def test_superseded_pending_manifest_is_not_rolled_forward(tmp_path: Path) -> None:
+    """Attempt 1 wrote its manifest and stalled before publishing (or a restart finds it): once
+    attempt 2 was started, committing attempt 1's manifest publishes nothing."""
+    from batchprod.execution.runner import FencedOff, _write_json, commit_outputs, finish_attempt, write_fence
+
+    old, new = _job_spec(tmp_path, 1), _job_spec(tmp_path, 2)
+    _write_json(old["result_path"] + ".pending", {"outputs": _stage(old, "attempt 1\n"), "attempt": 1}, direct=True)
+    write_fence(new["result_path"], 2)
+    finish_attempt(new, _stage(new, "attempt 2\n"), 0.1)
+    with pytest.raises(FencedOff):
+        commit_outputs(old["result_path"])
+    assert _final(new).read_text() == "attempt 2\n"
+    assert not Path(old["result_path"]).exists() and not Path(old["result_path"] + ".pending").exists()
+
+
+def test_publication_waits_for_an_older_attempt_already_publishing(tmp_path: Path) -> None:
+    """Check and publication are one step: an attempt that passed the check before its replacement
+    started finishes publishing first, and the replacement publishes after it."""
+    import sys
+    import time
+
+    from batchprod.execution.runner import fence_path, finish_attempt, write_fence
+
+    new = _job_spec(tmp_path, 2)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({fence_path(new['result_path'], 2)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(1.0)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    write_fence(new["result_path"], 2)
+    t0 = time.monotonic()
+    finish_attempt(new, _stage(new, "attempt 2\n"), 0.1)
+    assert time.monotonic() - t0 > 0.5
+    holder.wait()
+    assert _final(new).read_text() == "attempt 2\n"
+
+
+def test_zombie_python_wrapper_is_fenced_off(tmp_path: Path) -> None:
+    import json
+    import sys
+
+    from batchprod.execution.runner import EXIT_INFRASTRUCTURE, finish_attempt, staging_map, write_fence
+
+    old, new = _job_spec(tmp_path, 1, python="batchprod.testing:alloc_task"), _job_spec(tmp_path, 2)
+    write_fence(new["result_path"], 2)
+    finish_attempt(new, _stage(new, "attempt 2\n"), 0.1)
+    p = subprocess.run([sys.executable, "-m", "batchprod.execution.runner"], input=json.dumps(old), text=True,
+                       capture_output=True)
+    assert p.returncode == EXIT_INFRASTRUCTURE
+    assert "error: fenced off: attempt 1 was superseded by attempt 2" in p.stderr
+    assert _final(new).read_text() == "attempt 2\n" and not Path(old["result_path"]).exists()
+    assert not any(Path(s).exists() for s in staging_map(old).values())
+
+
+def test_every_backend_start_fences_off_earlier_attempts(tmp_path: Path) -> None:
+    """Whoever starts an attempt after the first writes the job's fence first (local: inline and
+    through the wrapper; Slurm and Parsl share the same planning step)."""
+    repo = make_toy_repo(tmp_path / "repo", **ONE)
+    task = command_task(["visit", "detector"], ["raw"], ["calexp"],
+                        'test "$BATCHPROD_ATTEMPT" -ge 3; cp {inputs.raw} {outputs.calexp}')
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": task}}, repo=repo, numberOfRetries=2))
+    assert LocalExecutor(run).execute() == "SUCCEEDED"
+    (fence,) = (run.submit_dir / "logs" / "calibrate").glob("*.fence")
+    assert fence.read_text().split() == ["2", "3"]
+
+
+# -- storage failures at publication are infrastructure, not the payload's fault ------------------------
+@pytest.mark.parametrize("where", ["manifest", "publish", "commit", "staging"])
+def test_storage_failure_in_the_wrapper_is_infrastructure(tmp_path: Path, monkeypatch, capsys, where: str) -> None:
+    import errno
+    import os
+
+    from batchprod.execution import runner
+
+    spec = _job_spec(tmp_path, 1, python="batchprod.testing:alloc_task")
+    real_replace = os.replace
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "manifest":
+        monkeypatch.setattr(runner, "_write_json", full)
+    elif where == "publish":
+        monkeypatch.setattr(os, "replace", lambda a, b: full() if "calexp" in str(b) else real_replace(a, b))
+    elif where == "commit":
+        monkeypatch.setattr(os, "replace", lambda a, b: full() if str(b).endswith(".result.json") else real_replace(a, b))
+    else:  # a read-only or broken repository: the staging directory cannot be made
+        (tmp_path / "repo" / "run").mkdir(parents=True)
+        (tmp_path / "repo" / "run" / "_staging").write_text("not a directory")
+    assert runner._main(spec) == runner.EXIT_INFRASTRUCTURE
+    assert "error: stage-" in capsys.readouterr().err
+    assert not Path(spec["result_path"]).exists()
+
+
+def test_storage_failure_in_inline_post_job_is_infrastructure(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    repo = make_toy_repo(tmp_path / "repo", **ONE)
+    real_replace = os.replace
+
+    def replace(a, b):
+        if "/toy/run/calexp/" in str(b):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_replace(a, b)
+
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"])}},
+                               repo=repo, numberOfRetries=0, maxInfraRetries=0))
+    monkeypatch.setattr(os, "replace", replace)
+    LocalExecutor(run).execute()
+    (a,) = run.store.attempts(0)
+    assert a["failure_class"] == "infrastructure"
+    assert "Read-only file system" in Path(a["stderr"]).read_text()
+
+
+def test_logs_that_cannot_be_opened_end_the_attempt_as_infrastructure(tmp_path: Path) -> None:
+    from batchprod.execution.runner import EXIT_INFRASTRUCTURE
+    from batchprod.wms.base import Launch
+    from batchprod.wms.local.backend import LocalBackend
+
+    spec = _job_spec(tmp_path, 1)
+    nowhere = tmp_path / "gone" / "calibrate_visit1.1"
+    launch = Launch(0, "calibrate_visit1", "calibrate", 1, 1, 100, 0, spec, Path(f"{nowhere}.out"),
+                    Path(f"{nowhere}.err"), Path(spec["result_path"]))
+    backend = LocalBackend(str(tmp_path / "submit"))
+    assert backend.start([launch]) == ["-"]
+    (ended,) = backend.poll()
+    assert ended.exit_code == EXIT_INFRASTRUCTURE and "cannot open the attempt's logs" in (ended.reason or "")

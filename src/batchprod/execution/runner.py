@@ -445,7 +445,10 @@ def run_quantum(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str, Any
     """Run one quantum into staging; returns its output records (final and staged paths)."""
     lq = _local(q, staged)
     for r in lq["outputs"]:
-        Path(r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StageError(f"stage-in: cannot make the staging directory for {r['dataset_type']}: {exc}") from None
     if q.get("python"):
         load_function(q["python"])(_context(lq))
     else:
@@ -531,12 +534,24 @@ def complete_after_loss(spec: dict[str, Any]) -> bool:
 
 
 def finish_attempt(spec: dict[str, Any], outputs: list[dict[str, Any]], seconds: float, durable: bool = True) -> None:
-    """Post-job: write the manifest, publish the outputs, commit; then drop the staging directory."""
+    """Post-job: write the manifest, publish the outputs, commit; then drop the staging directory.
+
+    Raises StageError when storage fails (full, read-only, gone: ``infrastructure``, not the
+    payload's fault), FencedOff (after removing what this attempt staged) when a later attempt of
+    the job was started: a superseded attempt never publishes over its replacement."""
     result_path = spec.get("result_path")
     if result_path:
-        _write_json(f"{result_path}.pending", {"outputs": outputs, "seconds": seconds,
-                                               "attempt": spec.get("attempt")}, durable, direct=True)
-        commit_outputs(result_path)
+        attempt = spec.get("attempt")
+        try:
+            with _publication(result_path, attempt):
+                manifest = {"outputs": outputs, "seconds": seconds, "attempt": attempt}
+                _write_json(f"{result_path}.pending", manifest, durable, direct=True)
+                _publish(result_path, manifest)
+        except FencedOff:
+            _drop(o["staged"] for o in outputs if o.get("node_id") != FINAL_NODE)
+            raise
+        except OSError as exc:
+            raise StageError(f"stage-out: cannot write the result manifest {result_path}.pending: {exc}") from None
         with contextlib.suppress(OSError):
             os.unlink(f"{result_path}.exit")
     _clean_staging(spec)
@@ -563,12 +578,94 @@ def _write_json(path: str | Path, data: Any, durable: bool = True, direct: bool 
         os.replace(tmp, path)
 
 
+class FencedOff(StageError):
+    """A later attempt of the job was started: this one must not publish (it may be a zombie that
+    outlived an orchestrator's recovery, its replacement already running or done)."""
+
+
+def fence_path(result_path: str | Path, attempt: Any) -> str:
+    """The job's fence: ``<logs>/<label>/<name>.fence`` next to its attempts' files. It lists the
+    attempts started (one line each, appended), and its lock orders publications of the job."""
+    result_path = str(result_path)
+    suffix = f".{attempt}.result.json"
+    base = result_path[: -len(suffix)] if result_path.endswith(suffix) else result_path.removesuffix(".result.json")
+    return f"{base}.fence"
+
+
+def write_fence(result_path: str | Path, attempt: Any) -> None:
+    """Before an attempt starts: make it the job's current one, so no earlier attempt still running
+    can publish any more (whoever starts attempts calls this; a first attempt has nothing to fence).
+    One appended line: a reader never sees half a number (it ignores an unfinished last line)."""
+    if not isinstance(attempt, int) or attempt <= 1:
+        return
+    fd = os.open(fence_path(result_path, attempt), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"{attempt}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _latest_started(fd: int) -> int:
+    data = b""
+    while chunk := os.pread(fd, 1 << 16, len(data)):
+        data += chunk
+    return max((int(x) for x in data.split(b"\n")[:-1] if x.strip().isdigit()), default=0)
+
+
+@contextlib.contextmanager
+def _publication(result_path: str | Path, attempt: Any) -> Any:
+    """Hold the job's publication lock (a POSIX lock on its fence: it holds across hosts on NFS);
+    raise FencedOff if a later attempt than ``attempt`` was started. Check and publication are one
+    step for every other attempt of the job: a newer attempt's publication waits for an older one
+    that got in first, so the newer always publishes last."""
+    import fcntl
+
+    path = fence_path(result_path, attempt)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StageError(f"stage-out: cannot open the job's fence {path}: {exc}") from None
+    try:
+        with contextlib.suppress(OSError):  # a filesystem without locks: the check still happens
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            mine = int(attempt)
+        except (TypeError, ValueError):
+            mine = None
+        latest = _latest_started(fd) if mine is not None else 0
+        if mine is not None and latest > mine:
+            raise FencedOff(f"fenced off: attempt {mine} was superseded by attempt {latest} of the same job; "
+                            f"its outputs are not published ({path})")
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def _drop(paths: Any) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+
+
 def commit_outputs(result_path: str | Path) -> dict[str, Any]:
     """Publish the outputs listed in ``<result>.pending`` and commit the manifest; idempotent, so
-    restart can roll a half-done publication forward. Raises StageError if an output cannot move."""
+    restart can roll a half-done publication forward. Raises StageError if an output cannot move,
+    FencedOff (dropping the manifest and what it staged) if a later attempt of the job was started."""
     pending = f"{result_path}.pending"
     with open(pending) as fh:
         manifest = json.load(fh)
+    try:
+        with _publication(result_path, manifest.get("attempt")):
+            return _publish(result_path, manifest)
+    except FencedOff:
+        _drop([*(o["staged"] for o in manifest["outputs"] if o.get("node_id") != FINAL_NODE), pending])
+        raise
+
+
+def _publish(result_path: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Rename the staged outputs of ``<result>.pending`` (``manifest``) into place, then commit the
+    manifest (under the job's publication lock)."""
+    pending = f"{result_path}.pending"
     for o in manifest["outputs"]:
         staged, final = o["staged"], o["path"]
         try:
@@ -584,7 +681,10 @@ def commit_outputs(result_path: str | Path) -> dict[str, Any]:
                 raise StageError(f"stage-out: {o['dataset_type']} {o['data_id']} is neither staged nor published") from None
         except OSError as exc:
             raise StageError(f"stage-out: cannot publish {final}: {exc}") from None
-    os.replace(pending, result_path)
+    try:
+        os.replace(pending, result_path)
+    except OSError as exc:
+        raise StageError(f"stage-out: cannot commit the result manifest {result_path}: {exc}") from None
     return manifest
 
 

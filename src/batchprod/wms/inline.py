@@ -24,6 +24,7 @@ from batchprod.execution.runner import (
     shell_script,
     stage_in_check,
     staging_map,
+    write_fence,
 )
 from batchprod.wms.base import Ended, Launch
 
@@ -67,23 +68,35 @@ class InlineJobs:
 
     def plan(self, launch: Launch) -> tuple[str | None, dict[str, str], bool]:
         """(shell script or None if the job needs the Python wrapper, staging map, started-ok).
-        Does the pre-job step: a missing input records an early ``infrastructure`` end and returns
-        False, and the caller must not start the attempt."""
+        Fences off the job's earlier attempts (:func:`write_fence`: one still running can no longer
+        publish) and does the pre-job step: a missing input, or storage that cannot take the
+        staging directories, records an early ``infrastructure`` end and returns False, and the
+        caller must not start the attempt."""
         staged = staging_map(launch.spec)
         script = shell_script(launch.spec, staged)
-        if script is None:
-            return None, staged, True
         try:
+            write_fence(launch.result, launch.attempt)
+            if script is None:
+                return None, staged, True
             stage_in_check(launch.spec)
-        except StageError as exc:
-            launch.stderr.write_text(f"error: {exc}\n")
-            launch.stdout.write_text("")
-            self.early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None, host=self.host))
+            for d in {os.path.dirname(v) for v in staged.values()} - self.dirs:
+                os.makedirs(d, exist_ok=True)
+                self.dirs.add(d)
+        except (StageError, OSError) as exc:
+            self.fail_early(launch, str(exc) if isinstance(exc, StageError)
+                            else f"stage-in: cannot prepare the attempt: {exc}")
             return script, staged, False
-        for d in {os.path.dirname(v) for v in staged.values()} - self.dirs:
-            os.makedirs(d, exist_ok=True)
-            self.dirs.add(d)
         return script, staged, True
+
+    def fail_early(self, launch: Launch, message: str) -> None:
+        """End an attempt that cannot start as ``infrastructure`` (its logs say why, if they can)."""
+        reason = None
+        try:
+            launch.stderr.write_text(f"error: {message}\n")
+            launch.stdout.write_text("")
+        except OSError:
+            reason = f"infrastructure: {message}"  # no log to read it from
+        self.early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None, reason=reason, host=self.host))
 
     def take_early(self) -> list[Ended]:
         out, self.early = self.early, []

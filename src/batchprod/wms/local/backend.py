@@ -36,7 +36,7 @@ import psutil
 
 from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env, tree_rss_mb
 from batchprod.execution.run import Run
-from batchprod.execution.runner import BASH
+from batchprod.execution.runner import BASH, write_fence
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, Ended, Launch
 from batchprod.wms.inline import ENV_SUBMIT_DIR, InlineJobs, inline_post_job, job_variables
@@ -112,17 +112,34 @@ class LocalBackend(Backend):
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
         for launch in launches:
-            script, staged, ok = self._inline.plan(launch) if self.inline else (None, {}, True)
+            script, staged, ok = self._inline.plan(launch) if self.inline else self._plain(launch)
             if not ok:
                 handles.append("-")
                 continue
             cmd = [BASH, "-c", script] if script is not None else RUNNER
-            fo, fe = open(launch.stdout, "wb"), open(launch.stderr, "wb")  # noqa: SIM115 (closed when reaped)
-            popen = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL if script is not None else subprocess.PIPE, stdout=fo, stderr=fe,
-                start_new_session=True,  # own process group: kills reach the whole tree
-                env=job_env(launch, self.submit_dir, self._env),
-            )
+            try:
+                fo = open(launch.stdout, "wb")  # noqa: SIM115 (closed when reaped)
+                try:
+                    fe = open(launch.stderr, "wb")  # noqa: SIM115
+                except OSError:
+                    fo.close()
+                    raise
+            except OSError as exc:  # the log directory is full, read-only, gone: not the job's fault
+                self._inline.fail_early(launch, f"stage-in: cannot open the attempt's logs: {exc}")
+                handles.append("-")
+                continue
+            try:
+                popen = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL if script is not None else subprocess.PIPE, stdout=fo, stderr=fe,
+                    start_new_session=True,  # own process group: kills reach the whole tree
+                    env=job_env(launch, self.submit_dir, self._env),
+                )
+            except OSError as exc:  # no process could be started (out of pids, memory): try again later
+                fo.close()
+                fe.close()
+                self._inline.fail_early(launch, f"stage-in: cannot start the attempt: {exc}")
+                handles.append("-")
+                continue
             if script is None:
                 assert popen.stdin is not None
                 try:
@@ -142,6 +159,15 @@ class LocalBackend(Backend):
             self.procs[popen.pid] = p
             handles.append(str(popen.pid))
         return handles
+
+    def _plain(self, launch: Launch) -> tuple[None, dict[str, str], bool]:
+        """Without inline jobs (every job through the Python wrapper): fence off earlier attempts."""
+        try:
+            write_fence(launch.result, launch.attempt)
+        except OSError as exc:
+            self._inline.fail_early(launch, f"stage-in: cannot prepare the attempt: {exc}")
+            return None, {}, False
+        return None, {}, True
 
     def _post_job(self, p: _Proc, exit_code: int | None) -> tuple[int | None, list[dict[str, Any]] | None]:
         if p.staged is None or exit_code != 0:
