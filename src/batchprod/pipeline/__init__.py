@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from batchprod.pipeline.pipeline import Pipeline, TaskDef, load_pipeline
+    from batchprod.pipeline.pipeline import Pipeline, TaskDef, check_config_labels, load_pipeline
 
-__all__ = ["Pipeline", "TaskDef", "load_pipeline"]
+__all__ = ["Pipeline", "TaskDef", "check_config_labels", "load_pipeline"]
 
 
 def __getattr__(name: str) -> Any:
