@@ -446,13 +446,15 @@ def runs(root: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    from batchprod.report.progress import duration
     from batchprod.report.tables import fit_table
 
-    headers = ["run", "status", "jobs", "succeeded", "failed", "submitted", "elapsed", "submit dir"]
+    headers = ["run", "status", "jobs", "succeeded", "failed", "started", "ended", "elapsed", "submit dir"]
     table = [[s["run"], s["status"], f"{s['jobs']['total']:,}", f"{s['jobs']['succeeded']:,}",
-              f"{s['jobs']['failed']:,}", s["created_iso"], f"{s['elapsed_s']:,.0f}s", s["submit_dir"]] for s in rows]
+              f"{s['jobs']['failed']:,}", s.get("started") or "", s.get("ended") or "",
+              duration(s["elapsed_s"]), s["submit_dir"]] for s in rows]
     console.print(fit_table(f"runs under {root or Path.cwd() / 'submit'}", headers, table, console.width,
-                            right=["jobs", "succeeded", "failed", "elapsed"], optional=["submit dir"]))
+                            right=["jobs", "succeeded", "failed", "elapsed"], optional=["submit dir", "ended"]))
 
 
 @main.command()

@@ -186,3 +186,42 @@ def test_an_80_column_terminal_keeps_whole_names(tmp_path: Path, toy_repo: Path)
             assert long_label in out, out
         if "--failures" in cmd:
             assert f"{long_label}_visit1_detector0" in out and "the flat field for this detector is saturated" in out
+
+
+def test_final_job_reflects_the_final_state_and_elapsed_skips_the_idle_gap(tmp_path: Path, toy_repo: Path,
+                                                                           cli) -> None:
+    import time
+
+    from batchprod.graph import Registry
+
+    flag = tmp_path / "broken"
+    flag.touch()
+    cmd = f"test {{detector}} != 1 || test ! -e {flag} || exit 3; cp {{inputs.raw}} {{outputs.calexp}}"
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"], cmd)}}
+    out = toy_repo / "toy" / "run"
+    final = {"command": f"ls {out / 'calexp'} | wc -l > {out / 'count.txt'}", "outputs": ["count.txt"]}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, finalJob=final))
+    assert cli("restart", run.submit_dir).exit_code == 1
+    assert (out / "count.txt").read_text().strip() == "2"  # the partial first run
+    flag.unlink()
+    time.sleep(2.0)  # the operator's coffee: not execution time
+    assert cli("restart", run.submit_dir).exit_code == 0
+    assert (out / "count.txt").read_text().strip() == "4"  # the final job ran again, on everything
+    final_rows = [o for o in run.store.outputs() if o["path"].endswith("count.txt")]
+    assert len(final_rows) == 1
+    from batchprod.execution.runner import file_checksum
+
+    assert final_rows[0]["checksum"] == file_checksum(out / "count.txt")
+    reg = Registry(toy_repo / "registry.db")
+    (rec,) = reg.find_datasets("count", runs=["toy/run"])
+    reg.close()
+    assert rec.checksum == final_rows[0]["checksum"]
+    assert [a["status"] for a in run.store.attempts(run.store.job_by_name("finalJob")["id"])] == ["SUCCEEDED"] * 2
+    s = json.loads(cli("report", run.submit_dir, "--json").output)
+    from datetime import datetime
+
+    started, ended = datetime.fromisoformat(s["started"]), datetime.fromisoformat(s["ended"])
+    assert started.tzinfo is not None and (ended - started).total_seconds() >= 2.0
+    assert s["elapsed_s"] < (ended - started).total_seconds() - 1.5  # the idle gap is not counted
+    text = cli("report", run.submit_dir).output
+    assert f"started {s['started']}" in text and f"ended {s['ended']}" in text

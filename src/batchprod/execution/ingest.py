@@ -2,7 +2,8 @@
 
 The run's state store is the source of truth for what was published; this copies it into the data
 registry (run = the output run, locations relative to the repository). Rows already registered are
-skipped, so an ingest interrupted by a crash is simply done again by the next execute or restart.
+updated in place, so an ingest interrupted by a crash is simply done again by the next execute or restart,
+and a dataset made again (the final job re-runs after a restart) is registered as it is now.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def ingest_outputs(run: Run) -> int:
     try:
         for dt in sorted(rows):
             registry.register_dataset_type(dt, dims.get(dt, ()))  # final-job outputs have no dimensions
-            registry.insert_datasets(dt, out_run, rows[dt], skip_existing=True)
+            # what this run published is the truth for its data IDs (a re-run final job's product included)
+            registry.insert_datasets(dt, out_run, rows[dt], update_existing=True)
     finally:
         registry.close()
     return sum(len(r) for r in rows.values())

@@ -98,6 +98,16 @@ context_t = sa.Table(
     sa.Column("record", sa.Text, nullable=False),  # JSON: host, user, python, packages, environment
 )
 
+execution_t = sa.Table(
+    "execution",  # one row per engine session: elapsed time counts these, not the idle gaps between
+    _md,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("start", sa.Float, nullable=False),
+    sa.Column("end", sa.Float),  # None while it runs, or if the engine died (then: its last write)
+    sa.Column("host", sa.String),
+    sa.Column("pid", sa.Integer),
+)
+
 output_t = sa.Table(
     "output",
     _md,
@@ -119,7 +129,7 @@ JOB_MUTABLE = (
 ATTEMPT_COLUMNS = tuple(c.name for c in attempt_t.columns)
 
 STATE_FILE = "state.db"
-TABLES = ("run", "job", "attempt", "context", "output")
+TABLES = ("run", "job", "attempt", "context", "output", "execution")
 JOB_STATES = frozenset(s.value for s in JobState)
 RUN_STATES = frozenset(s.value for s in RunState)
 SQLITE_HEADER = 100  # bytes: no SQLite database is shorter
@@ -570,6 +580,29 @@ class StateStore:
         return out
 
     @_reading
+    def begin_execution(self, host: str, pid: int) -> int:
+        with self.engine.begin() as conn:
+            return int(conn.execute(execution_t.insert().values(start=time.time(), host=host, pid=pid))
+                       .inserted_primary_key[0])
+
+    def end_execution(self, execution_id: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(execution_t.update().where(execution_t.c.id == execution_id).values(end=time.time()))
+
+    @_reading
+    def executions(self) -> list[dict[str, Any]]:
+        """Engine sessions, oldest first; an unfinished one ends at the run's last job write."""
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(sa.select(execution_t).order_by(execution_t.c.id)).mappings()]
+            if rows and rows[-1]["end"] is None:
+                rows[-1]["last_write"] = conn.execute(sa.select(sa.func.max(job_t.c.updated))).scalar()
+        return rows
+
+    def drop_outputs(self, job_id: int) -> None:
+        """Forget a job's recorded outputs (its next success records them anew: the final job re-runs)."""
+        with self.engine.begin() as conn:
+            conn.execute(output_t.delete().where(output_t.c.job_id == job_id))
+
     def output_columns(self, *cols: str) -> list[tuple[Any, ...]]:
         """Selected columns of every output row (bulk read for ingest)."""
         with self.engine.connect() as conn:

@@ -115,11 +115,13 @@ class Registry:
         run: str,
         rows: Iterable[tuple[DataId | str, str, int | None, str | None]],
         skip_existing: bool = False,
+        update_existing: bool = False,
     ) -> int:
         """Bulk-insert (data ID, location, size, checksum) rows; returns how many were given. A data ID
         may come as its canonical JSON text already (ingest from a state store keeps it so).
         ``skip_existing``: rows already registered (same type, run, data ID) are left as they are, so
-        an ingest can be repeated after a crash."""
+        an ingest can be repeated after a crash. ``update_existing``: they take the new location, size
+        and checksum instead (a dataset made again, e.g. by a final job that re-ran)."""
         payload = [
             {
                 "dataset_type": dataset_type,
@@ -133,9 +135,16 @@ class Registry:
         ]
         if payload:
             ins: Any = dataset_t.insert()
-            if skip_existing:
+            if skip_existing or update_existing:
                 dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-                ins = dialect.insert(dataset_t).on_conflict_do_nothing(index_elements=["dataset_type", "run", "data_id"])
+                ins = dialect.insert(dataset_t)
+                keys = ["dataset_type", "run", "data_id"]
+                if update_existing:
+                    ex = ins.excluded
+                    ins = ins.on_conflict_do_update(index_elements=keys, set_={
+                        "location": ex.location, "size": ex.size, "checksum": ex.checksum})
+                else:
+                    ins = ins.on_conflict_do_nothing(index_elements=keys)
             with self.engine.begin() as conn:
                 conn.execute(ins, payload)
         return len(payload)

@@ -61,7 +61,8 @@ class _Rate:
         return (done - d0) / (now - t0) if now - t0 >= 1.0 else None
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """'2h03m04s', '5m02s', '7s'."""
     s = int(round(seconds))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
@@ -128,7 +129,7 @@ class ProgressView:
         pace = ""
         if rate is not None and not final:
             left = self.total - done
-            eta = f", ETA {_duration(left / rate)}" if rate > 0 and left else ""
+            eta = f", ETA {duration(left / rate)}" if rate > 0 and left else ""
             pace = f"; {rate:,.1f} jobs/s{eta}"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.console.print(f"{stamp} {self.name}: {done:,} of {self.total:,} jobs done ({words(cols) or 'nothing yet'})"

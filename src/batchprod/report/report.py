@@ -57,6 +57,26 @@ def restart_hint(run: Run) -> str:
     return f"batchprod restart {run.submit_dir}"
 
 
+def _times(run: Run, info: dict[str, Any], status: str) -> tuple[float | None, float | None, float]:
+    """(first start, last end, seconds an engine was executing it). Only engine sessions count: the
+    idle days between a failure and its restart are not 'elapsed'. A session whose engine died ends
+    at its last write."""
+    sessions = run.store.executions()
+    if not sessions:  # a run from before sessions were recorded, or never executed
+        if status == RunState.PREPARED:
+            return None, None, 0.0
+        return info["created"], info["updated"], info["updated"] - info["created"]
+    now = time.time()
+    total, end = 0.0, None
+    for i, e in enumerate(sessions):
+        end = e["end"]
+        if end is None:
+            live = i == len(sessions) - 1 and status == RunState.RUNNING
+            end = now if live else max(e.get("last_write") or e["start"], e["start"])
+        total += max(0.0, end - e["start"])
+    return sessions[0]["start"], (None if status == RunState.RUNNING else end), total
+
+
 def summarize(run: Run) -> dict[str, Any]:
     """Per-label job counts (and quanta) plus a run-level summary, as plain data (for --json)."""
     info = run.store.run_info()
@@ -74,8 +94,8 @@ def summarize(run: Run) -> dict[str, Any]:
     for row in labels.values():
         for c in COLUMNS:
             totals[c] += row[c]
-    end = info["updated"] if info["status"] != RunState.RUNNING else time.time()
     status = run_status(run, info)
+    started, ended, elapsed = _times(run, info, status)
     if status == RunState.INTERRUPTED:
         # its engine is gone: nothing runs, whatever the last rows said
         totals["interrupted"] = totals.pop("running")
@@ -89,7 +109,9 @@ def summarize(run: Run) -> dict[str, Any]:
         "hint": restart_hint(run) if status == RunState.INTERRUPTED else None,
         "created": info["created"],
         "created_iso": iso(info["created"]),
-        "elapsed_s": round(end - info["created"], 3),
+        "started": iso(started),
+        "ended": iso(ended),
+        "elapsed_s": round(elapsed, 3),
         "message": info["message"],  # e.g. the post-run ingest's outcome
         "jobs": totals,
         "labels": labels,
@@ -103,15 +125,19 @@ def render_table(summary: dict[str, Any], width: int | None = None) -> Any:
     from batchprod.report.tables import fit_table
 
     cols = [("interrupted" if c == "running" and "interrupted" in summary["jobs"] else c) for c in COLUMNS]
-    title = f"run {summary['run']}: {summary['status']}  ({summary['elapsed_s']:,.1f}s, wms={summary['wms']})"
+    from batchprod.report.progress import duration
+
+    title = f"run {summary['run']}: {summary['status']}  (wms={summary['wms']})"
     rows = [[label, *(f"{row[c]:,}" for c in cols)] for label, row in summary["labels"].items()]
     footer = ["all jobs", *(f"{summary['jobs'][c]:,}" for c in cols)]
     t = fit_table(title, ["label", *cols], rows, width or 1_000_000, right=cols, footer=footer)
-    notes = [summary[k] for k in ("message",) if summary.get(k)]
+    when = [f"started {summary['started']}" if summary.get("started") else "not started yet"]
+    if summary.get("ended"):
+        when.append(f"ended {summary['ended']}")
+    when.append(f"elapsed {duration(summary['elapsed_s'])} (while an engine ran it)")
+    notes = [", ".join(when), *(summary[k] for k in ("message",) if summary.get(k))]
     if summary.get("hint"):
         notes.append(f"its engine is gone; continue with: {summary['hint']}")
-    if not notes:
-        return t
     from rich.console import Group
     from rich.text import Text
 

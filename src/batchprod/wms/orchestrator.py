@@ -117,6 +117,8 @@ class Orchestrator:
         self.poll = poll
         self.host = socket.gethostname()
         self._stop: str | None = None
+        self._ran = False  # a job (not the final one) was launched in this execution
+        self._final_again = False
         n = len(self.wf)
         self.n = n
         self.final_id = n if self.wf.final is not None else None
@@ -248,6 +250,7 @@ class Orchestrator:
         me = os.getpid()
         store.set_run(status=RunState.RUNNING, orchestrator_pid=me, orchestrator_host=self.host,
                       orchestrator_start=process_start(me))
+        session = store.begin_execution(self.host, me)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             state = self._loop()
@@ -264,6 +267,7 @@ class Orchestrator:
             self.backend.close()
         self._flush()
         message = self._ingest()
+        store.end_execution(session)
         store.set_run(status=state, orchestrator_pid=None, message=message)
         return state
 
@@ -323,10 +327,11 @@ class Orchestrator:
                 self._flush()
                 last_flush = now
             if not self.active and not self.heap and not self.delayed:
-                if self.final_id is not None and self.status[self.final_id] == JobState.PENDING:
-                    assert self.wf.final is not None
+                if self._final_due():
+                    assert self.final_id is not None and self.wf.final is not None
                     all_ok = all(s == JobState.SUCCEEDED for s in self.status[:n])
                     if self.wf.final.when_run == "ALWAYS" or all_ok:
+                        self._rerun_final()
                         self._push(self.final_id)
                         continue
                     self._set(self.final_id, JobState.UNREADY, message="not run: whenRun=SUCCESS and some jobs failed")
@@ -335,6 +340,23 @@ class Orchestrator:
                 self.backend.wait(self.poll)
         ok = all(s == JobState.SUCCEEDED for s in self.status)
         return RunState.SUCCEEDED if ok else RunState.FAILED
+
+    def _final_due(self) -> bool:
+        """Like HTCondor's FINAL node: the final job runs at the end of every execution in which any
+        job ran, so its product reflects the run's final state, not the first partial one."""
+        if self.final_id is None:
+            return False
+        s = self.status[self.final_id]
+        return s == JobState.PENDING or (s == JobState.SUCCEEDED and self._ran and not self._final_again)
+
+    def _rerun_final(self) -> None:
+        assert self.final_id is not None
+        self._final_again = True  # once per execution
+        if self.status[self.final_id] != JobState.SUCCEEDED:
+            return
+        self._set(self.final_id, JobState.PENDING, message="runs again: jobs ran since its last run")
+        self._flush()  # durable before its old outputs are forgotten: a crash now re-runs it on restart
+        self.run.store.drop_outputs(self.final_id)
 
     def _push(self, j: int) -> None:
         heapq.heappush(self.heap, (-self.resources(j).priority, j))
@@ -371,6 +393,7 @@ class Orchestrator:
             batch.append(launch)
         if not batch:
             return 0
+        self._ran = self._ran or any(b.job != self.final_id for b in batch)
         self._flush()  # the attempts (and everything before them) are durable before any of them starts
         for launch in batch:
             if launch.label not in self._log_dirs:
