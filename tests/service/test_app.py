@@ -68,6 +68,12 @@ def test_runs_and_run_agree_with_the_cli(served: tuple[httpx.Client, Path], cli)
     ok = client.get("/api/runs/toy/ok").json()
     cli_report = json.loads(cli("report", root / "toy" / "ok", "--json").output)
     assert ok["jobs"] == cli_report["jobs"] and ok["labels"] == cli_report["labels"]
+    from datetime import datetime
+
+    # times as ISO 8601 with the zone, never raw epochs
+    assert datetime.fromisoformat(ok["created"]).tzinfo is not None and ok["started"] and ok["ended"]
+    job = client.get("/api/runs/toy/ok/jobs/calibrate_visit1_detector1").json()
+    assert all(isinstance(a["start"], str) and datetime.fromisoformat(a["end"]) for a in job["attempts_detail"])
 
 
 def test_failures_jobs_and_provenance(served: tuple[httpx.Client, Path]) -> None:
@@ -98,7 +104,7 @@ def test_dashboard_shows_every_run(served: tuple[httpx.Client, Path]) -> None:
     client, _ = served
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "toy/ok" in page.text and "toy/bad" in page.text and "6/6 jobs succeeded" in page.text
+    assert "toy/ok" in page.text and "toy/bad" in page.text and "6 jobs: succeeded 6" in page.text and "failed 2" in page.text
 
 
 # -- damaged runs and files outside a run (in-process client: a server exception fails the test) -------
@@ -139,7 +145,7 @@ def test_damaged_runs_are_flagged_not_fatal(damaged_root: Path) -> None:
     assert runs["toy/deleted"]["error"].endswith("damaged run state: job 3 of 6 is missing (1 job rows deleted?)")
     assert "leads outside the run directory" in runs["toy/planted"]["error"]
     page = client.get("/")
-    assert page.status_code == 200 and page.text.count("DAMAGED</small>") == 4 and "6/6 jobs succeeded" in page.text
+    assert page.status_code == 200 and page.text.count("DAMAGED</small>") == 4 and "6 jobs: succeeded 6" in page.text and "failed 2" in page.text
     assert "file is not a database" in page.text
 
     for name, status, fragment in (("toy/garbage", 500, "damaged run state: file is not a database"),

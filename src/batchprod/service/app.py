@@ -25,6 +25,21 @@ from batchprod.execution.store import DamagedStateError
 from batchprod.provenance.lineage import Provenance
 from batchprod.report import summarize
 from batchprod.report.failures import failures, job_history
+from batchprod.report.progress import duration, words
+from batchprod.report.report import iso
+
+#: keys that hold epoch seconds in the report data; the API gives them as ISO 8601 (local zone)
+_TIME_KEYS = frozenset({"created", "updated", "start", "end"})
+
+
+def _iso_times(obj: Any) -> Any:
+    """The same data as the CLI's --json, with epoch times turned into ISO 8601 strings."""
+    if isinstance(obj, dict):
+        return {k: (iso(v) if k in _TIME_KEYS and isinstance(v, int | float) and not isinstance(v, bool)
+                    else _iso_times(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_iso_times(v) for v in obj]
+    return obj
 
 #: what a request may make the service open in a run's directory: none may lead outside it
 RUN_FILES = (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", QGRAPH_FILE, WORKFLOW_FILE, CONFIG_FILE,
@@ -92,29 +107,29 @@ def create_app(root: str | Path) -> FastAPI:
     def runs() -> list[dict[str, Any]]:
         """Every run under the root, newest first, with its job counts; a damaged run with status
         DAMAGED and its error line."""
-        return every_run()
+        return _iso_times(every_run())
 
     @app.get("/api/runs/{name:path}/failures")
     def run_failures(name: str) -> dict[str, Any]:
         """Failed jobs grouped by failure signature, with causal error lines."""
-        return failures(open_run(name))
+        return _iso_times(failures(open_run(name)))
 
     @app.get("/api/runs/{name:path}/jobs/{job}")
     def job(name: str, job: str) -> dict[str, Any]:
         """One job's whole history (every attempt)."""
-        return job_history(open_run(name), job)
+        return _iso_times(job_history(open_run(name), job))
 
     @app.get("/api/runs/{name:path}/provenance")
     def provenance(name: str, dataset: str = Query(..., description="path or TYPE:dim=value,..."),
                    lineage: str | None = Query(None, pattern="^(up|down)$")) -> dict[str, Any]:
         """How one output came to be (or its lineage up/down)."""
         prov = Provenance(open_run(name))
-        return prov.lineage(dataset, lineage) if lineage else prov.record(dataset)
+        return _iso_times(prov.lineage(dataset, lineage) if lineage else prov.record(dataset))
 
     @app.get("/api/runs/{name:path}")
     def run(name: str) -> dict[str, Any]:
         """One run: status, per-label job and quantum counts."""
-        return {**summarize(open_run(name)), "name": name}
+        return _iso_times({**summarize(open_run(name)), "name": name})
 
     @app.get("/", response_class=HTMLResponse)
     def dashboard() -> str:
@@ -133,9 +148,13 @@ def _dashboard(runs: list[dict[str, Any]], base: Path) -> str:
                          f"<p class='{DAMAGED}'>{e(r['error'])}</p>")
             continue
         j = r["jobs"]
+        counts = words({k: v for k, v in j.items() if k != "total"}) or "no jobs"
+        when = f"started {r['started']}" if r.get("started") else "not started"
+        hint = f"<p class='INTERRUPTED'>its engine is gone; continue with: <code>{e(r['hint'])}</code></p>" \
+            if r.get("hint") else ""
         parts.append(f"<h2>{e(r['name'])} <small class='{e(r['status'])}'>{e(r['status'])}</small></h2>"
-                     f"<p>{j['succeeded']}/{j['total']} jobs succeeded, {j['failed']} failed, "
-                     f"{j['running']} running; {r['elapsed_s']:.0f} s</p><table>")
+                     f"<p>{j['total']:,} jobs: {e(counts)}; {e(when)}, elapsed {duration(r['elapsed_s'])}</p>"
+                     f"{hint}<table>")
         for label, row in r["labels"].items():
             done = 100 * row["succeeded"] / row["total"] if row["total"] else 0
             bad = 100 * row["failed"] / row["total"] if row["total"] else 0
@@ -146,6 +165,6 @@ def _dashboard(runs: list[dict[str, Any]], base: Path) -> str:
                      f"<a href='api/runs/{e(r['name'])}'>json</a></p>")
     style = ("body{font-family:sans-serif;margin:2em}td{padding:2px 8px}.bar{width:300px;background:#eee}"
              ".bar span{display:inline-block;height:12px}.ok{background:#2a2}.bad{background:#c22}"
-             ".FAILED{color:#c22}.SUCCEEDED{color:#2a2}.DAMAGED{color:#b60}")
+             ".FAILED{color:#c22}.SUCCEEDED{color:#2a2}.DAMAGED{color:#b60}.INTERRUPTED{color:#b60}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='10'>"
             f"<title>batchprod</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
