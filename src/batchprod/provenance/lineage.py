@@ -205,9 +205,13 @@ def verify_checksums(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
+    """Digest of a file of the run (frozen config, pipeline); never read through a link leaving it."""
+    from batchprod.execution.paths import OutsideRunError, open_in
+
     try:
-        data = path.read_bytes()
-    except OSError:
+        with open_in(path.parent, path) as fh:
+            data = fh.read()
+    except (OSError, OutsideRunError):
         return {"path": str(path), "sha256": None}
     return {"path": str(path), "sha256": hashlib.sha256(data).hexdigest()}
 
