@@ -45,19 +45,10 @@ def _user_errors(fn: F) -> F:
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
-    import yaml
+    """``-o KEY=VALUE`` pairs, VALUE read as bounded YAML; a bad one is a one-line ConfigError."""
+    from batchprod.config import parse_overrides
 
-    out: dict[str, Any] = {}
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="-o")
-        k, v = p.split("=", 1)
-        try:
-            out[k] = yaml.safe_load(v)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or "not a YAML value"
-            raise click.BadParameter(f"{p!r}: {problem}", param_hint="-o") from None
-    return out
+    return parse_overrides(pairs)
 
 
 OVERRIDE_OPTION = click.option(

@@ -327,12 +327,10 @@ NASTY_CLI = [
     ("-o empty key", lambda c: c, ("-o", "=1"), "<command line> -o '': empty key"),
     ("bad label", lambda c: c, (), "task label '../../../x' must start with a letter"),
     ("pipeline python", lambda c: c, (), "module 'nosuch_mod_p' not found"),
-    pytest.param("deep -o value", lambda c: c, ("-o", "project=" + "[" * 10000), "nesting", id="deep -o value",
-                 marks=pytest.mark.xfail(strict=True, reason="cli._overrides parses -o values with yaml.safe_load "
-                                                            "(RecursionError): use batchprod.config.parse_overrides")),
-    pytest.param("unknown pipetask label", lambda c: c + "pipetask: {calibrat: {requestCpus: 2}}\n", (),
-                 "unknown task label 'calibrat'", id="unknown pipetask label",
-                 marks=pytest.mark.xfail(strict=True, reason="prepare must call check_config_labels(cfg, pipeline)")),
+    ("deep -o value", lambda c: c, ("-o", "project=" + "[" * 10000), "nesting"),
+    ("unknown pipetask label", lambda c: c + "pipetask: {calibrat: {requestCpus: 2}}\n", (),
+     "unknown task label 'calibrat'"),
+    ("huge submitPath", lambda c: c + "submitPath: /tmp/" + "x" * 5000 + "\n", (), "key 'submitPath'"),
 ]
 
 

@@ -23,7 +23,7 @@ from batchprod.config.keys import PAYLOAD_KEYS
 from batchprod.errors import ConfigError, RunError
 from batchprod.execution.store import STATE_FILE, StateStore
 from batchprod.graph import QuantumGraph, Registry, build_quantum_graph
-from batchprod.pipeline import load_pipeline
+from batchprod.pipeline import check_config_labels, load_pipeline
 from batchprod.workflow import GenericWorkflow, workflow_from_config
 from batchprod.workflow.generic import FinalJob
 
@@ -194,6 +194,20 @@ def _check_commands(wf: GenericWorkflow, pipeline_path: Path) -> None:
                     ) from None
 
 
+def _submit_dir(cfg: BpsConfig) -> Path:
+    """The run's submit directory; a path the filesystem cannot take is a config error, not a crash."""
+    raw = str(cfg.get("submitPath"))
+    where = f"{cfg.where(cfg.find_raw('submitPath')[1])}: key 'submitPath'"
+    try:
+        p = Path(raw).resolve()
+        p.exists()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: unusable path {raw[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    if any(len(part.encode()) > 255 for part in p.parts) or len(str(p).encode()) > 4000:
+        raise ConfigError(f"{where}: path too long ({len(str(p)):,} characters)")
+    return p
+
+
 def _check_final_outputs(cfg: BpsConfig, wf: GenericWorkflow, qg: QuantumGraph) -> None:
     """A final-job output is a dataset type named by its stem: it must not shadow a pipeline's."""
     if wf.final is None:
@@ -298,11 +312,12 @@ def prepare(
     cfg = load_config(config_path, overrides)
     pipeline_path = cfg.resolve_path("pipelineYaml")
     pipeline = load_pipeline(pipeline_path)
+    check_config_labels(cfg, pipeline)  # pipetask.<label> / cluster pipetasks name real tasks
     repo = cfg.resolve_path("repo")
     if not (repo / REGISTRY_FILE).is_file():
         raise ConfigError(f"{cfg.where(cfg.find_raw('repo')[1])}: key 'payload.repo': no {REGISTRY_FILE} in {repo}")
     output_run = _safe_name(cfg.get("outputRun"), cfg.where(cfg.find_raw("outputRun")[1]))
-    submit_dir = Path(str(cfg.get("submitPath"))).resolve()
+    submit_dir = _submit_dir(cfg)
     if submit_dir.exists():
         raise RunError(f"{submit_dir}: submit directory already exists (use 'batchprod restart' to continue that run)")
     query = cfg.get("dataQuery", default="")
@@ -342,9 +357,13 @@ def prepare(
         _, keypath = cfg.find_raw("wmsServiceClass")
         raise ConfigError(f"{cfg.where(keypath)}: key '{keypath}': {exc}") from None
     tmp = submit_dir.with_name(f".{submit_dir.name}.preparing")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(f"{cfg.where(cfg.find_raw('submitPath')[1])}: key 'submitPath': cannot create "
+                          f"{submit_dir}: {exc.strerror or exc}") from None
     try:
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         shutil.copyfile(pipeline_path, tmp / "pipeline.yaml")  # not copy: our umask, not the source's mode

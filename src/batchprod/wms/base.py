@@ -114,20 +114,32 @@ def _terminate(pid: int) -> None:
 
 
 def get_wms(name: str) -> BaseWmsService:
-    """A WMS by entry-point name (``local``) or ``module:Class``."""
+    """A WMS by entry-point name (``local``) or ``module:Class``; anything that is not a concrete
+    BaseWmsService (``os:system``, a module that raises on import) is a one-line ConfigError."""
+    import inspect
+
     if ":" in name:
         import importlib
 
         mod, _, attr = name.partition(":")
         try:
-            cls = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"wmsServiceClass '{name}': cannot load: {exc}") from None
-        return cls()
-    eps = {ep.name: ep for ep in entry_points(group="batchprod.wms")}
-    if name not in eps:
-        raise ConfigError(f"wmsServiceClass '{name}': unknown WMS (installed: {', '.join(sorted(eps))})")
-    return eps[name].load()()
+            cls: Any = getattr(importlib.import_module(mod), attr)
+        except BaseException as exc:  # noqa: BLE001 (a user's module may raise anything, even SystemExit)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise ConfigError(f"wmsServiceClass '{name}': cannot load: {type(exc).__name__}: {exc}") from None
+    else:
+        eps = {ep.name: ep for ep in entry_points(group="batchprod.wms")}
+        if name not in eps:
+            raise ConfigError(f"wmsServiceClass '{name}': unknown WMS (installed: {', '.join(sorted(eps))})")
+        try:
+            cls = eps[name].load()
+        except Exception as exc:  # noqa: BLE001 (a broken plugin install)
+            raise ConfigError(f"wmsServiceClass '{name}': plugin cannot load: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, BaseWmsService)) or inspect.isabstract(cls):
+        raise ConfigError(f"wmsServiceClass '{name}' is not a WMS service class "
+                          "(expected a subclass of batchprod.wms.base.BaseWmsService)")
+    return cls()
 
 
 @dataclass
