@@ -6,6 +6,7 @@ fencing of superseded attempts, and storage failures at publication.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 from pathlib import Path
@@ -63,6 +64,13 @@ REFUSED = [
     ("echo $'{config.v}'", "inside $'...' quotes"),
     ("\"$(case a in a) echo \"{config.v}\";; esac)\"", "cannot be followed safely"),
     ("echo {config.__class__}", "'__'"),
+    ("let {config.v}", "an argument of 'let'"),  # arithmetic: 'a[$(cmd)]' would run cmd
+    ("x=(1 {config.v})", "a '(' inside a word"),  # an array assignment
+    # found by fuzzing: '][' is a glob word, not a subscript, so the here-document is real
+    ("][ <<EOF\n <<EOF\n\tEOF\n ]]{config.v}", "inside a here-document"),
+    ("(echo a)#b {config.v}", "inside a comment"),  # a comment after a subshell, not after $(...)
+    ("cat <<EOF\nx\\\nEOF\n{config.v}", "cannot be followed safely"),  # 'x\<newline>EOF' does not end it
+    ("echo [[ # it's\n '\n ]] {config.v} '", "cannot be followed safely"),
 ]
 
 
@@ -91,6 +99,32 @@ def test_placeholders_where_quoting_cannot_protect_are_refused(tmp_path: Path, t
     with pytest.raises(ValueError, match="placeholder") as exc:
         render_command(template, _quantum(tmp_path, "x"))
     assert why in str(exc.value)
+
+
+def test_random_templates_never_run_a_value(tmp_path: Path) -> None:
+    """Templates glued from shell fragments at random: whatever is accepted never runs a value."""
+    import random
+
+    frags = ["'", '"', "\\", "$(", ")", "(", "`", "#", "\n", " <<EOF\n", "\nEOF\n", " <<-EOF\n", "\tEOF\n",
+             "case x in x)", ";;", " esac", "${{", "}}", "$((", "))", "((", "[[ ", " ]]", "[", "]", "a[", "<(", "echo ",
+             " ", ";", "{config.v}", "{config.v}", "$", "a=", "|", "&&", "<<<", "$'", "(echo )", "x", "1"]
+    evils = ["x'; touch PWNED; '", 'x"; touch PWNED; "', "$(touch PWNED)", "`touch PWNED`", "a\ntouch PWNED\n",
+             "1 ]] || touch PWNED; [[ 1", "a[$(touch PWNED)]", "EOF\ntouch PWNED\nEOF", "x)\ntouch PWNED\n"]
+    rnd = random.Random(8)
+    runs = 0
+    for _ in range(600):
+        t = "".join(rnd.choice(frags) for _ in range(rnd.randint(2, 8)))
+        try:
+            cmds = [render_command(t, _quantum(tmp_path, e)) for e in evils]
+        except (ValueError, KeyError, IndexError, AttributeError):
+            continue
+        for cmd in cmds:
+            runs += 1
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run(["/bin/bash", "-c", cmd], cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True,
+                               timeout=5)
+            assert not (tmp_path / "PWNED").exists(), (t, cmd)
+    assert runs > 100
 
 
 def test_label_data_id_and_paths_are_quoted(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shlex
 import signal
 import string
@@ -90,25 +91,32 @@ class _Paths(list):  # type: ignore[type-arg]
     """Input or output paths of one dataset type: rendered as one shell word per path."""
 
 
-_BREAKS = frozenset(" \t\n;&|()<>")
-_CMD = ("cmd", "paren")  # contexts where a shell-quoted value is one plain word
+_BREAKS = frozenset(" \t\n;&|()<>")  # the shell's metacharacters: a word (and a comment) starts after one
+_CMD = ("cmd", "paren", "dparen")  # contexts where a shell-quoted value is one plain word
 _WHERE = {"sq": "inside single quotes", "ansi": "inside $'...' quotes", "dq": "inside double quotes",
           "bt": "inside backquotes", "brace": "inside ${...}", "arith": "inside an arithmetic expression",
           "arith_b": "inside an arithmetic expression", "dbracket": "inside [[ ... ]]",
-          "subscript": "inside an array subscript", "comment": "inside a comment"}
+          "subscript": "inside an array subscript", "comment": "inside a comment",
+          "let": "an argument of 'let' (evaluated as arithmetic)"}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _QuoteScan:
     """Follows the shell's quoting through the literal text of a command template, so that every
     placeholder can be checked to stand where a shell-quoted word is just a word: not inside quotes,
     ``${...}``, backquotes, arithmetic, ``[[ ]]``, a comment or a here-document (there a quoted value
-    would break out, be evaluated, or end the comment at a newline it holds). When in doubt it reports
-    the template as unclear: refusing a template is safe, running a value as code is not."""
+    would break out, be evaluated, or end the comment at a newline it holds).
+
+    It errs one way only: where the shell's reading could differ from its own (a 'case' inside
+    ``$(...)``, a newline or here-document inside ``[[ ]]``, arithmetic or backquotes, ...) it stops
+    following and refuses every later placeholder. Refusing a template is safe; running a value as
+    code is not."""
 
     def __init__(self) -> None:
-        self.stack: list[list[Any]] = [["cmd", 0]]  # [kind, counter]: 'case' words, or paren depth
-        self.prev = "\n"
-        self.word = ""
+        # contexts: [kind, counter ('case' words, or paren depth), what 'prev' becomes when it closes]
+        self.stack: list[list[Any]] = [["cmd", 0, "\n"]]
+        self.prev = "\n"  # the last character read: a word starts after a metacharacter
+        self.word = ""  # the current plain word (to see 'case' and assignments)
         self.escape = False  # a backslash waits for its character
         self.dollar = False  # a '$' waits for its character
         self.heredocs: list[tuple[str, bool]] = []  # announced here-documents: (delimiter, strip tabs)
@@ -138,9 +146,13 @@ class _QuoteScan:
         while i < n and not self.lost:
             i = self._step(s, i, n)
 
-    def _push(self, kind: str) -> None:
-        self.stack.append([kind, 0])
+    def _push(self, kind: str, closes_word: bool = False) -> None:
+        """Enter a context; when it closes, the word goes on (``$(...)``) or ends (``(...)``)."""
+        self.stack.append([kind, 0, ")" if closes_word else "a"])
         self.word = ""  # a new context starts a new word (so 'case' right after '$(' is seen)
+
+    def _pop(self) -> None:
+        self.prev = self.stack.pop()[2]
 
     def _dollar(self, s: str, i: int, n: int) -> int:
         """At a '$' (quoted or not): what it opens. Returns the index after what it consumed."""
@@ -152,7 +164,7 @@ class _QuoteScan:
             if i + 2 < n and s[i + 2] == "(":
                 self._push("arith")
                 return i + 3
-            self._push("paren")
+            self._push("dparen")
             return i + 2
         if nxt == "{":
             self._push("brace")
@@ -164,18 +176,15 @@ class _QuoteScan:
             return i + 2
         return i + 1
 
-    def _word_end(self) -> None:
-        if self.word == "case":
-            self.stack[-1][1] += 1
-        self.word = ""
-
-    def _step(self, s: str, i: int, n: int) -> int:  # noqa: C901, PLR0911, PLR0912 (one shell state machine)
+    def _step(self, s: str, i: int, n: int) -> int:  # noqa: C901, PLR0911, PLR0912, PLR0915 (one state machine)
         c = s[i]
         nxt = s[i + 1] if i + 1 < n else None
         if self.body is not None:  # here-document: lines until the delimiter
             if c == "\n":
                 delim, strip = self.body
-                if (self.line.lstrip("\t") if strip else self.line) == delim:
+                if self.line.endswith("\\"):  # joined to the next line: where does the body end?
+                    self.lost = "a line continuation in a here-document"
+                elif (self.line.lstrip("\t") if strip else self.line) == delim:
                     self.body = self.heredocs.pop(0) if self.heredocs else None
                 self.line = ""
             else:
@@ -188,24 +197,31 @@ class _QuoteScan:
             return i + 1
         if kind == "sq":
             if c == "'":
-                self.stack.pop()
+                self._pop()
             return i + 1
         if kind == "comment":
             if c == "\n":
                 self.stack.pop()
                 return i  # the newline again, in the enclosing context
             return i + 1
-        if c == "\\" and kind != "sq":
+        if c == "\\":
             self.escape = True
             return i + 1
         if kind == "ansi":
             if c == "'":
-                self.stack.pop()
+                self._pop()
+            return i + 1
+        if kind == "bt":  # only its end is looked for: a command inside is not followed
+            if c == "`":
+                self._pop()
+            elif c == "\n" or (c == "#" and self.prev in _BREAKS) or (c == "<" and nxt == "<"):
+                self.lost = "a newline, comment or here-document inside backquotes"
+            self.prev = c
             return i + 1
         if kind == "dq" or (kind == "brace" and any(k[0] == "dq" for k in self.stack)):
             if c == '"':
                 if kind == "dq":
-                    self.stack.pop()
+                    self._pop()
                 else:
                     self._push("dq")
             elif c == "$":
@@ -213,9 +229,20 @@ class _QuoteScan:
             elif c == "`":
                 self._push("bt")
             elif c == "}" and kind == "brace":
-                self.stack.pop()
+                self._pop()
             return i + 1
-        if kind in ("brace", "arith", "arith_b", "dbracket", "subscript"):
+        if kind == "subscript" and c in _BREAKS:  # the word ends: it was not an assignment
+            self.stack.pop()
+            return i
+        if kind == "let" and c in ";&|)\n":  # the end of the 'let' command
+            self.stack.pop()
+            return i
+        if kind in ("arith", "arith_b", "dbracket", "let") and (
+                c == "\n" or (c == "#" and self.prev in _BREAKS) or (c == "<" and nxt == "<")):
+            # 'a newline or a comment here: the shell may not be reading what this scan thinks
+            self.lost = "a newline, comment or here-document inside arithmetic or [[ ]]"
+            return i + 1
+        if kind in ("brace", "arith", "arith_b", "dbracket", "subscript", "let"):
             if c in "'\"":
                 self._push("sq" if c == "'" else "dq")
             elif c == "$":
@@ -223,14 +250,14 @@ class _QuoteScan:
             elif c == "`":
                 self._push("bt")
             elif kind == "brace" and c == "}":
-                self.stack.pop()
+                self._pop()
             elif kind == "arith" and c == "(":
                 top[1] += 1
             elif kind == "arith" and c == ")":
                 if top[1]:
                     top[1] -= 1
                 elif nxt == ")":
-                    self.stack.pop()
+                    self._pop()
                     return i + 2
                 else:
                     self.lost = "unbalanced ')' in an arithmetic expression"
@@ -240,27 +267,27 @@ class _QuoteScan:
                 if top[1]:
                     top[1] -= 1
                 else:
-                    self.stack.pop()
+                    self._pop()
             elif kind == "dbracket" and c == "]" and nxt == "]":
-                self.stack.pop()
+                self._pop()
                 return i + 2
+            self.prev = c if c in _BREAKS else "a"
             return i + 1
-        # command context: cmd (top level), paren ($(...), (...), <(...)), bt (`...`)
+        # command context: cmd (top level), paren ((...)), dparen ($(...), <(...), >(...))
         start = self.prev in _BREAKS
         consumed = i + 1
+        let = False
         if c in _BREAKS:
-            self._word_end()
-        else:
-            self.word += c
+            if self.word == "case":
+                top[1] += 1
+            let = self.word == "let" and c in " \t"  # its arguments are arithmetic, evaluated
+            self.word = ""
         if c == "'":
             self._push("sq")
         elif c == '"':
             self._push("dq")
         elif c == "`":
-            if kind == "bt":
-                self.stack.pop()
-            else:
-                self._push("bt")
+            self._push("bt")
         elif c == "$":
             if nxt == "'":
                 self._push("ansi")
@@ -272,31 +299,43 @@ class _QuoteScan:
                 consumed = self._dollar(s, i, n)
         elif c == "(":
             if start and nxt == "(":
-                self._push("arith")
+                self._push("arith", closes_word=True)
                 consumed = i + 2
+            elif self.prev in "<>":  # <(...), >(...): a word, like $(...)
+                self._push("dparen")
+            elif start:  # a subshell: a new word after it
+                self._push("paren", closes_word=True)
             else:
-                self._push("paren")
+                self.lost = "a '(' inside a word (an array assignment, a pattern)"
         elif c == ")":
-            if kind == "paren":
-                if top[1]:  # a 'case' pattern or the end of $(...): cannot tell which
+            if kind in ("paren", "dparen"):
+                if top[1]:  # a 'case' pattern or the end of (...): cannot tell which
                     self.lost = "a 'case' inside $(...) or (...)"
                 else:
-                    self.stack.pop()
+                    self._pop()
+                    return i + 1
         elif c == "[":
             if start and nxt == "[":
-                self._push("dbracket")
+                self._push("dbracket", closes_word=True)
                 consumed = i + 2
-            elif not start:
+            elif _IDENT.fullmatch(self.word):  # name[...]: an array subscript, evaluated as arithmetic
                 self._push("subscript")
+                return i + 1
         elif c == "#" and start:
             self._push("comment")
         elif c == "<" and nxt == "<":
             # '<<<' is a here-string (its word is an ordinary word); '<<' a here-document
             consumed = i + 3 if i + 2 < n and s[i + 2] == "<" else self._heredoc(s, i + 2, n)
         elif c == "\n" and self.heredocs:
+            if len(self.stack) > 1:
+                self.lost = "a here-document inside (...) or $(...)"
             self.body = self.heredocs.pop(0)
             self.line = ""
-        self.prev = s[consumed - 1] if consumed - 1 > i else c
+        if c not in _BREAKS and c not in "'\"`$[" and consumed == i + 1:
+            self.word += c
+        self.prev = s[consumed - 1]
+        if let:
+            self._push("let")
         return consumed
 
     def _heredoc(self, s: str, i: int, n: int) -> int:
