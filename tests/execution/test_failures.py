@@ -58,6 +58,7 @@ def test_going_over_the_memory_request_is_killed_as_oom_and_retried_bigger(tmp_p
     assert [(x["status"], x["failure_class"], x["request_memory"]) for x in a] == [
         ("FAILED", "oom", 150), ("SUCCEEDED", None, 375)]
     assert a[0]["peak_rss_mb"] > 150 and a[0]["signal"] == signal.SIGKILL
+    assert a[0]["cpu_s"] is not None and a[0]["cpu_s"] > 0  # an OOM-killed attempt still reports its CPU
     assert "process tree used" in a[0]["message"]
     assert a[1]["peak_rss_mb"] > 300
     job = run.store.jobs()[0]

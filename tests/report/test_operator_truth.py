@@ -225,3 +225,24 @@ def test_final_job_reflects_the_final_state_and_elapsed_skips_the_idle_gap(tmp_p
     assert s["elapsed_s"] < (ended - started).total_seconds() - 1.5  # the idle gap is not counted
     text = cli("report", run.submit_dir).output
     assert f"started {s['started']}" in text and f"ended {s['ended']}" in text
+
+
+def test_progress_colours_and_words_tell_the_truth() -> None:
+    import io
+
+    from rich.console import Console
+
+    from batchprod.report.progress import ProgressView, style_for, words
+
+    assert style_for({"succeeded": 5, "running": 2}) == "green"  # no red while nothing failed
+    assert style_for({"succeeded": 5, "unready": 1}) == "yellow"
+    assert style_for({"succeeded": 5, "failed": 1}) == "red"  # a FAILED run is never solid green
+    assert words({"succeeded": 1200, "failed": 1, "running": 0}) == "succeeded 1,200, failed 1"
+    out = io.StringIO()
+    view = ProgressView("r", 3, Console(file=out, width=200), interval=0.0)
+    with view:
+        view({"SUCCEEDED": 1, "RUNNING": 1, "QUEUED": 1}, {"a": {"SUCCEEDED": 1, "RUNNING": 1, "QUEUED": 1}})
+        view({"SUCCEEDED": 2, "FAILED": 1}, {"a": {"SUCCEEDED": 2, "FAILED": 1}})
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("r: 1 of 3 jobs done (succeeded 1, running 2)")  # queued is counted as running, as in report
+    assert lines[-1].endswith("r: 3 of 3 jobs done (succeeded 2, failed 1)")
