@@ -458,3 +458,28 @@ def test_logs_that_cannot_be_opened_end_the_attempt_as_infrastructure(tmp_path: 
     assert backend.start([launch]) == ["-"]
     (ended,) = backend.poll()
     assert ended.exit_code == EXIT_INFRASTRUCTURE and "cannot open the attempt's logs" in (ended.reason or "")
+
+
+def test_a_full_disk_at_start_goes_to_the_engine(tmp_path: Path, monkeypatch) -> None:
+    """A full or read-only disk met while starting an attempt would meet every attempt: it is raised
+    to the engine (which stops the run cleanly, no retry budget spent), not one infrastructure end
+    per attempt."""
+    import errno
+    import os
+
+    from batchprod.wms.base import Launch
+    from batchprod.wms.local.backend import LocalBackend
+
+    spec = _job_spec(tmp_path, 2)
+    out, err, result = (Path(spec["result_path"].replace(".result.json", x)) for x in (".out", ".err", ".result.json"))
+    launch = Launch(0, "calibrate_visit1", "calibrate", 2, 1, 100, 0, spec, out, err, result)
+    real_open = os.open
+
+    def full(path, *a, **k):
+        if str(path).endswith(".fence"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", full)
+    with pytest.raises(OSError, match="No space left"):
+        LocalBackend(str(tmp_path / "submit")).start([launch])

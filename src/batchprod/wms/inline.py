@@ -9,6 +9,7 @@ file and the usage file it writes back.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -57,6 +58,18 @@ def wrapper_usage(launch: Launch) -> dict[str, Any]:
         return {}
 
 
+#: storage errors that every attempt would meet: raised to the engine, which stops the run cleanly
+#: (restartable, no retry budget spent) rather than failing attempts one by one
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def engine_disk_trouble(exc: BaseException) -> None:
+    """Re-raise a full or read-only disk met while starting an attempt (see DISK_ERRNOS); any
+    other error is the attempt's own (an early ``infrastructure`` end)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        raise exc
+
+
 class InlineJobs:
     """What a backend keeps for shell-script jobs: the staging directories it made, and attempts that
     failed their stage-in check (they end as ``infrastructure`` without ever starting)."""
@@ -83,6 +96,7 @@ class InlineJobs:
                 os.makedirs(d, exist_ok=True)
                 self.dirs.add(d)
         except (StageError, OSError) as exc:
+            engine_disk_trouble(exc)
             self.fail_early(launch, str(exc) if isinstance(exc, StageError)
                             else f"stage-in: cannot prepare the attempt: {exc}")
             return script, staged, False

@@ -39,7 +39,13 @@ from batchprod.execution.run import Run
 from batchprod.execution.runner import BASH, write_fence
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, Ended, Launch
-from batchprod.wms.inline import ENV_SUBMIT_DIR, InlineJobs, inline_post_job, job_variables
+from batchprod.wms.inline import (
+    ENV_SUBMIT_DIR,
+    InlineJobs,
+    engine_disk_trouble,
+    inline_post_job,
+    job_variables,
+)
 
 MONITOR_INTERVAL = 0.1  # seconds between memory checks of running attempts (and longest wait)
 RUNNER = [sys.executable, "-m", "batchprod.execution.runner"]
@@ -124,7 +130,8 @@ class LocalBackend(Backend):
                 except OSError:
                     fo.close()
                     raise
-            except OSError as exc:  # the log directory is full, read-only, gone: not the job's fault
+            except OSError as exc:  # the log directory is gone or refuses us: not the job's fault
+                engine_disk_trouble(exc)
                 self._inline.fail_early(launch, f"stage-in: cannot open the attempt's logs: {exc}")
                 handles.append("-")
                 continue
@@ -137,6 +144,7 @@ class LocalBackend(Backend):
             except OSError as exc:  # no process could be started (out of pids, memory): try again later
                 fo.close()
                 fe.close()
+                engine_disk_trouble(exc)
                 self._inline.fail_early(launch, f"stage-in: cannot start the attempt: {exc}")
                 handles.append("-")
                 continue
@@ -165,6 +173,7 @@ class LocalBackend(Backend):
         try:
             write_fence(launch.result, launch.attempt)
         except OSError as exc:
+            engine_disk_trouble(exc)
             self._inline.fail_early(launch, f"stage-in: cannot prepare the attempt: {exc}")
             return None, {}, False
         return None, {}, True
