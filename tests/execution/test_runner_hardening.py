@@ -483,3 +483,21 @@ def test_a_full_disk_at_start_goes_to_the_engine(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(os, "open", full)
     with pytest.raises(OSError, match="No space left"):
         LocalBackend(str(tmp_path / "submit")).start([launch])
+
+
+def test_env_variables_in_a_command_are_left_for_the_jobs_shell(tmp_path, toy_repo, monkeypatch) -> None:
+    """${NAME} is expanded by the job's shell when it runs: never baked into the submit directory."""
+    from batchprod.execution.run import prepare
+    from batchprod.testing import command_task, write_submit
+    from batchprod.wms.local import LocalExecutor
+
+    monkeypatch.setenv("BP_TEST_SECRETISH", "s3cr3t-value")
+    cmd = "echo ${BP_TEST_SECRETISH} > {outputs.calexp}"
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"], cmd)}}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, payload={"dataQuery": "visit = 1 AND detector = 0"}))
+    assert LocalExecutor(run).execute() == "SUCCEEDED"
+    (out,) = (toy_repo / "toy" / "run" / "calexp").iterdir()
+    assert out.read_text().strip() == "s3cr3t-value"
+    for p in run.submit_dir.rglob("*"):
+        if p.is_file() and not p.name.endswith((".out", ".err")):
+            assert b"s3cr3t-value" not in p.read_bytes(), p

@@ -188,9 +188,10 @@ def _check_commands(wf: GenericWorkflow, pipeline_path: Path) -> None:
                 try:
                     render_command(q["command"], q)
                 except (KeyError, AttributeError, IndexError, ValueError) as exc:
+                    hint = "" if "placeholder" in str(exc) else " (write literal braces as {{ and }})"
                     raise ConfigError(
                         f"{pipeline_path}: key 'tasks.{q['label']}.command': cannot fill the template: "
-                        f"{type(exc).__name__}: {exc} (write literal braces as {{{{ and }}}})"
+                        f"{type(exc).__name__}: {exc}{hint}"
                     ) from None
 
 

@@ -397,10 +397,15 @@ class _ShellFormatter(string.Formatter):
 _FORMATTER = _ShellFormatter()
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 def render_command(template: str, q: dict[str, Any]) -> str:
     """Fill a command template: {inputs.TYPE}, {outputs.TYPE}, {config.KEY}, {dataId}, {label},
     {<dimension>}. Every value is shell-quoted (one word however it is spelt), and a template with a
-    placeholder inside quotes, ``${...}``, a here-document, ... is refused with ValueError."""
+    placeholder inside quotes, ``${...}``, a here-document, ... is refused with ValueError.
+    ``${NAME}`` (an environment variable) is left for the job's shell to expand at run time."""
+    template = _ENV_REF.sub(r"${{\1}}", template)
     check_template(template)
     ins: dict[str, _Paths] = {}
     for r in q["inputs"]:

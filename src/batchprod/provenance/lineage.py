@@ -114,7 +114,7 @@ class Provenance:
         quantum = {"label": task.label, "data_id": data_id, "inputs": inputs, "config": task.config or {},
                    "outputs": [r.to_dict() for r in self.qg.outputs(q, self.repo, self.out_run)]}
         return ({"label": task.label, "python": task.python, "command_template": task.command,
-                 "command": render_command(task.command, quantum) if task.command else None,
+                 "command": _rendered(task.command, quantum) if task.command else None,
                  "config": task.config or {}}, data_id, inputs)
 
     def record(self, ref: str, verify: bool = False) -> dict[str, Any]:
@@ -204,6 +204,14 @@ def verify_checksums(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _rendered(template: str, quantum: dict[str, Any]) -> str:
+    """The command as run; for a run prepared before a template rule was tightened, the template."""
+    try:
+        return render_command(template, quantum)
+    except (ValueError, KeyError, AttributeError, IndexError):
+        return template
+
+
 def _file_digest(path: Path) -> dict[str, Any]:
     """Digest of a file of the run (frozen config, pipeline); never read through a link leaving it."""
     from batchprod.execution.paths import OutsideRunError, open_in
@@ -277,6 +285,7 @@ def to_prov_json(rec: dict[str, Any]) -> dict[str, Any]:
                                        "bp:packages": canonical(ctx.get("packages") or {})}}
     activity = {"prov:type": "bp:JobAttempt", "bp:job": j["name"], "bp:host": j["host"],
                 "bp:wallSeconds": j["wall_s"], "bp:cpuSeconds": j["cpu_s"], "bp:peakRssMb": j["peak_rss_mb"]}
+    activity = {k: v for k, v in activity.items() if v is not None}  # PROV has no null (prov 3.3 refuses it)
     for key, value in (("prov:startTime", j["start"]), ("prov:endTime", j["end"])):
         if value is not None:
             activity[key] = _iso(value)

@@ -24,7 +24,7 @@ from typing import Any
 from batchprod.errors import ConfigError
 from batchprod.execution.process import kill_group
 from batchprod.execution.run import Run
-from batchprod.execution.runner import KILL_SIGNALS
+from batchprod.execution.runner import BASH, KILL_SIGNALS
 from batchprod.execution.states import FailureClass
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
 from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
@@ -114,7 +114,7 @@ class ParslBackend(Backend):
                 continue
             if script is not None:
                 # commands only: no Python wrapper per job; pre/post-job here, as on the local backend
-                argv, stdin, pid = ["/bin/sh", "-c", script], None, str(pid_path)
+                argv, stdin, pid = [BASH, "-c", script], None, str(pid_path)
             else:
                 stdin = write_wrapper_spec(launch, new_session=True, pid_path=str(pid_path))
                 argv, pid = [sys.executable, "-m", "batchprod.execution.runner"], None

@@ -117,7 +117,7 @@ class SlurmBackend(Backend):
         """The job's batch script: its environment as exports, then ``body``."""
         env = job_variables(launch, str(self.run.submit_dir))
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-        return f"#!/bin/sh\n{exports}{body}"
+        return f"#!/bin/bash\n{exports}{body}"  # job scripts use bash strict mode
 
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
