@@ -198,13 +198,21 @@ def test_crash_by_signal_inside_a_shell_job_stays_user_error(tmp_path: Path) -> 
     assert (a["failure_class"], a["exit_code"]) == ("user_error", 128 + signal.SIGSEGV)
 
 
-def test_job_script_started_by_sh_runs_under_bash(tmp_path: Path) -> None:
-    """Batch systems start the script with #!/bin/sh or 'sh -c': it re-runs itself under bash."""
-    from batchprod.execution.runner import shell_script
+def test_job_script_is_strict_under_bash_and_every_backend_starts_bash(tmp_path: Path) -> None:
+    """The job script needs bash (pipefail): local and Parsl run 'bash -c', Slurm's batch script is #!/bin/bash."""
+    import inspect
+
+    from batchprod.execution.runner import BASH, shell_script
+    from batchprod.wms.local import backend as local_backend
+    from batchprod.wms.parsl import ParslBackend
+    from batchprod.wms.slurm import SlurmBackend
 
     spec = {"quanta": [{"label": "c", "data_id": {"v": 1}, "command": "false | cat", "inputs": [], "outputs": []}]}
-    p = subprocess.run(["/bin/sh", "-c", shell_script(spec, {})], capture_output=True, text=True)
+    p = subprocess.run([BASH, "-c", shell_script(spec, {})], capture_output=True, text=True)
     assert p.returncode == 1 and "command exited with code 1: false | cat" in p.stderr
+    assert '"#!/bin/bash' in inspect.getsource(SlurmBackend.batch_script)
+    assert "[BASH, \"-c\", script]" in inspect.getsource(ParslBackend)
+    assert "[BASH, \"-c\", script]" in inspect.getsource(local_backend)
 
 
 @pytest.mark.parametrize(("command", "rc"), [
