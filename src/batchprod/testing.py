@@ -184,24 +184,17 @@ def reference_outputs(workdir: str | Path, cores: int = 2) -> dict[str, str]:
     return published_outputs(workdir / "repo")
 
 
-def _start_racing(submit_dir: Path, racers: int) -> tuple[Any, int]:
-    """Start ``racers`` engines on one run at once. The run lock lets one drive it; the others are
-    refused (exit 2) or, if they came after it had finished, find nothing to do. Returns the one to
-    treat as the engine (still running if any is) and how many were refused."""
-    procs = [start_orchestrator(submit_dir) for _ in range(racers)]
-    if racers == 1:
-        return procs[0], 0
-    deadline = time.monotonic() + 30
-    while sum(p.poll() is None for p in procs) > 1 and time.monotonic() < deadline:
+def _wait_any(procs: list[Any], timeout: float) -> int | None:
+    """Wait up to ``timeout`` s for an engine that ended other than refused; its exit code, or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        done = [c for c in codes if c is not None and c != 2]
+        if done:
+            return done[0]
+        if all(c is not None for c in codes) or time.monotonic() >= deadline:
+            return None
         time.sleep(0.01)
-    running = [p for p in procs if p.poll() is None]
-    if len(running) > 1:
-        for p in running:
-            p.kill()
-        raise AssertionError(f"{len(running)} engines drive one run at once")
-    refused = sum(p.poll() == 2 for p in procs)
-    keep = running[0] if running else next((p for p in procs if p.poll() != 2), procs[0])
-    return keep, refused
 
 
 def chaos_trial(workdir: str | Path, reference: dict[str, str], seed: int, kills: int = 3, cores: int = 2,
@@ -222,20 +215,27 @@ def chaos_trial(workdir: str | Path, reference: dict[str, str], seed: int, kills
     restarts = 0
     refused = 0
     for k in range(kills + 50):
-        orch, lost_races = _start_racing(run.submit_dir, racers)
-        refused += lost_races
+        # ``racers`` engines at once: the run lock lets one drive, the others exit 2 (the kill below
+        # may also land while they are still racing for it)
+        procs = [start_orchestrator(run.submit_dir) for _ in range(racers)]
         if k >= kills:
-            rc = orch.wait(120)
+            rc = _wait_any(procs, 120)
+            for p in procs:
+                p.wait(120)
+            refused += sum(p.returncode == 2 for p in procs)
             if rc in (0, 1):
                 break
             continue
-        try:
-            orch.wait(rnd.uniform(0.0, max_delay))
+        if _wait_any(procs, rnd.uniform(0.0, max_delay)) is not None:
+            for p in procs:
+                p.wait(120)
+            refused += sum(p.returncode == 2 for p in procs)
             break  # it finished before the kill
-        except Exception:
-            pass
-        orch.send_signal(sig.SIGKILL)
-        orch.wait()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig.SIGKILL)
+            p.wait()
+        refused += sum(p.returncode == 2 for p in procs)
         if k % 2 == 1:  # reboot-like: every job process is lost too
             for pid in processes_with_env(ENV_SUBMIT_DIR, str(run.submit_dir)):
                 kill_group_of(pid, sig.SIGKILL)
