@@ -577,17 +577,20 @@ def complete_after_loss(spec: dict[str, Any]) -> bool:
     return True
 
 
-def finish_attempt(spec: dict[str, Any], outputs: list[dict[str, Any]], seconds: float, durable: bool = True) -> None:
+def finish_attempt(spec: dict[str, Any], outputs: list[dict[str, Any]], seconds: float, durable: bool = True,
+                   fenced: bool = True) -> None:
     """Post-job: write the manifest, publish the outputs, commit; then drop the staging directory.
 
     Raises StageError when storage fails (full, read-only, gone: ``infrastructure``, not the
     payload's fault), FencedOff (after removing what this attempt staged) when a later attempt of
-    the job was started: a superseded attempt never publishes over its replacement."""
+    the job was started: a superseded attempt never publishes over its replacement. ``fenced=False``
+    is for the engine's own post-job (it publishes only the attempt it holds current, and a dead
+    engine publishes nothing): no fence file to open and lock for every job."""
     result_path = spec.get("result_path")
     if result_path:
         attempt = spec.get("attempt")
         try:
-            with _publication(result_path, attempt):
+            with _publication(result_path, attempt) if fenced else contextlib.nullcontext():
                 manifest = {"outputs": outputs, "seconds": seconds, "attempt": attempt}
                 _write_json(f"{result_path}.pending", manifest, durable, direct=True)
                 _publish(result_path, manifest)

@@ -126,7 +126,7 @@ def inline_post_job(launch: Launch, staged: dict[str, str], started: float) -> t
         outputs = [o for q in spec["quanta"] for o in collect_outputs(q, staged)]
         # durable=False: the state store commits with synchronous=NORMAL too; a process kill keeps
         # both, only a power loss could lose the last few
-        finish_attempt(spec, outputs, time.time() - started, durable=False)
+        finish_attempt(spec, outputs, time.time() - started, durable=False, fenced=False)
     except MissingOutput as exc:
         _append_err(launch, f"error: {exc}")
         return EXIT_MISSING_OUTPUT, None
