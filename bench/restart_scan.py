@@ -7,7 +7,8 @@ Builds a synthetic N-quantum workflow, writes its submit directory and state sto
 the jobs SUCCEEDED (a prefix in topological order, so the rest is resumable) and the rest FAILED /
 UNREADY / RUNNING (a crashed orchestrator's leftovers), then times the executor's resume path:
 load the job states, recover interrupted attempts, reset the failed ones, compute the ready set and
-commit it - everything up to launching the first job. Goal: < 5 s for N = 100,000.
+commit it - everything up to launching the first job. Goal: < 5 s for N = 100,000. Then times what
+an operator reads of that run (report, restart's plan, --failures): goal < 1 s each.
 """
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ def main() -> None:
               f"restart ready to launch in {t1 - t0:.2f}s (load+recover {ready_before - t0:.2f}s, "
               f"ready set {t1 - ready_before:.2f}s); {len(ex.heap):,} jobs ready, {recovered} recovered; "
               f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        # what an operator reads of the same run, each from a fresh handle (nothing cached)
+        from batchprod.report import summarize
+        from batchprod.report.failures import failures
+        from batchprod.report.report import restart_plan
+
+        views = []
+        for what, fn in (("report", summarize), ("restart plan", restart_plan),
+                         ("failures (50 shown)", failures)):
+            t = time.perf_counter()
+            fn(Run(sd))
+            views.append(f"{what} {time.perf_counter() - t:.2f}s")
+        print("views: " + ", ".join(views))
 
 
 if __name__ == "__main__":
