@@ -131,5 +131,5 @@ def test_runs_flags_damaged_runs_and_a_damaged_config_is_one_line(tmp_path, toy_
     assert len(damaged) == 2 and all("\n" not in x["message"] for x in damaged)
     good = root / "toy" / "run"
     (good / "config.yaml").write_text("{[ not yaml")
-    r = cli("restart", good)
+    r = cli("report", good, "--trace", tmp_path / "t.tsv")  # the trace names the run's compute site
     assert r.exit_code == 2 and "damaged run config" in r.output and "Traceback" not in r.output

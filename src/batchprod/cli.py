@@ -143,6 +143,9 @@ def _execute_foreground(run: Any, show_progress: bool) -> int:
     else:
         state = wms.execute(run)
     console.print(render_table(summarize(run), console.width))
+    if state != RunState.SUCCEEDED:
+        console.print(f"next: batchprod report {run.submit_dir} --failures; after a fix: "
+                      f"batchprod restart {run.submit_dir}", highlight=False, soft_wrap=True)
     return 0 if state == RunState.SUCCEEDED else 1
 
 
@@ -356,18 +359,16 @@ def restart(run_ref: str, root: Path | None, detach: bool, overrides: tuple[str,
         with lock.run_lock(run.submit_dir, run.name):  # not while an engine drives the run
             for said in add_restart_overrides(run, _overrides(overrides)):
                 console.print(f"changed from now on: {said}")
-    if detach:
-        from batchprod.report.report import restart_plan
+    from batchprod.report.report import restart_plan
 
-        console.print(restart_plan(run))
-        _detach(run)
-        return
     with lock.run_lock(run.submit_dir, run.name):  # before anything else: a second restart stops here
-        from batchprod.report.report import restart_plan
-
-        console.print(restart_plan(run))
-        rc = _execute_foreground(run, show_progress=True)
-    sys.exit(rc)
+        plan, todo = restart_plan(run)
+        console.print(plan)
+        if not todo:
+            return  # a finished run is left as it is: its times and outputs stay true
+        if not detach:
+            sys.exit(_execute_foreground(run, show_progress=True))
+    _detach(run)
 
 
 def _detach(run: Any) -> None:

@@ -246,3 +246,32 @@ def test_progress_colours_and_words_tell_the_truth() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("r: 1 of 3 jobs done (succeeded 1, running 2)")  # queued is counted as running, as in report
     assert lines[-1].endswith("r: 3 of 3 jobs done (succeeded 2, failed 1)")
+
+
+def test_new_user_findings(tmp_path: Path, toy_repo: Path, cli) -> None:
+    """A run found by the name 'runs' shows even when submitPath does not end in it; a restart of a
+    finished run changes nothing; a failed submit says what to do next; hints for near misses."""
+    import yaml
+
+    cfg = write_submit(tmp_path, repo=toy_repo, submitPath=str(tmp_path / "sub" / "fixed"))
+    r = cli("submit", cfg)
+    assert r.exit_code == 0
+    root = tmp_path / "sub"
+    assert cli("report", "toy/run", "--root", root).exit_code == 0
+    before = json.loads(cli("report", "toy/run", "--root", root, "--json").output)
+    r = cli("restart", "toy/run", "--root", root)
+    assert r.exit_code == 0 and "nothing to do" in r.output
+    after = json.loads(cli("report", "toy/run", "--root", root, "--json").output)
+    assert after["ended"] == before["ended"]
+    r = cli("logs", "toy/run", "coadd", "--root", root)
+    assert r.exit_code == 2 and "coadd_tract0_patch0" in r.output
+    r = cli("restart", "toy/run", "--root", root, "-o", "requestWaltime=10")
+    assert r.exit_code == 2 and "did you mean 'requestWalltime'" in r.output
+    r = cli("restart", "toy/run", "--root", root, "-o", "requestWalltime=1h")
+    assert r.exit_code == 2 and "HH:MM:SS" in r.output
+    assert "no failed jobs" in cli("report", "toy/run", "--root", root, "--failures").output
+    data = yaml.safe_load(cfg.read_text())
+    failing = _failing_run(tmp_path / "f", toy_repo, "echo no reference catalog >&2; exit 3",
+                           payload={**data["payload"], "outputRun": "toy/failing"})
+    r = cli("restart", failing.submit_dir)
+    assert r.exit_code == 1 and f"next: batchprod report {failing.submit_dir} --failures" in r.output

@@ -126,7 +126,12 @@ def walltime_seconds(v: Any) -> int:
         if total > MAX_WALLTIME_S:
             raise ValueError(f"expected a walltime of at most {MAX_WALLTIME_S} s (366 days), got {_show(v)}")
         return total
-    return _int_in(0, MAX_WALLTIME_S, "a non-negative number of seconds")(v)
+    try:
+        return _int_in(0, MAX_WALLTIME_S, "a non-negative number of seconds")(v)
+    except ValueError as exc:
+        if isinstance(v, str) and not v.strip().lstrip("-").isdigit():
+            raise ValueError(f"expected seconds or HH:MM:SS (e.g. 3600 or 01:00:00), got {_show(v)}") from None
+        raise exc from None
 
 
 def _float_in(lo: float, hi: float, what: str) -> Converter:

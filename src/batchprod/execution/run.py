@@ -137,7 +137,14 @@ def find_run(ref: str | Path, submit_root: str | Path | None = None) -> Run:
     root = Path(submit_root) if submit_root else Path.cwd() / "submit"
     if (root / ref / STATE_FILE).is_file():
         return Run(root / ref)
-    raise RunError(f"run '{ref}' not found (looked in {p} and {root / ref})")
+    # a run whose submitPath does not end in its name: found by the name 'runs' shows
+    for d in list_runs(root):
+        try:
+            if StateStore(d / STATE_FILE).run_info()["name"] == str(ref):
+                return Run(d)
+        except RunError:
+            continue
+    raise RunError(f"run '{ref}' not found (looked in {p}, {root / ref} and the runs under {root})")
 
 
 def list_runs(submit_root: str | Path | None = None) -> list[Path]:
@@ -473,8 +480,12 @@ def add_restart_overrides(run: Run, overrides: dict[str, Any]) -> list[str]:
         scope, _, key = dotted.rpartition(".")
         kind, _, name = scope.partition(".")
         if key not in _RESOURCE_FIELD:
-            raise ConfigError(f"{where}: restart can change job values only ({', '.join(sorted(_RESOURCE_FIELD))}); "
-                              "anything else needs a new submission")
+            import difflib
+
+            close = difflib.get_close_matches(key, list(_RESOURCE_FIELD), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: restart can change job values only{hint} "
+                              f"({', '.join(sorted(_RESOURCE_FIELD))}); anything else needs a new submission")
         if not ((kind == "" and not name) or (kind == "pipetask" and name in labels)
                 or (kind == "cluster" and name in clusters) or (kind == "finalJob" and not name and wf.final)):
             raise ConfigError(f"{where}: no such scope '{scope}' in this run (task labels: {', '.join(sorted(labels))}; "

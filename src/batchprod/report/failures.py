@@ -96,6 +96,8 @@ def _data_id_words(did: dict[str, Any]) -> str:
 def render_failures(f: dict[str, Any], width: int | None = None) -> list[Any]:
     from batchprod.report.tables import fit_table
 
+    if not f["failed"]:
+        return [f"no failed jobs ({f['unready']:,} unready)" if f["unready"] else "no failed jobs"]
     out: list[Any] = []
     title = (f"{plural(f['failed'], 'failed job')} in {plural(len(f['groups']), 'failure signature')} "
              f"({f['unready']:,} unready downstream)")

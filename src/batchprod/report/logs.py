@@ -31,7 +31,10 @@ def _job(run: Run, job_name: str) -> dict[str, Any]:
         return job
     names = [r[0] for r in run.store.job_columns("name")]
     close = difflib.get_close_matches(job_name, names, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    starting = [n for n in names if n.startswith(job_name)][:3]  # 'coadd' -> coadd_tract0_patch0, ...
+    hint = (f" (did you mean '{close[0]}'?)" if close else
+            f" (jobs named {', '.join(repr(n) for n in starting)}{', ...' if len(starting) == 3 else ''})"
+            if starting else "")
     raise RunError(f"run '{run.name}': no job named '{job_name}'{hint}")
 
 

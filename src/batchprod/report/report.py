@@ -145,8 +145,9 @@ def render_table(summary: dict[str, Any], width: int | None = None) -> Any:
     return Group(t, *(Text(n, overflow="fold") for n in notes))
 
 
-def restart_plan(run: Run) -> str:
-    """What a restart is about to do, in words: kept N succeeded, re-running M, learned memory of K kept."""
+def restart_plan(run: Run) -> tuple[str, int]:
+    """What a restart is about to do, in words (kept N succeeded, re-running M, learned memory of K
+    kept), and how many jobs it will run."""
     from batchprod.report.failures import plural
 
     wf = run.workflow
@@ -164,4 +165,6 @@ def restart_plan(run: Run) -> str:
     parts = [f"kept {plural(kept, 'succeeded job')}", f"re-running {plural(rerun, 'job')}"]
     if learned:
         parts.append(f"learned memory of {plural(learned, 'job')} kept")
-    return "restart: " + ", ".join(parts)
+    if not rerun and run.store.run_info()["status"] == RunState.SUCCEEDED:
+        return f"restart: nothing to do, all {plural(kept, 'job')} of {run.name} succeeded (changed nothing)", 0
+    return "restart: " + ", ".join(parts), max(rerun, 1)  # (an engine that died before the end: finish it)
