@@ -165,6 +165,11 @@ def restart_plan(run: Run) -> tuple[str, int]:
     parts = [f"kept {plural(kept, 'succeeded job')}", f"re-running {plural(rerun, 'job')}"]
     if learned:
         parts.append(f"learned memory of {plural(learned, 'job')} kept")
-    if not rerun and run.store.run_info()["status"] == RunState.SUCCEEDED:
+    info = run.store.run_info()
+    if not rerun and info["status"] == RunState.SUCCEEDED:
+        from batchprod.wms.orchestrator import INGEST_FAILED
+
+        if (info["message"] or "").startswith(INGEST_FAILED):
+            return f"restart: all {plural(kept, 'job')} succeeded; repeating the registry ingest that failed", 1
         return f"restart: nothing to do, all {plural(kept, 'job')} of {run.name} succeeded (changed nothing)", 0
     return "restart: " + ", ".join(parts), max(rerun, 1)  # (an engine that died before the end: finish it)

@@ -48,6 +48,7 @@ from batchprod.provenance.capture import context_hash, context_record
 from batchprod.wms.base import Backend, Ended, Launch, Progress
 from batchprod.workflow.generic import FinalJob, Resources
 
+INGEST_FAILED = "outputs not ingested into the registry"  # the run's message when post-run ingest failed
 FLUSH_INTERVAL = 0.25  # seconds between state commits
 KILL_GRACE = 3.0  # seconds between the polite and the hard stop on cancel
 
@@ -288,7 +289,7 @@ class Orchestrator:
         try:
             n = ingest_outputs(self.run)
         except Exception as exc:  # noqa: BLE001 (any registry trouble: report it on the run, keep the result)
-            return f"outputs not ingested into the registry: {exc}"
+            return f"{INGEST_FAILED}: {exc}"
         return f"{n} outputs in the registry" if n else None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
