@@ -264,11 +264,11 @@ def _watch(run: Any, interval: float) -> int:
                 s = summarize(run)
                 live_view.update(render_table(s, console.width), refresh=True)
     else:
-        from batchprod.report.progress import words
+        from batchprod.report.progress import DONE, words
 
         while True:
             cols = {k: v for k, v in s["jobs"].items() if k != "total"}
-            done = sum(cols.get(c, 0) for c in ("succeeded", "failed", "unready", "cancelled"))
+            done = sum(cols.get(c, 0) for c in DONE)
             click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {s['run']}: {s['status']}, {done:,} of "
                        f"{s['jobs']['total']:,} jobs done ({words(cols) or 'nothing yet'})")
             if not live():
@@ -366,9 +366,10 @@ def restart(run_ref: str, root: Path | None, detach: bool, overrides: tuple[str,
         console.print(plan)
         if not todo:
             return  # a finished run is left as it is: its times and outputs stay true
-        if not detach:
-            sys.exit(_execute_foreground(run, show_progress=True))
-    _detach(run)
+        if detach:
+            _detach(run)  # hands the lock it holds to the engine: no moment without one
+            return
+        sys.exit(_execute_foreground(run, show_progress=True))
 
 
 def _detach(run: Any) -> None:
@@ -426,15 +427,14 @@ def runs(root: Path | None, as_json: bool) -> None:
     """List runs under the submit root, newest first."""
     from batchprod.execution.run import Run, list_runs
     from batchprod.report import summarize
-    from batchprod.report.report import COLUMNS
+    from batchprod.report.report import damaged_summary
 
     rows = []
     for d in list_runs(root):
         try:
             rows.append(summarize(Run(d)))
         except BatchprodError as exc:  # one damaged run is flagged, not fatal for the listing
-            rows.append({"run": str(d), "status": "DAMAGED", "message": str(exc), "jobs": dict.fromkeys(COLUMNS, 0),
-                         "elapsed_s": 0, "created_iso": "", "submit_dir": str(d)})
+            rows.append(damaged_summary(d, str(d), exc))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -444,7 +444,7 @@ def runs(root: Path | None, as_json: bool) -> None:
     headers = ["run", "status", "jobs", "succeeded", "failed", "started", "ended", "elapsed", "submit dir"]
     table = [[s["run"], s["status"], f"{s['jobs']['total']:,}", f"{s['jobs']['succeeded']:,}",
               f"{s['jobs']['failed']:,}", s.get("started") or "", s.get("ended") or "",
-              duration(s["elapsed_s"]), s["submit_dir"]] for s in rows]
+              duration(s["elapsed_s"] or 0), s["submit_dir"]] for s in rows]
     console.print(fit_table(f"runs under {root or Path.cwd() / 'submit'}", headers, table, console.width,
                             right=["jobs", "succeeded", "failed", "elapsed"], optional=["submit dir", "ended"]))
 

@@ -179,11 +179,6 @@ class Registry:
             q = sa.select(dataset_t.c.dataset_type, dataset_t.c.data_id).where(dataset_t.c.run == run)
             return {(t, d) for t, d in conn.execute(q)}
 
-    def run_locations(self, run: str) -> list[str]:
-        """Locations (relative to the repository) of the datasets registered under ``run``."""
-        with self.engine.connect() as conn:
-            return [r[0] for r in conn.execute(sa.select(dataset_t.c.location).where(dataset_t.c.run == run))]
-
     def remove_run(self, run: str) -> int:
         """Delete every dataset row of ``run`` (the files are the caller's); returns how many."""
         with self.engine.begin() as conn:

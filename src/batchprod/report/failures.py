@@ -21,6 +21,11 @@ def _data_id(run: Run, job_id: int) -> dict[str, Any]:
     return {d: did[d] for d in g.dimensions}
 
 
+def _cause(r: dict[str, Any]) -> str:
+    """The line an operator acts on: the recorded causal line, else batchprod's message; never None."""
+    return r["error_line"] or r["message"] or f"{r['failure_class']}: no message recorded"
+
+
 def failures(run: Run, examples: int = 3, tail_lines: int = 5, limit: int | None = 50) -> dict[str, Any]:
     """Groups of failed jobs (largest first) and details of ``limit`` of them (None = all). Every
     group's first example is among the jobs shown, so no signature goes without one."""
@@ -28,7 +33,7 @@ def failures(run: Run, examples: int = 3, tail_lines: int = 5, limit: int | None
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     first_of: list[int] = []
     for i, r in enumerate(rows):
-        cause = r["error_line"] or r["message"] or f"{r['failure_class']}: no message recorded"
+        cause = _cause(r)
         key = (str(r["failure_class"]), signature(cause))
         g = groups.get(key)
         if g is None:
@@ -55,7 +60,7 @@ def failures(run: Run, examples: int = 3, tail_lines: int = 5, limit: int | None
             "name": r["name"], "label": r["label"], "data_id": _data_id(run, r["id"]),
             "failure_class": r["failure_class"], "exit_code": r["exit_code"], "signal": r["signal"],
             "attempts": r["attempts"], "request_memory": r["request_memory"], "message": r["message"],
-            "cause": r["error_line"] or r["message"] or f"{r['failure_class']}: no message recorded",
+            "cause": _cause(r),
             "error_line": r["error_line"], "stdout": r["stdout"], "stderr": r["stderr"],
             "stderr_tail": tail_in(run.submit_dir, r["stderr"], tail_lines),
         })

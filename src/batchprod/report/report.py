@@ -53,6 +53,17 @@ def run_status(run: Run, info: dict[str, Any] | None = None) -> str:
     return str(status)
 
 
+DAMAGED = "DAMAGED"
+
+
+def damaged_summary(submit_dir: Any, name: str, exc: Exception) -> dict[str, Any]:
+    """A run that cannot be read, in the shape of a summary (a listing flags it instead of failing)."""
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return {"run": name, "name": name, "submit_dir": str(submit_dir), "wms": None, "status": DAMAGED,
+            "created": None, "elapsed_s": None, "message": line, "error": line, "jobs": dict.fromkeys(COLUMNS, 0),
+            "labels": {}, "quanta": {}}
+
+
 def restart_hint(run: Run) -> str:
     return f"batchprod restart {run.submit_dir}"
 

@@ -26,7 +26,7 @@ from batchprod.provenance.lineage import Provenance
 from batchprod.report import summarize
 from batchprod.report.failures import failures, job_history
 from batchprod.report.progress import duration, words
-from batchprod.report.report import iso
+from batchprod.report.report import DAMAGED, damaged_summary, iso
 
 #: keys that hold epoch seconds in the report data; the API gives them as ISO 8601 (local zone)
 _TIME_KEYS = frozenset({"created", "updated", "start", "end"})
@@ -44,7 +44,6 @@ def _iso_times(obj: Any) -> Any:
 #: what a request may make the service open in a run's directory: none may lead outside it
 RUN_FILES = (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", QGRAPH_FILE, WORKFLOW_FILE, CONFIG_FILE,
              "pipeline.yaml")
-DAMAGED = "DAMAGED"
 
 
 def _status_of(exc: BatchprodError) -> int:
@@ -61,13 +60,6 @@ def _open(d: Path) -> Run:
     for f in RUN_FILES:
         check_in(d, d / f)
     return Run(d)
-
-
-def _damaged(d: Path, name: str, exc: BatchprodError) -> dict[str, Any]:
-    """A run that cannot be read, in the shape of a summary (so a client needs no special case)."""
-    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return {"run": name, "name": name, "submit_dir": str(d), "wms": None, "status": DAMAGED, "created": None,
-            "elapsed_s": None, "message": line, "error": line, "jobs": {}, "labels": {}, "quanta": {}}
 
 
 def create_app(root: str | Path) -> FastAPI:
@@ -91,7 +83,7 @@ def create_app(root: str | Path) -> FastAPI:
             try:
                 out.append({**summarize(_open(d)), "name": name})
             except BatchprodError as exc:  # one damaged run must not hide the others
-                out.append(_damaged(d, name, exc))
+                out.append(damaged_summary(d, name, exc))
         return out
 
     @app.exception_handler(BatchprodError)
