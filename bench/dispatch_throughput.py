@@ -32,9 +32,10 @@ def process_start_rate(n: int = 300) -> float:
 
 
 def main() -> None:
-    from batchprod.execution.run import prepare
+    from batchprod.engine.control import execute
+    from batchprod.engine.prepare import prepare
     from batchprod.testing import command_task, make_toy_repo, write_submit
-    from batchprod.wms.base import get_wms
+    from batchprod.wms.registry import get_wms
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=sorted(GOALS), default="local")
@@ -58,7 +59,7 @@ def main() -> None:
         t_prep = time.perf_counter() - t0
         n = run.store.run_info()["n_jobs"]
         t1 = time.perf_counter()
-        state = get_wms(run.wms_name()).execute(run)
+        state = execute(get_wms(run.wms_name()), run)
         secs = time.perf_counter() - t1
         ok = sum(1 for j in run.store.jobs() if j["status"] == "SUCCEEDED")
     rate = n / secs

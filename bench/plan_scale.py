@@ -27,8 +27,8 @@ def peak_mb() -> float:
 def one(n: int) -> dict:
     import gc
 
-    from batchprod.execution.store import StateStore
     from batchprod.graph.synthetic import synthetic_graph
+    from batchprod.state.store import StateStore
     from batchprod.workflow import ClusterSpec, Resources, cluster_quanta
 
     out: dict = {"N": n}

@@ -21,13 +21,14 @@ from pathlib import Path
 
 
 def main() -> None:
-    from batchprod.execution.ingest import ingest_outputs
-    from batchprod.execution.run import QGRAPH_FILE, WORKFLOW_FILE, Run
-    from batchprod.execution.store import StateStore
+    from batchprod.engine.ingest import ingest_outputs
+    from batchprod.execution.capture import context_hash, context_record
+    from batchprod.execution.rundir import QGRAPH_FILE, WORKFLOW_FILE
     from batchprod.graph.registry import Registry, canonical
     from batchprod.graph.synthetic import synthetic_graph
-    from batchprod.provenance.capture import context_hash, context_record
     from batchprod.provenance.lineage import Provenance
+    from batchprod.state.run import Run
+    from batchprod.state.store import StateStore
     from batchprod.workflow import Resources, cluster_quanta
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000

@@ -23,10 +23,11 @@ import sqlalchemy as sa
 
 
 def main() -> None:
-    from batchprod.execution.run import QGRAPH_FILE, WORKFLOW_FILE, Run
-    from batchprod.execution.store import StateStore, attempt_t, job_t
+    from batchprod.engine.control import LocalExecutor
+    from batchprod.execution.rundir import QGRAPH_FILE, WORKFLOW_FILE
     from batchprod.graph.synthetic import synthetic_graph
-    from batchprod.wms.local import LocalExecutor
+    from batchprod.state.run import Run
+    from batchprod.state.store import StateStore, attempt_t, job_t
     from batchprod.workflow import Resources, cluster_quanta
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000

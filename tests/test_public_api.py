@@ -19,8 +19,8 @@ def test_all_is_sorted_and_importable(name: str) -> None:
 
 
 def test_local_wms_is_registered_as_an_entry_point() -> None:
-    from batchprod.wms.base import get_wms
     from batchprod.wms.local import LocalService
+    from batchprod.wms.registry import get_wms
 
     assert isinstance(get_wms("local"), LocalService)
     assert isinstance(get_wms("batchprod.wms.local:LocalService"), LocalService)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from batchprod.execution.run import Run
 from batchprod.service.app import create_app
+from batchprod.state.run import Run
 
 
 def _secrets() -> dict[str, str]:

@@ -117,7 +117,7 @@ def _print_prepare(run: Any, timings: list[Any]) -> None:
 @_user_errors
 def prepare(config: Path, overrides: tuple[str, ...], wms: str | None, extend_run: bool, replace_run: bool) -> None:
     """Build the quantum graph and workflow into a submit directory; run nothing."""
-    from batchprod.execution.run import prepare as do_prepare
+    from batchprod.engine.prepare import prepare as do_prepare
 
     timings: list[Any] = []
     run = do_prepare(config, _overrides(overrides), timings, existing=_existing(extend_run, replace_run))
@@ -130,18 +130,19 @@ def prepare(config: Path, overrides: tuple[str, ...], wms: str | None, extend_ru
 
 
 def _execute_foreground(run: Any, show_progress: bool) -> int:
+    from batchprod.engine.control import execute
     from batchprod.execution.states import RunState
     from batchprod.report import render_table, summarize
     from batchprod.report.progress import ProgressView
-    from batchprod.wms.base import get_wms
+    from batchprod.wms.registry import get_wms
 
     wms = get_wms(run.wms_name())
     total = run.store.run_info()["n_jobs"]
     if show_progress:
         with ProgressView(run.name, total, console) as view:
-            state = wms.execute(run, view)
+            state = execute(wms, run, view)
     else:
-        state = wms.execute(run)
+        state = execute(wms, run)
     console.print(render_table(summarize(run), console.width))
     if state != RunState.SUCCEEDED:
         console.print(f"next: batchprod report {run.submit_dir} --failures; after a fix: "
@@ -157,7 +158,7 @@ def _execute_foreground(run: Any, show_progress: bool) -> int:
 @_user_errors
 def submit(config: Path, overrides: tuple[str, ...], detach: bool, extend_run: bool, replace_run: bool) -> None:
     """Prepare and run a workflow (foreground with a live progress bar, or --detach)."""
-    from batchprod.execution.run import prepare as do_prepare
+    from batchprod.engine.prepare import prepare as do_prepare
 
     timings: list[Any] = []
     run = do_prepare(config, _overrides(overrides), timings, existing=_existing(extend_run, replace_run))
@@ -174,8 +175,8 @@ def submit(config: Path, overrides: tuple[str, ...], detach: bool, extend_run: b
 @_user_errors
 def execute_cmd(submit_dir: Path, lock_fd: int | None) -> None:
     """Run a prepared run in this process (used by --detach)."""
-    from batchprod.execution import lock
-    from batchprod.execution.run import Run
+    from batchprod.engine import lock
+    from batchprod.state.run import Run
 
     if lock_fd is not None:
         lock.adopt(submit_dir, lock_fd)
@@ -184,7 +185,7 @@ def execute_cmd(submit_dir: Path, lock_fd: int | None) -> None:
 
 def _latest(root: Path | None) -> str:
     from batchprod.errors import RunError
-    from batchprod.execution.run import list_runs
+    from batchprod.state.run import list_runs
 
     runs = list_runs(root)
     if not runs:
@@ -212,10 +213,10 @@ def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool
     """Job counts per task label and a run summary (latest run if RUN is omitted).
 
     Exit code 0 only if the whole run succeeded."""
-    from batchprod.execution.run import find_run
     from batchprod.report import render_table, summarize
     from batchprod.report.failures import failures as get_failures
     from batchprod.report.failures import job_history, render_failures, render_history
+    from batchprod.state.run import find_run
 
     run = find_run(run_ref or _latest(root), root)
     if watch:
@@ -250,7 +251,7 @@ def _watch(run: Any, interval: float) -> int:
 
     from rich.live import Live
 
-    from batchprod.execution import lock
+    from batchprod.engine import lock
     from batchprod.report import render_table, summarize
 
     def live() -> bool:  # an engine drives the run (or is starting to: it holds the lock already)
@@ -293,8 +294,8 @@ def logs(run_ref: str, job_name: str, root: Path | None, attempt: int | None, fo
     tails them while it runs and returns when it has ended."""
     import os
 
-    from batchprod.execution.run import find_run
     from batchprod.report.logs import print_logs
+    from batchprod.state.run import find_run
 
     run = find_run(run_ref, root)
     try:
@@ -322,8 +323,8 @@ def provenance(run_ref: str, dataset: str, root: Path | None, as_json: bool, lin
 
     DATASET is a published path or TYPE:dim=value,dim=value (e.g. calexp:visit=1,detector=2).
     Exit code 1 if --verify finds a changed or missing file."""
-    from batchprod.execution.run import find_run
     from batchprod.provenance.lineage import Provenance, render_lineage, render_record, to_prov_json
+    from batchprod.state.run import find_run
 
     if as_prov and lineage:
         raise click.UsageError("--prov exports one dataset's record; use it without --lineage")
@@ -351,8 +352,8 @@ def restart(run_ref: str, root: Path | None, detach: bool, overrides: tuple[str,
 
     -o changes job values from now on (requestWalltime, requestMemory, numberOfRetries, ... at the top
     level or as pipetask.LABEL.KEY / cluster.NAME.KEY / finalJob.KEY), recorded in the run's history."""
-    from batchprod.execution import lock
-    from batchprod.execution.run import add_restart_overrides, find_run
+    from batchprod.engine import lock
+    from batchprod.state.run import add_restart_overrides, find_run
 
     run = find_run(run_ref, root)
     if overrides:
@@ -375,7 +376,7 @@ def restart(run_ref: str, root: Path | None, detach: bool, overrides: tuple[str,
 def _detach(run: Any) -> None:
     """Start the engine in the background. The run's lock is taken here, before the fork, and handed
     to the child: of two racing ``--detach`` calls one gets the run, the other an error at once."""
-    from batchprod.execution import lock
+    from batchprod.engine import lock
 
     fd = lock.acquire(run.submit_dir, run.name)
     log = open(run.submit_dir / "orchestrator.log", "ab")  # noqa: SIM115 (handed to the child)
@@ -394,11 +395,12 @@ def _detach(run: Any) -> None:
 @_user_errors
 def cancel(run_ref: str, root: Path | None) -> None:
     """Stop every running job of a run (whole process groups) and mark the run CANCELLED."""
-    from batchprod.execution.run import find_run
-    from batchprod.wms.base import get_wms
+    from batchprod.engine.control import cancel as cancel_run
+    from batchprod.state.run import find_run
+    from batchprod.wms.registry import get_wms
 
     run = find_run(run_ref, root)
-    console.print(get_wms(run.wms_name()).cancel(run))
+    console.print(cancel_run(get_wms(run.wms_name()), run))
 
 
 @main.command()
@@ -425,9 +427,9 @@ def serve(root: Path | None, host: str, port: int) -> None:
 @_user_errors
 def runs(root: Path | None, as_json: bool) -> None:
     """List runs under the submit root, newest first."""
-    from batchprod.execution.run import Run, list_runs
     from batchprod.report import summarize
     from batchprod.report.report import damaged_summary
+    from batchprod.state.run import Run, list_runs
 
     rows = []
     for d in list_runs(root):
@@ -458,7 +460,7 @@ def runs(root: Path | None, as_json: bool) -> None:
 def demo(directory: Path, visits: int, detectors: int, sources: int) -> None:
     """Make a synthetic sky survey, run the demo pipeline on it, and check the final catalog."""
     from batchprod.demo import check_catalog, make_demo
-    from batchprod.execution.run import prepare as do_prepare
+    from batchprod.engine.prepare import prepare as do_prepare
 
     config = make_demo(directory, visits=visits, detectors=detectors, n_sources=sources)
     console.print(f"demo data and config in {directory}")

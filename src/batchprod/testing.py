@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from batchprod.execution.run import REGISTRY_FILE
+from batchprod.execution.rundir import REGISTRY_FILE
 from batchprod.graph.registry import Registry
 
 
@@ -155,7 +155,7 @@ def chaos_pipeline(executions_log: str | Path, sleep: float = 0.1) -> dict[str, 
 
 
 def _prepare_chaos(workdir: Path, cores: int) -> Any:
-    from batchprod.execution.run import prepare
+    from batchprod.engine.prepare import prepare
 
     repo = make_toy_repo(workdir / "repo", visits=(1, 2, 3), detectors=(0, 1, 2))
     cfg = write_submit(workdir, chaos_pipeline(workdir / "executions.log"), repo=repo, site={"local": {"cores": cores}},
@@ -165,7 +165,7 @@ def _prepare_chaos(workdir: Path, cores: int) -> Any:
 
 def published_outputs(repo: Path) -> dict[str, str]:
     """Relative path -> checksum of every published file of the toy run (staging excluded)."""
-    from batchprod.execution.runner import file_checksum
+    from batchprod.execution.protocol import file_checksum
 
     root = repo / "toy" / "run"
     return {str(p.relative_to(root)): file_checksum(p) for p in sorted(root.rglob("*"))
@@ -174,7 +174,7 @@ def published_outputs(repo: Path) -> dict[str, str]:
 
 def reference_outputs(workdir: str | Path, cores: int = 2) -> dict[str, str]:
     """Outputs of an uninterrupted run."""
-    from batchprod.wms.local import LocalExecutor
+    from batchprod.engine.control import LocalExecutor
 
     workdir = Path(workdir)
     run = _prepare_chaos(workdir, cores)

@@ -195,23 +195,7 @@ def test_a_short_chain_still_resolves(d: Path) -> None:
     assert load_config(cfg(d, "project: '{v0}-{v0}'\nvariables:\n" + chain)).get("project") == "end-end"
 
 
-# -- WMS and Python references ---------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("value", "pattern"),
-    [
-        ("os:system", r"key 'wmsServiceClass': wmsServiceClass 'os:system' is not a WMS service class"),
-        ("batchprod.wms.base:BaseWmsService", r"is not a WMS service class"),
-        ("nosuch_pkg_x:Service", r"wmsServiceClass 'nosuch_pkg_x:Service': module 'nosuch_pkg_x' not found"),
-        ("batchprod.wms.local:Nope", r"module 'batchprod\.wms\.local' has no 'Nope'"),
-        ("'os; rm -rf /'", r"key 'wmsServiceClass': expected a WMS name"),
-    ],
-)
-def test_wms_class_must_be_a_wms(d: Path, value: str, pattern: str) -> None:
-    fails(cfg(d, f"wmsServiceClass: {value}\n"), pattern)
-    fails(cfg(d, f"computeSite: x\nsite: {{x: {{wmsServiceClass: {value}}}}}\n", "t.yaml"),
-          pattern.replace("key 'wmsServiceClass'", r"key 'site\.x\.wmsServiceClass'"))
-
-
+# -- WMS and Python references (the class itself is checked at prepare: tests/wms/test_registry.py)
 def test_a_real_wms_class_loads(d: Path) -> None:
     load_config(cfg(d, "wmsServiceClass: batchprod.wms.local:LocalService\n"))
     load_config(cfg(d, "wmsServiceClass: slurm\n", "t.yaml"))  # entry-point names are get_wms's to check

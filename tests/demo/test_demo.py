@@ -8,7 +8,7 @@ import numpy as np
 from astropy.table import Table
 
 from batchprod.demo import check_catalog, make_demo
-from batchprod.execution.run import Run
+from batchprod.state.run import Run
 
 
 def test_demo_end_to_end_recovers_injected_sources(tmp_path: Path, cli) -> None:

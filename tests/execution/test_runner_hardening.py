@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from batchprod.execution.run import prepare
-from batchprod.execution.runner import render_command
+from batchprod.engine.control import LocalExecutor
+from batchprod.engine.prepare import prepare
+from batchprod.execution.commands import render_command
 from batchprod.testing import command_task, make_toy_repo, write_submit
-from batchprod.wms.local import LocalExecutor
 
 ONE = {"visits": (1,), "detectors": (0,)}
 
@@ -202,7 +202,7 @@ def test_job_script_is_strict_under_bash_and_every_backend_starts_bash(tmp_path:
     """The job script needs bash (pipefail): local and Parsl run 'bash -c', Slurm's batch script is #!/bin/bash."""
     import inspect
 
-    from batchprod.execution.runner import BASH, shell_script
+    from batchprod.execution.commands import BASH, shell_script
     from batchprod.wms.local import backend as local_backend
     from batchprod.wms.parsl import ParslBackend
     from batchprod.wms.slurm import SlurmBackend
@@ -308,7 +308,7 @@ def _job_spec(tmp_path: Path, attempt: int, python: str | None = None) -> dict:
 
 
 def _stage(spec: dict, text: str) -> list[dict]:
-    from batchprod.execution.runner import collect_outputs, staging_map
+    from batchprod.execution.protocol import collect_outputs, staging_map
 
     staged = staging_map(spec)
     for st in staged.values():
@@ -322,7 +322,7 @@ def _final(spec: dict) -> Path:
 
 
 def test_superseded_attempt_cannot_publish_over_its_replacement(tmp_path: Path) -> None:
-    from batchprod.execution.runner import FencedOff, finish_attempt, staging_map, write_fence
+    from batchprod.execution.protocol import FencedOff, finish_attempt, staging_map, write_fence
 
     old, new = _job_spec(tmp_path, 1), _job_spec(tmp_path, 2)
     old_outputs = _stage(old, "attempt 1\n")  # the zombie: its payload is done, post-job not yet
@@ -340,7 +340,13 @@ def test_superseded_attempt_cannot_publish_over_its_replacement(tmp_path: Path) 
 def test_superseded_pending_manifest_is_not_rolled_forward(tmp_path: Path) -> None:
     """Attempt 1 wrote its manifest and stalled before publishing (or a restart finds it): once
     attempt 2 was started, committing attempt 1's manifest publishes nothing."""
-    from batchprod.execution.runner import FencedOff, _write_json, commit_outputs, finish_attempt, write_fence
+    from batchprod.execution.protocol import (
+        FencedOff,
+        _write_json,
+        commit_outputs,
+        finish_attempt,
+        write_fence,
+    )
 
     old, new = _job_spec(tmp_path, 1), _job_spec(tmp_path, 2)
     _write_json(old["result_path"] + ".pending", {"outputs": _stage(old, "attempt 1\n"), "attempt": 1}, direct=True)
@@ -358,7 +364,7 @@ def test_publication_waits_for_an_older_attempt_already_publishing(tmp_path: Pat
     import sys
     import time
 
-    from batchprod.execution.runner import fence_path, finish_attempt, write_fence
+    from batchprod.execution.protocol import fence_path, finish_attempt, write_fence
 
     new = _job_spec(tmp_path, 2)
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -379,7 +385,7 @@ def test_zombie_python_wrapper_is_fenced_off(tmp_path: Path) -> None:
     import json
     import sys
 
-    from batchprod.execution.runner import EXIT_INFRASTRUCTURE, finish_attempt, staging_map, write_fence
+    from batchprod.execution.protocol import EXIT_INFRASTRUCTURE, finish_attempt, staging_map, write_fence
 
     old, new = _job_spec(tmp_path, 1, python="batchprod.testing:alloc_task"), _job_spec(tmp_path, 2)
     write_fence(new["result_path"], 2)
@@ -410,7 +416,7 @@ def test_storage_failure_in_the_wrapper_is_infrastructure(tmp_path: Path, monkey
     import errno
     import os
 
-    from batchprod.execution import runner
+    from batchprod.execution import protocol, runner
 
     spec = _job_spec(tmp_path, 1, python="batchprod.testing:alloc_task")
     real_replace = os.replace
@@ -419,7 +425,7 @@ def test_storage_failure_in_the_wrapper_is_infrastructure(tmp_path: Path, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if where == "manifest":
-        monkeypatch.setattr(runner, "_write_json", full)
+        monkeypatch.setattr(protocol, "_write_json", full)
     elif where == "publish":
         monkeypatch.setattr(os, "replace", lambda a, b: full() if "calexp" in str(b) else real_replace(a, b))
     elif where == "commit":
@@ -454,7 +460,7 @@ def test_storage_failure_in_inline_post_job_is_infrastructure(tmp_path: Path, mo
 
 
 def test_logs_that_cannot_be_opened_end_the_attempt_as_infrastructure(tmp_path: Path) -> None:
-    from batchprod.execution.runner import EXIT_INFRASTRUCTURE
+    from batchprod.execution.protocol import EXIT_INFRASTRUCTURE
     from batchprod.wms.base import Launch
     from batchprod.wms.local.backend import LocalBackend
 
@@ -495,9 +501,9 @@ def test_a_full_disk_at_start_goes_to_the_engine(tmp_path: Path, monkeypatch) ->
 
 def test_env_variables_in_a_command_are_left_for_the_jobs_shell(tmp_path, toy_repo, monkeypatch) -> None:
     """${NAME} is expanded by the job's shell when it runs: never baked into the submit directory."""
-    from batchprod.execution.run import prepare
+    from batchprod.engine.control import LocalExecutor
+    from batchprod.engine.prepare import prepare
     from batchprod.testing import command_task, write_submit
-    from batchprod.wms.local import LocalExecutor
 
     monkeypatch.setenv("BP_TEST_SECRETISH", "s3cr3t-value")
     cmd = "echo ${BP_TEST_SECRETISH} > {outputs.calexp}"

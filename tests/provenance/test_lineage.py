@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from batchprod.execution.run import Run
-from batchprod.execution.store import StateStore
 from batchprod.provenance.lineage import Provenance
+from batchprod.state.run import Run
+from batchprod.state.store import StateStore
 from batchprod.testing import write_submit
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from batchprod.engine.control import LocalExecutor
+from batchprod.engine.prepare import prepare
 from batchprod.errors import RunError
-from batchprod.execution.run import Run, prepare
 from batchprod.report.logs import attempt_logs, print_logs
+from batchprod.state.run import Run
 from batchprod.testing import command_task, make_toy_repo, start_orchestrator, wait_for, write_submit
-from batchprod.wms.local import LocalExecutor
 
 FLAKY = (
     'case "$(echo {dataId})" in '

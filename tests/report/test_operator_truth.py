@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from batchprod.engine.control import LocalExecutor
+from batchprod.engine.prepare import prepare
 from batchprod.execution.logs import causal_line
-from batchprod.execution.run import prepare
 from batchprod.testing import command_task, write_submit
-from batchprod.wms.local import LocalExecutor
 
 
 def _failing_run(tmp_path: Path, toy_repo: Path, cmd: str, **keys):
@@ -209,7 +209,7 @@ def test_final_job_reflects_the_final_state_and_elapsed_skips_the_idle_gap(tmp_p
     assert (out / "count.txt").read_text().strip() == "4"  # the final job ran again, on everything
     final_rows = [o for o in run.store.outputs() if o["path"].endswith("count.txt")]
     assert len(final_rows) == 1
-    from batchprod.execution.runner import file_checksum
+    from batchprod.execution.protocol import file_checksum
 
     assert final_rows[0]["checksum"] == file_checksum(out / "count.txt")
     reg = Registry(toy_repo / "registry.db")

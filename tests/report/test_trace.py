@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from batchprod.execution.run import Run, add_restart_overrides, prepare
+from batchprod.engine.control import LocalExecutor
+from batchprod.engine.prepare import prepare
 from batchprod.report.trace import COLUMNS, iso_times, write_trace
+from batchprod.state.run import Run, add_restart_overrides
 from batchprod.testing import command_task, make_toy_repo, write_submit
-from batchprod.wms.local import LocalExecutor
 
 # visit 1 detector 0 fails its first attempt only; visit 2 detector 1 fails every attempt
 FLAKY = (

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batchprod.execution.run import Run, prepare
+from batchprod.engine.control import execute as engine_execute
+from batchprod.engine.prepare import prepare
+from batchprod.state.run import Run
 from batchprod.testing import command_task, make_toy_repo, start_orchestrator, wait_for, write_submit
-from batchprod.wms.base import get_wms
+from batchprod.wms.registry import get_wms
 
 
 def submit(tmp_path: Path, backend, pipeline: dict, repo: Path | None = None, **keys) -> Run:
@@ -16,7 +18,7 @@ def submit(tmp_path: Path, backend, pipeline: dict, repo: Path | None = None, **
 
 
 def execute(run: Run) -> str:
-    return get_wms(run.wms_name()).execute(run)
+    return engine_execute(get_wms(run.wms_name()), run)
 
 
 def states(run: Run) -> dict[str, str]:

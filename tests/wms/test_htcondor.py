@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchprod.execution.run import Run
+from batchprod.state.run import Run
 from batchprod.testing import make_toy_repo, write_submit
 
 htcondor2 = pytest.importorskip("htcondor2")

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from batchprod.engine.control import LocalExecutor, cancel
+from batchprod.engine.prepare import prepare
 from batchprod.execution.process import group_members
-from batchprod.execution.run import Run, prepare
 from batchprod.execution.states import JobState
 from batchprod.report import summarize
+from batchprod.state.run import Run
 from batchprod.testing import command_task, make_toy_repo, write_submit
-from batchprod.wms.local import LocalExecutor, LocalService
+from batchprod.wms.local import LocalService
 
 
 def run_local(cfg: Path, **kw) -> tuple[Run, str]:
@@ -202,6 +204,6 @@ def test_cancel_when_orchestrator_is_gone(tmp_path: Path, toy_repo: Path, cli) -
     os.kill(orch, signal.SIGKILL)
     _wait(lambda: summarize(run)["status"] == "INTERRUPTED")
     pg = run.store.attempts(status="RUNNING")[0]["pid"]
-    LocalService().cancel(run)
+    cancel(LocalService(), run)
     assert run.store.run_info()["status"] == "CANCELLED"
     _wait(lambda: group_members(pg) == [], timeout=5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 from typing import Any
 
 from batchprod.config.keys import PYTHON_REF_RE, WMS_CLASS_RE
@@ -63,20 +62,8 @@ def check_python_ref(ref: str, where: str) -> None:
 
 
 def check_wms_class(name: str, where: str) -> None:
-    """A 'module:Class' WMS names a subclass of BaseWmsService (an entry-point name is left to
-    get_wms, which lists the installed ones)."""
+    """A WMS is an entry-point name (``local``), ``module:Class`` or ctrl_bps's ``package.module.Class``.
+    Only the shape is checked here: the class itself is loaded and checked by the WMS registry when
+    the run is prepared (the config layer knows nothing of WMS plugins)."""
     if not WMS_CLASS_RE.fullmatch(name):
         raise ConfigError(f"{where}: expected a WMS name (e.g. local, slurm) or 'module:Class', got {name!r}")
-    if ":" not in name:
-        return
-    from batchprod.wms.base import BaseWmsService
-
-    try:
-        obj = resolve_python_ref(name)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: wmsServiceClass '{name}': {exc}") from None
-    if not (isinstance(obj, type) and issubclass(obj, BaseWmsService)) or inspect.isabstract(obj):
-        raise ConfigError(
-            f"{where}: wmsServiceClass '{name}' is not a WMS service class "
-            "(expected a subclass of batchprod.wms.base.BaseWmsService)"
-        )

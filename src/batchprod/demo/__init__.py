@@ -18,7 +18,7 @@ from astropy.table import Table
 
 from batchprod.demo.tasks import PATCH_MARGIN, PATCH_SIZE, PATCHES_PER_SIDE, patch_bbox
 from batchprod.errors import RunError
-from batchprod.execution.runner import file_checksum
+from batchprod.execution.protocol import file_checksum
 
 DETECTOR_SIZE = 160
 DETECTOR_PITCH = 150
@@ -81,7 +81,7 @@ def _render(x0: int, y0: int, truth: Table, rng: np.random.Generator) -> np.ndar
 
 def make_demo(directory: str | Path, visits: int = 8, detectors: int = 5, n_sources: int = 40, seed: int = 42) -> Path:
     """Write repo, truth, pipeline and submit YAML under ``directory``; returns the submit YAML path."""
-    from batchprod.execution.run import REGISTRY_FILE
+    from batchprod.execution.rundir import REGISTRY_FILE
     from batchprod.graph.registry import Registry
 
     d = Path(directory).resolve()

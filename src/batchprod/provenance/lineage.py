@@ -4,7 +4,7 @@ Nothing here is written per job: the quantum graph (which task on which data ID 
 workflow (which job ran which quanta), the state store (the attempt that succeeded, its host, resource
 use and context; every published output with size and checksum) and the frozen config together
 answer "where did this file come from" for any output, at query time. The only thing recorded for
-provenance on the hot path is the attempt's context hash (see :mod:`batchprod.provenance.capture`).
+provenance on the hot path is the attempt's context hash (see :mod:`batchprod.execution.capture`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from batchprod.errors import QueryError, RunError
-from batchprod.execution.run import CONFIG_FILE, Run
-from batchprod.execution.runner import FINAL_NODE, file_checksum, render_command
+from batchprod.execution.commands import render_command
+from batchprod.execution.protocol import FINAL_NODE, file_checksum
+from batchprod.execution.rundir import CONFIG_FILE
 from batchprod.execution.states import JobState
 from batchprod.graph.quantum_graph import DatasetRef
 from batchprod.graph.registry import canonical
+from batchprod.state.run import Run
 from batchprod.workflow.generic import FinalJob
 
 UPSTREAM, DOWNSTREAM = "up", "down"

@@ -8,8 +8,8 @@ from typing import Any
 from batchprod.errors import RunError
 from batchprod.execution.logs import signature
 from batchprod.execution.paths import tail_in
-from batchprod.execution.run import Run
 from batchprod.execution.states import JobState
+from batchprod.state.run import Run
 
 
 def _data_id(run: Run, job_id: int) -> dict[str, Any]:

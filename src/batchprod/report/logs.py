@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchprod.errors import RunError
-from batchprod.execution.run import Run
 from batchprod.execution.states import JobState, RunState
+from batchprod.state.run import Run
 
 STREAMS = ("stdout", "stderr")
 _ACTIVE = (JobState.QUEUED, JobState.RUNNING)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from batchprod.execution import lock
+from batchprod.engine import lock
 from batchprod.execution.process import same_process_alive
-from batchprod.execution.run import Run
 from batchprod.execution.states import JobState, RunState
+from batchprod.state.run import Run
 
 COLUMNS = ("total", "succeeded", "failed", "running", "pending", "unready", "cancelled")
 
@@ -178,7 +178,7 @@ def restart_plan(run: Run) -> tuple[str, int]:
         parts.append(f"learned memory of {plural(learned, 'job')} kept")
     info = run.store.run_info()
     if not rerun and info["status"] == RunState.SUCCEEDED:
-        from batchprod.wms.orchestrator import INGEST_FAILED
+        from batchprod.engine.orchestrator import INGEST_FAILED
 
         if (info["message"] or "").startswith(INGEST_FAILED):
             return f"restart: all {plural(kept, 'job')} succeeded; repeating the registry ingest that failed", 1

@@ -38,8 +38,9 @@ from typing import IO, Any, cast
 import numpy as np
 
 from batchprod.errors import RunError
-from batchprod.execution.run import WORKFLOW_FILE, Run
+from batchprod.execution.rundir import WORKFLOW_FILE
 from batchprod.execution.states import JobState
+from batchprod.state.run import Run
 from batchprod.workflow import GenericWorkflow
 from batchprod.workflow.generic import FinalJob, Resources
 
@@ -138,14 +139,14 @@ def _resource_epochs(run: Run) -> tuple[list[float], list[tuple[list[Resources],
     wf = run.workflow
     if not overrides:
         return [-math.inf], [([g.resources for g in wf.groups], wf.final.resources if wf.final else None)]
-    from batchprod.execution.run import _apply_overrides
+    from batchprod.workflow.overrides import apply_overrides
 
     base = GenericWorkflow.load(run.submit_dir / WORKFLOW_FILE, run.qgraph)
     ns = SimpleNamespace(groups=list(base.groups), final=base.final)
     times = [-math.inf]
     snaps = [([g.resources for g in ns.groups], ns.final.resources if ns.final else None)]
     for entry in overrides:
-        _apply_overrides(cast(GenericWorkflow, ns), entry.get("values") or {})
+        apply_overrides(cast(GenericWorkflow, ns), entry.get("values") or {})
         times.append(float(entry.get("time") or 0.0))
         snaps.append(([g.resources for g in ns.groups], ns.final.resources if ns.final else None))
     return times, snaps

@@ -20,13 +20,14 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from batchprod.errors import BatchprodError, GraphError, RunError, WorkflowError
 from batchprod.execution.paths import OutsideRunError, check_in
-from batchprod.execution.run import CONFIG_FILE, QGRAPH_FILE, STATE_FILE, WORKFLOW_FILE, Run, list_runs
-from batchprod.execution.store import DamagedStateError
+from batchprod.execution.rundir import CONFIG_FILE, QGRAPH_FILE, WORKFLOW_FILE
 from batchprod.provenance.lineage import Provenance
 from batchprod.report import summarize
 from batchprod.report.failures import failures, job_history
 from batchprod.report.progress import duration, words
 from batchprod.report.report import DAMAGED, damaged_summary, iso
+from batchprod.state.run import Run, list_runs
+from batchprod.state.store import STATE_FILE, DamagedStateError
 
 #: keys that hold epoch seconds in the report data; the API gives them as ISO 8601 (local zone)
 _TIME_KEYS = frozenset({"created", "updated", "start", "end"})

@@ -6,24 +6,18 @@ the run's state store, which every backend keeps up to date, so they are not the
 
 from __future__ import annotations
 
-import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchprod.errors import ConfigError
 from batchprod.execution.states import FailureClass
 
 if TYPE_CHECKING:
-    from batchprod.execution.run import Run
-    from batchprod.execution.states import RunState
+    from batchprod.state.run import Run
 
-#: progress callback: jobs per state, and jobs per state for each task label
-Progress = Callable[[dict[str, int], dict[str, dict[str, int]]], None]
 
 
 class BaseWmsService(ABC):
@@ -49,98 +43,6 @@ class BaseWmsService(ABC):
             backend.cleanup_orphans(run, handles)
         finally:
             backend.close()
-
-    def execute(self, run: Run, progress: Progress | None = None) -> RunState:
-        """Run every not-yet-succeeded job of the run to completion, in the foreground."""
-        from batchprod.wms.orchestrator import Orchestrator
-
-        cores, memory = self.budget(run)
-        return Orchestrator(run, self.backend(run), cores=cores, memory_mb=memory, progress=progress).execute()
-
-    def cancel(self, run: Run, timeout: float = 60.0) -> str:
-        """Stop every running job of the run and mark it CANCELLED; the run stays restartable.
-        Returns what was done, in words (a finished run is left as it is)."""
-        import time
-
-        from batchprod.errors import RunError
-        from batchprod.execution import lock
-        from batchprod.execution.states import JobState, RunState
-
-        info = run.store.run_info()
-        try:
-            lock.acquire(run.submit_dir, run.name)
-        except RunError:
-            # an engine drives the run: it stops its jobs and records it
-            pid = lock.holder_pid(run.submit_dir)
-            if pid is None:
-                raise
-            _terminate(pid)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if lock.is_free(run.submit_dir):
-                    return f"cancelled {info['name']} (engine pid {pid} stopped its jobs)"
-                now_pid = lock.holder_pid(run.submit_dir)
-                if now_pid is not None and now_pid != pid:  # a detached engine took over from its parent
-                    pid = now_pid
-                    _terminate(pid)
-                time.sleep(0.1)
-            raise RunError(f"run '{info['name']}': engine pid {pid} did not stop within {timeout:.0f}s") from None
-        try:
-            if info["status"] in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED):
-                return f"nothing to cancel: run {info['name']} is {info['status']} (changed nothing)"
-            # No engine: stop whatever a dead one left running and mark the run.
-            now = time.time()
-            active = run.store.attempts(status=[JobState.QUEUED, JobState.RUNNING])
-            self.cleanup_orphans(run, [str(a["handle"]) for a in active if a.get("handle")])
-            attempts = [{**a, "status": JobState.CANCELLED, "failure_class": "cancelled", "end": now,
-                         "message": "cancelled (orchestrator not running)"} for a in active]
-            jobs = [{**j, "status": JobState.CANCELLED, "message": "run cancelled", "updated": now}
-                    for j in run.store.jobs(status=[JobState.PENDING, JobState.READY, JobState.QUEUED,
-                                                    JobState.RUNNING])]
-            run.store.write(jobs, attempts)
-            run.store.set_run(status=RunState.CANCELLED, orchestrator_pid=None)
-        finally:
-            lock.release(run.submit_dir)
-        n = len(active)
-        return f"cancelled {info['name']} ({n} orphaned attempt{'s' if n != 1 else ''} stopped)"
-
-
-def _terminate(pid: int) -> None:
-    import contextlib
-    import signal
-
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-
-
-def get_wms(name: str) -> BaseWmsService:
-    """A WMS by entry-point name (``local``) or ``module:Class``; anything that is not a concrete
-    BaseWmsService (``os:system``, a module that raises on import) is a one-line ConfigError."""
-    import inspect
-
-    if ":" in name:
-        import importlib
-
-        mod, _, attr = name.partition(":")
-        try:
-            cls: Any = getattr(importlib.import_module(mod), attr)
-        except BaseException as exc:  # noqa: BLE001 (a user's module may raise anything, even SystemExit)
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            raise ConfigError(f"wmsServiceClass '{name}': cannot load: {type(exc).__name__}: {exc}") from None
-    else:
-        eps = {ep.name: ep for ep in entry_points(group="batchprod.wms")}
-        if name not in eps:
-            raise ConfigError(f"wmsServiceClass '{name}': unknown WMS (installed: {', '.join(sorted(eps))})")
-        try:
-            cls = eps[name].load()
-        except Exception as exc:  # noqa: BLE001 (a broken plugin install)
-            raise ConfigError(f"wmsServiceClass '{name}': plugin cannot load: {type(exc).__name__}: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, BaseWmsService)) or inspect.isabstract(cls):
-        raise ConfigError(f"wmsServiceClass '{name}' is not a WMS service class "
-                          "(expected a subclass of batchprod.wms.base.BaseWmsService)")
-    return cls()
-
 
 @dataclass
 class Launch:

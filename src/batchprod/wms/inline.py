@@ -15,14 +15,14 @@ import os
 import time
 from typing import Any
 
-from batchprod.execution.runner import (
+from batchprod.execution.commands import shell_script
+from batchprod.execution.protocol import (
     EXIT_INFRASTRUCTURE,
     EXIT_MISSING_OUTPUT,
     MissingOutput,
     StageError,
     collect_outputs,
     finish_attempt,
-    shell_script,
     stage_in_check,
     staging_map,
     write_fence,

@@ -27,8 +27,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from batchprod.execution.run import Run
-from batchprod.execution.runner import EXIT_MEMORY_ERROR
+from batchprod.execution.protocol import EXIT_MEMORY_ERROR
+from batchprod.state.run import Run
 from batchprod.workflow.generic import FinalJob, JobGroup, Resources
 
 HOLD_MEMORY_CODE = 34  # HTCondor's "memory usage exceeded request"

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from batchprod.execution.run import Run
+from batchprod.state.run import Run
 from batchprod.wms.base import Backend, BaseWmsService
 from batchprod.wms.local.backend import LocalBackend
-from batchprod.wms.orchestrator import Orchestrator
-
-
-def LocalExecutor(run: Run, **kwargs: object) -> Orchestrator:  # noqa: N802 (reads like the class it builds)
-    """The orchestrator driving local processes: the embedded default."""
-    return Orchestrator(run, LocalBackend(str(run.submit_dir)), **kwargs)  # type: ignore[arg-type]
 
 
 class LocalService(BaseWmsService):
@@ -22,4 +16,4 @@ class LocalService(BaseWmsService):
         return LocalBackend(str(run.submit_dir))
 
 
-__all__ = ["LocalBackend", "LocalExecutor", "LocalService"]
+__all__ = ["LocalBackend", "LocalService"]

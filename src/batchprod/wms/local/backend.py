@@ -34,10 +34,11 @@ from typing import IO, Any
 
 import psutil
 
+from batchprod.execution.commands import BASH
 from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env, tree_rss_mb
-from batchprod.execution.run import Run
-from batchprod.execution.runner import BASH, write_fence
+from batchprod.execution.protocol import write_fence
 from batchprod.execution.states import FailureClass
+from batchprod.state.run import Run
 from batchprod.wms.base import Backend, Ended, Launch
 from batchprod.wms.inline import (
     ENV_SUBMIT_DIR,

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from batchprod.errors import ConfigError
+from batchprod.execution.commands import BASH
 from batchprod.execution.process import kill_group
-from batchprod.execution.run import Run
-from batchprod.execution.runner import BASH, KILL_SIGNALS
+from batchprod.execution.protocol import KILL_SIGNALS
 from batchprod.execution.states import FailureClass
+from batchprod.state.run import Run
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
 from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
 from batchprod.wms.local.backend import kill_run_processes

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from batchprod.errors import ConfigError, RunError
-from batchprod.execution.run import Run
 from batchprod.execution.states import FailureClass
+from batchprod.state.run import Run
 from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
 from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from batchprod.execution.run import REGISTRY_FILE, Run
+from batchprod.execution.rundir import REGISTRY_FILE
 from batchprod.graph.registry import Registry
+from batchprod.state.run import Run
 
 
 def ingest_outputs(run: Run) -> int:

@@ -48,7 +48,7 @@ def test_finished_output_run_is_refused_then_extended_or_replaced(tmp_path: Path
     mtime = coadd.stat().st_mtime_ns
     r = cli("submit", again, "--extend-run")
     assert r.exit_code == 0, r.output
-    from batchprod.execution.run import find_run
+    from batchprod.state.run import find_run
 
     run = find_run(tmp_path / "b" / "submit" / "toy" / "run")
     jobs = run.store.jobs()
@@ -77,7 +77,7 @@ def test_extend_runs_only_new_data_ids(tmp_path: Path, toy_repo: Path, cli) -> N
                     pipelineYaml="pipeline.yaml")
     (tmp_path / "b" / "pipeline.yaml").write_text(yaml.safe_dump({"tasks": {"calibrate": TOY_PIPELINE["tasks"]["calibrate"]}}))
     assert cli("submit", wider, "--extend-run").exit_code == 0
-    from batchprod.execution.run import find_run
+    from batchprod.state.run import find_run
 
     jobs = find_run(tmp_path / "b" / "submit" / "toy" / "run").store.jobs()
     ran = {j["name"] for j in jobs if j["attempts"] == 1}

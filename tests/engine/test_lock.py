@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from batchprod.execution import lock
-from batchprod.execution.run import Run, prepare
+from batchprod.engine import lock
+from batchprod.engine.prepare import prepare
+from batchprod.state.run import Run
 from batchprod.testing import command_task, write_submit
 
 BP = [sys.executable, "-m", "batchprod.cli"]
@@ -78,7 +79,7 @@ def test_two_detached_restarts_one_is_refused_at_once(tmp_path: Path, toy_repo: 
 
 def test_lock_dies_with_its_holder(tmp_path: Path) -> None:
     """kill -9 of the holder frees the run: no stale lock file to clean by hand."""
-    code = f"from batchprod.execution import lock; lock.acquire({str(tmp_path)!r}); import time; time.sleep(60)"
+    code = f"from batchprod.engine import lock; lock.acquire({str(tmp_path)!r}); import time; time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code])
     try:
         import time

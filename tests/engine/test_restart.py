@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from batchprod.execution.run import Run, prepare
+from batchprod.engine.control import LocalExecutor
+from batchprod.engine.prepare import prepare
+from batchprod.state.run import Run
 from batchprod.testing import (
     chaos_trial,
     command_task,
@@ -16,7 +18,6 @@ from batchprod.testing import (
     wait_for,
     write_submit,
 )
-from batchprod.wms.local import LocalExecutor
 
 
 def test_restart_reruns_only_what_did_not_succeed(tmp_path: Path, toy_repo: Path, cli) -> None:

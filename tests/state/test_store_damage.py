@@ -22,9 +22,10 @@ import pytest
 from batchprod._arrayfile import load_arrays, save_arrays
 from batchprod.errors import GraphError, WorkflowError
 from batchprod.execution.paths import OutsideRunError, open_in, tail_in
-from batchprod.execution.run import QGRAPH_FILE, WORKFLOW_FILE, Run
-from batchprod.execution.store import DamagedStateError, StateStore
+from batchprod.execution.rundir import QGRAPH_FILE, WORKFLOW_FILE
 from batchprod.graph.quantum_graph import QuantumGraph
+from batchprod.state.run import Run
+from batchprod.state.store import DamagedStateError, StateStore
 from batchprod.testing import write_submit
 from batchprod.workflow.generic import GenericWorkflow
 

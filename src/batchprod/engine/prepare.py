@@ -1,4 +1,4 @@
-"""Runs: prepare a submit directory (frozen config, graph, workflow, state store) and open it again.
+"""Prepare: validate everything, build the graph and the workflow, write the submit directory.
 
 A submit directory is assembled under a temporary name and renamed into place only when complete,
 so a bad input or a crash during prepare leaves nothing half-written behind.
@@ -6,13 +6,11 @@ so a bad input or a crash during prepare leaves nothing half-written behind.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +19,20 @@ import yaml
 from batchprod.config import BpsConfig, Context, load_config
 from batchprod.config.keys import PAYLOAD_KEYS
 from batchprod.errors import ConfigError, RunError
-from batchprod.execution.store import STATE_FILE, StateStore
+from batchprod.execution.rundir import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LOG_DIR,
+    QGRAPH_FILE,
+    REGISTRY_FILE,
+    WORKFLOW_FILE,
+)
 from batchprod.graph import QuantumGraph, Registry, build_quantum_graph
 from batchprod.pipeline import check_config_labels, load_pipeline
+from batchprod.state.run import Run, site_value
+from batchprod.state.store import STATE_FILE, StateStore
 from batchprod.workflow import GenericWorkflow, workflow_from_config
 from batchprod.workflow.generic import FinalJob
-
-QGRAPH_FILE = "qgraph.bpqg"
-WORKFLOW_FILE = "workflow.bpwf"
-CONFIG_FILE = "config.yaml"
-REGISTRY_FILE = "registry.db"
-LOG_DIR = "logs"
-OVERRIDES_FILE = "overrides.json"  # job values changed by 'restart -o', applied over the frozen workflow
-HISTORY_FILE = "history.log"  # what was done to the run besides executing it (replace, restart overrides)
 
 
 @dataclass
@@ -49,121 +48,6 @@ def _peak_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Run:
-    """An existing run: its submit directory, state store, and (lazily) its graph and workflow."""
-
-    def __init__(self, submit_dir: str | Path) -> None:
-        self.submit_dir = Path(submit_dir).resolve()
-        if not (self.submit_dir / STATE_FILE).is_file():
-            raise RunError(f"{submit_dir}: not a batchprod run (no {STATE_FILE})")
-        self.store = StateStore(self.submit_dir / STATE_FILE)
-
-    @cached_property
-    def qgraph(self) -> QuantumGraph:
-        return QuantumGraph.load(self.submit_dir / QGRAPH_FILE)
-
-    @cached_property
-    def workflow(self) -> GenericWorkflow:
-        wf = GenericWorkflow.load(self.submit_dir / WORKFLOW_FILE, self.qgraph)
-        for entry in self.restart_overrides():
-            _apply_overrides(wf, entry["values"])
-        return wf
-
-    def restart_overrides(self) -> list[dict[str, Any]]:
-        """Job values changed at restart (``restart -o``), oldest first; the frozen config stays as submitted."""
-        path = self.submit_dir / OVERRIDES_FILE
-        if not path.is_file():
-            return []
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise RunError(f"{path}: damaged restart overrides: {exc}") from None
-        if not isinstance(data, list):
-            raise RunError(f"{path}: damaged restart overrides: expected a list")
-        return data
-
-    @cached_property
-    def config(self) -> dict[str, Any]:
-        path = self.submit_dir / CONFIG_FILE
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-            raise RunError(f"{path}: damaged run config: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-        if not isinstance(data, dict):
-            raise RunError(f"{path}: damaged run config: not a mapping")
-        return data
-
-    @property
-    def name(self) -> str:
-        return str(self.store.run_info()["name"])
-
-    @property
-    def log_dir(self) -> Path:
-        return self.submit_dir / LOG_DIR
-
-    def attempt_paths(self, label: str, name: str, attempt: int | str) -> tuple[Path, Path, Path]:
-        """stdout, stderr and result manifest of one attempt: logs/<label>/<name>.<attempt>.*"""
-        d = self.log_dir / label
-        return d / f"{name}.{attempt}.out", d / f"{name}.{attempt}.err", d / f"{name}.{attempt}.result.json"
-
-    def site(self, key: str, default: Any = None) -> Any:
-        """A typed value from the run's compute-site section (``site.<computeSite>.<key>``)."""
-        return site_value(self.config, key, default)
-
-    def site_budget(self) -> tuple[int | None, int | None]:
-        """(cores, memory MB) the site config grants the local executor, None = the machine's."""
-        return self.site("cores"), self.site("memory")
-
-    def wms_name(self) -> str:
-        return str(self.store.run_info()["wms"])
-
-
-def site_value(config: dict[str, Any], key: str, default: Any = None, site: str | None = None) -> Any:
-    """``site.<computeSite>.<key>`` of a config mapping, converted by the key table; ``default`` if unset."""
-    from batchprod.config.keys import SITE_KEYS
-
-    name = site or config.get("computeSite") or "local"
-    section = (config.get("site") or {}).get(name) or {}
-    return SITE_KEYS[key](section[key]) if key in section else default
-
-
-def find_run(ref: str | Path, submit_root: str | Path | None = None) -> Run:
-    """A run by submit directory path or by name (relative to the submit root, default ./submit)."""
-    p = Path(ref)
-    if (p / STATE_FILE).is_file():
-        return Run(p)
-    root = Path(submit_root) if submit_root else Path.cwd() / "submit"
-    if (root / ref / STATE_FILE).is_file():
-        return Run(root / ref)
-    # a run whose submitPath does not end in its name: found by the name 'runs' shows
-    for d in list_runs(root):
-        try:
-            if StateStore(d / STATE_FILE).run_info()["name"] == str(ref):
-                return Run(d)
-        except RunError:
-            continue
-    raise RunError(f"run '{ref}' not found (looked in {p}, {root / ref} and the runs under {root})")
-
-
-def list_runs(submit_root: str | Path | None = None) -> list[Path]:
-    """Submit directories under the root (any depth), newest first."""
-    root = Path(submit_root) if submit_root else Path.cwd() / "submit"
-    if not root.is_dir():
-        return []
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if STATE_FILE in filenames:
-            found.append(Path(dirpath))
-            dirnames.clear()  # never walk a run's own logs: a 200,000-job run has 600,000 files there
-    def mtime(d: Path) -> float:
-        try:
-            return (d / STATE_FILE).lstat().st_mtime
-        except OSError:  # a dangling or vanished state file: listed (and flagged by whoever opens it), last
-            return 0.0
-
-    return sorted(found, key=mtime, reverse=True)
 
 
 def _check_budget(cfg: BpsConfig, wf: GenericWorkflow) -> None:
@@ -184,7 +68,7 @@ def _check_budget(cfg: BpsConfig, wf: GenericWorkflow) -> None:
 
 def _check_commands(wf: GenericWorkflow, pipeline_path: Path) -> None:
     """Render each command template once (first job of each group) so a typo fails now, not in 10^5 jobs."""
-    from batchprod.execution.runner import render_command
+    from batchprod.execution.commands import render_command
 
     first: dict[int, int] = {}
     for j, g in enumerate(wf.job_group.tolist()):
@@ -357,7 +241,7 @@ def prepare(
 
     t0 = time.perf_counter()
     wms = str(cfg.get("wmsServiceClass", Context()))
-    from batchprod.wms.base import get_wms
+    from batchprod.wms.registry import get_wms
 
     try:
         get_wms(wms)  # a misspelled or uninstalled WMS is a config error now, before anything is written
@@ -423,86 +307,3 @@ def prepare(
 def _chain(it: Any, last: dict[str, Any]) -> Any:
     yield from it
     yield last
-
-
-def _override_targets(wf: GenericWorkflow, scope: str) -> list[int | None]:
-    """Group indices (None = the final job) a restart override's scope reaches."""
-    kind, _, name = scope.partition(".")
-    if kind == "":
-        return [*range(len(wf.groups)), None]
-    if kind == "pipetask":
-        return [i for i, g in enumerate(wf.groups) if name in g.labels]
-    if kind == "cluster":
-        return [i for i, g in enumerate(wf.groups) if g.name == name]
-    return [None]  # finalJob
-
-
-def _apply_overrides(wf: GenericWorkflow, values: dict[str, Any]) -> None:
-    from dataclasses import replace
-
-    from batchprod.workflow.generic import Resources
-
-    fields = {f: f for f in Resources.__dataclass_fields__}
-    for dotted, value in values.items():
-        scope, _, key = dotted.rpartition(".")
-        attr = _RESOURCE_FIELD[key]
-        assert attr in fields
-        for i in _override_targets(wf, scope):
-            if i is None:
-                if wf.final is not None:
-                    wf.final = replace(wf.final, resources=replace(wf.final.resources, **{attr: value}))
-            else:
-                g = wf.groups[i]
-                wf.groups[i] = replace(g, resources=replace(g.resources, **{attr: value}))
-
-
-#: config key -> Resources field, for what a restart may change
-_RESOURCE_FIELD = {
-    "requestCpus": "request_cpus", "requestMemory": "request_memory", "requestWalltime": "request_walltime",
-    "priority": "priority", "numberOfRetries": "number_of_retries", "memoryMultiplier": "memory_multiplier",
-    "memoryLimit": "memory_limit", "maxPreemptions": "max_preemptions", "infraRetryDelay": "infra_retry_delay",
-    "maxInfraRetries": "max_infra_retries",
-}
-
-
-def add_restart_overrides(run: Run, overrides: dict[str, Any]) -> list[str]:
-    """Validate ``restart -o KEY=VALUE`` (job values only: resources and retry policy, at the top level
-    or under ``pipetask.<label>``, ``cluster.<name>``, ``finalJob``), record them in the run's history,
-    and make them apply from now on. Returns one description per value."""
-    from batchprod.config.keys import JOB_KEYS
-
-    wf = run.workflow
-    labels = {lab for g in wf.groups for lab in g.labels}
-    clusters = {g.name for g in wf.groups}
-    typed: dict[str, Any] = {}
-    for dotted, raw in overrides.items():
-        where = f"<command line> -o {dotted}"
-        scope, _, key = dotted.rpartition(".")
-        kind, _, name = scope.partition(".")
-        if key not in _RESOURCE_FIELD:
-            import difflib
-
-            close = difflib.get_close_matches(key, list(_RESOURCE_FIELD), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: restart can change job values only{hint} "
-                              f"({', '.join(sorted(_RESOURCE_FIELD))}); anything else needs a new submission")
-        if not ((kind == "" and not name) or (kind == "pipetask" and name in labels)
-                or (kind == "cluster" and name in clusters) or (kind == "finalJob" and not name and wf.final)):
-            raise ConfigError(f"{where}: no such scope '{scope}' in this run (task labels: {', '.join(sorted(labels))}; "
-                              f"clusters: {', '.join(sorted(clusters))})")
-        try:
-            typed[dotted] = JOB_KEYS[key](raw)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-    if not typed:
-        return []
-    entries = [*run.restart_overrides(), {"time": time.time(), "values": typed}]
-    path = run.submit_dir / OVERRIDES_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    os.replace(tmp, path)
-    said = [f"{k}={v}" for k, v in typed.items()]
-    with open(run.submit_dir / HISTORY_FILE, "a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} restart -o {' -o '.join(said)}\n")
-    run.__dict__.pop("workflow", None)  # apply from now on
-    return said

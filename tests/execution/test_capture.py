@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import batchprod
-from batchprod.provenance.capture import (
+from batchprod.execution.capture import (
     REDACTED,
     context_hash,
     context_record,

@@ -6,9 +6,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from batchprod.execution.ingest import ingest_outputs
-from batchprod.execution.run import Run
+from batchprod.engine.ingest import ingest_outputs
 from batchprod.graph.registry import Registry
+from batchprod.state.run import Run
 from batchprod.testing import command_task, write_submit
 
 CALIBRATE = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"])}}
@@ -70,13 +70,14 @@ def test_an_output_type_registered_with_other_dimensions_is_refused(tmp_path: Pa
 
 
 def test_a_failed_ingest_loses_nothing_and_restart_repeats_it(tmp_path: Path, toy_repo: Path, cli) -> None:
-    from batchprod.execution.run import prepare
-    from batchprod.wms.base import get_wms
+    from batchprod.engine.control import execute
+    from batchprod.engine.prepare import prepare
+    from batchprod.wms.registry import get_wms
 
     run = prepare(write_submit(tmp_path / "f", CALIBRATE, repo=toy_repo, payload={"outputRun": "f/run"}))
     registry = toy_repo / "registry.db"
     registry.rename(tmp_path / "away.db")  # the registry is unreachable when the run ends
-    assert get_wms(run.wms_name()).execute(run) == "SUCCEEDED"
+    assert execute(get_wms(run.wms_name()), run) == "SUCCEEDED"
     message = run.store.run_info()["message"]
     assert message.startswith("outputs not ingested into the registry:")
     assert json.loads(cli("report", run.submit_dir, "--json").output)["message"] == message

@@ -21,20 +21,21 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from batchprod.engine.ingest import ingest_outputs
+from batchprod.engine.lock import run_lock
 from batchprod.errors import RunError
-from batchprod.execution.ingest import ingest_outputs
-from batchprod.execution.lock import run_lock
+from batchprod.execution.capture import context_hash, context_record
 from batchprod.execution.logs import batchprod_line, causal_line
 from batchprod.execution.policy import JobCounters, decide
 from batchprod.execution.process import process_start
-from batchprod.execution.run import Run
-from batchprod.execution.runner import (
+from batchprod.execution.protocol import (
     EXIT_INFRASTRUCTURE,
     EXIT_MEMORY_ERROR,
     KILL_SIGNALS,
@@ -44,9 +45,12 @@ from batchprod.execution.runner import (
 )
 from batchprod.execution.states import FailureClass, JobState, RunState
 from batchprod.graph.registry import canonical
-from batchprod.provenance.capture import context_hash, context_record
-from batchprod.wms.base import Backend, Ended, Launch, Progress
+from batchprod.state.run import Run
+from batchprod.wms.base import Backend, Ended, Launch
 from batchprod.workflow.generic import FinalJob, Resources
+
+#: progress callback: jobs per state, and jobs per state for each task label
+Progress = Callable[[dict[str, int], dict[str, dict[str, int]]], None]
 
 INGEST_FAILED = "outputs not ingested into the registry"  # the run's message when post-run ingest failed
 FLUSH_INTERVAL = 0.25  # seconds between state commits

@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batchprod.errors import RunError
+from batchprod.execution.capture import sanitize_record
 from batchprod.execution.states import JobState, RunState
-from batchprod.provenance.capture import sanitize_record
 
 _md = sa.MetaData()
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from batchprod.execution.run import Run, prepare
+from batchprod.engine.control import LocalExecutor
+from batchprod.engine.prepare import prepare
+from batchprod.state.run import Run
 from batchprod.testing import command_task, make_toy_repo, start_orchestrator, wait_for, write_submit
-from batchprod.wms.local import LocalExecutor
 
 ONE = {"visits": (1,), "detectors": (0,)}
 
@@ -202,7 +203,7 @@ def test_disk_full_under_the_engine_stops_cleanly_and_restart_finishes(tmp_path:
 
     import sqlalchemy as sa
 
-    from batchprod.execution.store import StateStore
+    from batchprod.state.store import StateStore
 
     cmd = "sleep 0.2; cp {inputs.raw} {outputs.calexp}"
     run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"],

@@ -1,0 +1,1 @@
+"""The state store: one run (or many, in a central database) in tables, written in batches."""
