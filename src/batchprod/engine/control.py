@@ -18,13 +18,13 @@ from batchprod.wms.local import LocalBackend
 
 def LocalExecutor(run: Run, **kwargs: object) -> Orchestrator:  # noqa: N802 (reads like the class it builds)
     """The orchestrator driving local processes: the embedded default."""
-    return Orchestrator(run, LocalBackend(str(run.submit_dir)), **kwargs)  # type: ignore[arg-type]
+    return Orchestrator(run, LocalBackend(str(run.submit_dir), cores=run.site("cores"), memory_mb=run.site("memory")),
+                        **kwargs)  # type: ignore[arg-type]
 
 
 def execute(service: BaseWmsService, run: Run, progress: Progress | None = None) -> RunState:
     """Run every not-yet-succeeded job of the run to completion, in the foreground."""
-    cores, memory = service.budget(run)
-    return Orchestrator(run, service.backend(run), cores=cores, memory_mb=memory, progress=progress).execute()
+    return Orchestrator(run, service.backend(run), progress=progress).execute()
 
 
 def cancel(service: BaseWmsService, run: Run, timeout: float = 60.0) -> str:

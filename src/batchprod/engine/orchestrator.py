@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import heapq
 import json
 import os
@@ -113,11 +114,11 @@ class Orchestrator:
         self.run = run
         self.backend = backend
         self.wf = run.workflow
-        site_cores, site_mem = run.site_budget()
-        import psutil
-
-        self.cores = cores or site_cores or (os.cpu_count() or 1)
-        self.memory = memory_mb or site_mem or int(psutil.virtual_memory().total / 2**20)
+        cap = backend.capacity()
+        self.cores = cores or cap.cores or 1 << 30
+        self.memory = memory_mb or cap.memory_mb or 1 << 40
+        self.max_jobs = cap.max_jobs or 1 << 62
+        self.max_queued = cap.max_queued or 1 << 62
         self.progress = progress
         self.poll = poll
         self.host = socket.gethostname()
@@ -370,7 +371,9 @@ class Orchestrator:
 
     def _launch_ready(self) -> int:
         batch: list[Launch] = []
-        while self.heap and self.backend.can_start():
+        room = min(self.max_jobs - len(self.active), self.max_queued - self.backend.queued())
+        while self.heap and room > 0:
+            room -= 1
             _, j = self.heap[0]
             res = self.resources(j)
             mem = self.req_mem[j]
@@ -384,10 +387,9 @@ class Orchestrator:
             attempt = self.attempts[j] + 1
             self.attempts[j] = attempt
             out, err, result = self.log_paths(j, attempt)
-            spec = self._spec(j)
-            spec.update(result_path=str(result), attempt=attempt, memory_mb=mem)
+            spec = functools.partial(self._launch_spec, j, attempt, mem, result)  # built if a backend asks
             launch = Launch(j, self.name(j), self.job_label(j), attempt, cores, mem, res.request_walltime, spec,
-                            out, err, result)
+                            out, err, result, self.submit_key)
             self._set(j, JobState.QUEUED, message=None)
             self._attempt_rows.append({
                 "job_id": j, "number": attempt, "status": JobState.QUEUED, "request_memory": mem,
@@ -416,6 +418,11 @@ class Orchestrator:
                 "stdout": str(launch.stdout), "stderr": str(launch.stderr),
             })
         return len(batch)
+
+    def _launch_spec(self, j: int, attempt: int, mem: int, result: Path) -> dict[str, Any]:
+        spec = self._spec(j)
+        spec.update(result_path=str(result), attempt=attempt, memory_mb=mem)
+        return spec
 
     def _spec(self, j: int) -> dict[str, Any]:
         if j == self.final_id:

@@ -80,10 +80,6 @@ class Run:
         """A typed value from the run's compute-site section (``site.<computeSite>.<key>``)."""
         return site_value(self.config, key, default)
 
-    def site_budget(self) -> tuple[int | None, int | None]:
-        """(cores, memory MB) the site config grants the local executor, None = the machine's."""
-        return self.site("cores"), self.site("memory")
-
     def wms_name(self) -> str:
         return str(self.store.run_info()["wms"])
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchprod.errors import BatchprodError
 from batchprod.execution.states import FailureClass
 
 if TYPE_CHECKING:
@@ -32,10 +34,6 @@ class BaseWmsService(ABC):
     def backend(self, run: Run) -> Backend:
         """The backend that starts, polls and kills this run's attempts."""
 
-    def budget(self, run: Run) -> tuple[int | None, int | None]:
-        """(cores, memory MB) the orchestrator may use at once; None = the site's or this machine's."""
-        return None, None
-
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
         """Stop what a dead orchestrator left running (used by cancel)."""
         backend = self.backend(run)
@@ -44,9 +42,12 @@ class BaseWmsService(ABC):
         finally:
             backend.close()
 
-@dataclass
+@dataclass(eq=False)
 class Launch:
-    """One attempt the orchestrator wants started."""
+    """One attempt the engine wants started. ``(run, job, attempt)`` is its key: a backend serves
+    attempts of any run. The wrapper's input (``spec``) is built only when a backend asks for it
+    (building it for every job was ~30 % of the engine's CPU, and a fake or a scheduler with its own
+    per-group submit file never needs it)."""
 
     job: int
     name: str
@@ -55,10 +56,44 @@ class Launch:
     cores: int
     memory: int  # MB
     walltime: int  # seconds, 0 = none
-    spec: dict[str, Any]  # the job wrapper's input (JSON-serializable)
+    make_spec: Callable[[], dict[str, Any]] | dict[str, Any]  # the job wrapper's input, or how to build it
     stdout: Path
     stderr: Path
     result: Path
+    run: str = ""  # the run's submit directory: whose attempt this is
+
+    @cached_property
+    def spec(self) -> dict[str, Any]:
+        return self.make_spec() if callable(self.make_spec) else self.make_spec
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.run, self.job, self.attempt
+
+    def ended(self, exit_code: int | None, signal: int | None, **fields: Any) -> Ended:
+        """This attempt's end, keyed like it."""
+        return Ended(self.job, self.attempt, exit_code, signal, run=self.run, **fields)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a site can take at once. The engine never places more on it; None = no limit of that kind
+    (cores and memory: for the local site, this machine's)."""
+
+    cores: int | None = None
+    memory_mb: int | None = None
+    max_jobs: int | None = None  # attempts started and not yet ended (running + queued at the site)
+    max_queued: int | None = None  # of which waiting in the site's queue (late binding: strands little)
+
+
+class SiteUnavailable(BatchprodError):
+    """The site's scheduler cannot be reached (squeue fails, the executor is gone): nothing can be
+    known about its attempts now. Not a job failure: the engine keeps its attempts and asks again."""
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(f"site '{site}' unavailable: {reason}")
+        self.site = site
+        self.reason = reason
 
 
 @dataclass
@@ -79,14 +114,20 @@ class Ended:
     outputs: list[dict[str, Any]] | None = None  # when the backend did post-job itself (else read the manifest)
     context: str | None = None  # provenance context hash reported by the job wrapper (else the orchestrator's)
     context_record: dict[str, Any] | None = None
+    run: str = ""  # the run's submit directory (see Launch.key)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.run, self.job, self.attempt
 
     @classmethod
-    def from_usage(cls, job: int, attempt: int, code: int | None, sig: int | None, usage: dict[str, Any],
+    def from_usage(cls, launch: Launch, code: int | None, sig: int | None, usage: dict[str, Any],
                    fclass: FailureClass | None = None, reason: str | None = None,
                    host: str | None = None) -> Ended:
         """An end with what the job wrapper measured and recorded (its usage file; may be empty)."""
-        return cls(job, attempt, code, sig, fclass, reason, usage.get("peak_rss_mb"), usage.get("cpu_s"),
-                   usage.get("host") or host, None, usage.get("context"), usage.get("context_record"))
+        return cls(launch.job, launch.attempt, code, sig, fclass, reason, usage.get("peak_rss_mb"),
+                   usage.get("cpu_s"), usage.get("host") or host, None, usage.get("context"),
+                   usage.get("context_record"), launch.run)
 
 
 class Backend(ABC):
@@ -128,9 +169,13 @@ class Backend(ABC):
         Walltime is counted from here, so time spent in a batch queue is not held against a job."""
         return None
 
-    def can_start(self) -> bool:
-        """Throttle (e.g. maxJobs/maxIdle on a batch system); the local budget is the orchestrator's."""
-        return True
+    def capacity(self) -> Capacity:
+        """What this site takes at once (the one place that says it: the engine never exceeds it)."""
+        return Capacity()
+
+    def queued(self) -> int:
+        """Attempts started here that wait in the site's queue (not yet running)."""
+        return 0
 
     @abstractmethod
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:

@@ -110,7 +110,7 @@ class InlineJobs:
             launch.stdout.write_text("")
         except OSError:
             reason = f"infrastructure: {message}"  # no log to read it from
-        self.early.append(Ended(launch.job, launch.attempt, EXIT_INFRASTRUCTURE, None, reason=reason, host=self.host))
+        self.early.append(launch.ended(EXIT_INFRASTRUCTURE, None, reason=reason, host=self.host))
 
     def take_early(self) -> list[Ended]:
         out, self.early = self.early, []

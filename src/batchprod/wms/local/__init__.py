@@ -13,7 +13,7 @@ class LocalService(BaseWmsService):
     name = "local"
 
     def backend(self, run: Run) -> Backend:
-        return LocalBackend(str(run.submit_dir))
+        return LocalBackend(str(run.submit_dir), cores=run.site("cores"), memory_mb=run.site("memory"))
 
 
 __all__ = ["LocalBackend", "LocalService"]

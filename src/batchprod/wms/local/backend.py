@@ -39,7 +39,7 @@ from batchprod.execution.process import kill_group, kill_group_of, pid_alive, pr
 from batchprod.execution.protocol import write_fence
 from batchprod.execution.states import FailureClass
 from batchprod.state.run import Run
-from batchprod.wms.base import Backend, Ended, Launch
+from batchprod.wms.base import Backend, Capacity, Ended, Launch
 from batchprod.wms.inline import (
     ENV_SUBMIT_DIR,
     InlineJobs,
@@ -105,8 +105,11 @@ class _Proc:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, submit_dir: str, inline: bool = True) -> None:
+    def __init__(self, submit_dir: str, inline: bool = True, cores: int | None = None,
+                 memory_mb: int | None = None) -> None:
         self.submit_dir = submit_dir
+        # this machine's, unless the site says less
+        self._capacity = Capacity(cores or os.cpu_count() or 1, memory_mb or int(psutil.virtual_memory().total / 2**20))
         self.inline = inline
         self._env = dict(os.environb)  # copied once
         self.procs: dict[int, _Proc] = {}
@@ -115,6 +118,9 @@ class LocalBackend(Backend):
         self._last_monitor = 0.0
         self._ends = select.poll()  # pidfds of running attempts
         self._pidfds = hasattr(os, "pidfd_open")
+
+    def capacity(self) -> Capacity:
+        return self._capacity
 
     def start(self, launches: Sequence[Launch]) -> list[str]:
         handles = []
@@ -247,8 +253,7 @@ class LocalBackend(Backend):
             outputs = None
             if p.forced is None:
                 code, outputs = self._post_job(p, code)
-            out.append(Ended(
-                p.launch.job, p.launch.attempt,
+            out.append(p.launch.ended(
                 exit_code=code,
                 signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                 fclass=p.forced, reason=p.reason,

@@ -27,7 +27,7 @@ from batchprod.execution.process import kill_group
 from batchprod.execution.protocol import KILL_SIGNALS
 from batchprod.execution.states import FailureClass
 from batchprod.state.run import Run
-from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
+from batchprod.wms.base import Backend, BaseWmsService, Capacity, Ended, Launch
 from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
 from batchprod.wms.local.backend import kill_run_processes
 
@@ -64,6 +64,7 @@ class ParslBackend(Backend):
     name = "parsl"
 
     def __init__(self, run: Run, settings: ParslSettings) -> None:
+        self.settings = settings
         try:
             import parsl
             from parsl.app.python import PythonApp
@@ -128,6 +129,10 @@ class ParslBackend(Backend):
     def active(self) -> int:
         return len(self.tasks) + len(self._inline.early)
 
+    def capacity(self) -> Capacity:
+        # keep Parsl's queue fed: a few tasks per worker in flight hide the submit/result round trip
+        return Capacity(cores=4 * (self.settings.max_workers or os.cpu_count() or 1))
+
     def wait(self, timeout: float) -> None:
         """Until a task's future completes (few are in flight: the budget keeps ~4 per worker)."""
         if self._inline.early:
@@ -173,7 +178,7 @@ class ParslBackend(Backend):
             if t.staged is not None and t.forced is None and code == 0:
                 code, outputs = inline_post_job(t.launch, t.staged, t.started)
             u = wrapper_usage(t.launch) if t.staged is None else {}  # only the Python wrapper measures itself
-            ended = Ended.from_usage(t.launch.job, t.launch.attempt, code, sig, u, t.forced, t.reason, host)
+            ended = Ended.from_usage(t.launch, code, sig, u, t.forced, t.reason, host)
             ended.outputs = outputs
             out.append(ended)
         return out
@@ -226,10 +231,6 @@ class ParslService(BaseWmsService):
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
         kill_run_processes(str(run.submit_dir))  # no need to start an executor to stop processes
 
-    def budget(self, run: Run) -> tuple[int | None, int | None]:
-        # keep Parsl's queue fed: a few tasks per worker in flight hide the submit/result round trip
-        s = ParslSettings.from_run(run)
-        return 4 * (s.max_workers or os.cpu_count() or 1), None
 
 
 __all__ = ["ParslBackend", "ParslService", "ParslSettings"]

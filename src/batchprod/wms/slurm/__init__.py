@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from batchprod.errors import ConfigError, RunError
 from batchprod.execution.states import FailureClass
 from batchprod.state.run import Run
-from batchprod.wms.base import Backend, BaseWmsService, Ended, Launch
+from batchprod.wms.base import Backend, BaseWmsService, Capacity, Ended, Launch
 from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -156,8 +156,12 @@ class SlurmBackend(Backend):
         sub = self.subs.get(handle)
         return sub.running_since if sub else None
 
-    def can_start(self) -> bool:
-        return len(self.subs) < self.settings.max_jobs and self.pending < self.settings.max_idle
+    def capacity(self) -> Capacity:
+        # the scheduler owns cores and memory; the engine only throttles (maxJobs, maxIdle)
+        return Capacity(None, None, self.settings.max_jobs, self.settings.max_idle)
+
+    def queued(self) -> int:
+        return self.pending
 
     # -- poll ----------------------------------------------------------------------------------------
     def query(self, ids: Sequence[str]) -> dict[str, tuple[str, str, int | None, str]]:
@@ -211,7 +215,7 @@ class SlurmBackend(Backend):
     def _ended(self, sub: _Sub, code: int | None, sig: int | None, fclass: FailureClass | None,
                reason: str | None) -> Ended:
         usage = wrapper_usage(sub.launch) if sub.staged is None else {}  # only the wrapper reports usage
-        return Ended.from_usage(sub.launch.job, sub.launch.attempt, code, sig, usage, fclass, reason, host=sub.node)
+        return Ended.from_usage(sub.launch, code, sig, usage, fclass, reason, host=sub.node)
 
     def _from_slurm(self, sub: _Sub, state: str, reason: str, status: int | None) -> Ended:
         code = sig = None
@@ -288,9 +292,6 @@ class SlurmService(BaseWmsService):
             raise ConfigError("wmsServiceClass 'slurm': sbatch not found on PATH")
         return SlurmBackend(run, SlurmSettings.from_run(run))
 
-    def budget(self, run: Run) -> tuple[int | None, int | None]:
-        # the scheduler owns the resources; the orchestrator only throttles (maxJobs, maxIdle)
-        return 1 << 30, 1 << 40
 
 
 __all__ = ["SlurmBackend", "SlurmService", "SlurmSettings", "time_option"]
