@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 Converter = Callable[[Any], Any]
@@ -160,12 +160,26 @@ _delay = _float_in(0.0, MAX_DELAY_S, "a non-negative number")
 _poll = _float_in(0.0, MAX_POLL_S, "a non-negative number")
 
 
+def int_in(lo: int, hi: int, what: str = "an integer") -> Converter:
+    """An integer converter bounded to [lo, hi] (for plugin settings)."""
+    return _int_in(lo, hi, what)
+
+
+def float_in(lo: float, hi: float, what: str = "a number") -> Converter:
+    """A finite-number converter bounded to [lo, hi] (for plugin settings)."""
+    return _float_in(lo, hi, what)
+
+
 def _str(v: Any) -> str:
     if isinstance(v, (dict, list, set, bytes)):
         raise ValueError(f"expected a string, got a {type(v).__name__}")
     if isinstance(v, float) and not math.isfinite(v):
         raise ValueError(f"expected a string, got {v!r}")
     return str(v)
+
+
+string = _str
+poll_seconds = _poll
 
 
 def _str_list(v: Any) -> list[str]:
@@ -226,22 +240,80 @@ PAYLOAD_KEYS: dict[str, Converter] = {
 
 CLUSTER_KEYS: dict[str, Converter] = {"pipetasks": _str_list, "dimensions": _str_list, **JOB_KEYS}
 
-SITE_KEYS: dict[str, Converter] = {
-    "wmsServiceClass": wms_class,
-    "cores": _int_in(1, 2**20, "a positive integer"),
-    "memory": memory_mb,
-    # batch systems
-    "partition": _str,
-    "account": _str,
-    "qos": _str,
-    "sbatchOptions": _str,
-    "maxJobs": _pos_int,
-    "maxIdle": _pos_int,
-    "pollInterval": _poll,
-    "parslProvider": _str,
-    "maxWorkers": _pos_int,
-    **JOB_KEYS,
-}
+#: What every site section may hold whatever its WMS: the WMS itself and job values (searched
+#: after ``cluster.<name>``). Everything else in a site section is its WMS plugin's setting: each
+#: plugin declares its own (a pydantic model, ``settings_model`` on its service class, see
+#: ``batchprod.wms.settings``), and prepare checks a site against its own plugin's model.
+SITE_BASE_KEYS: dict[str, Converter] = {"wmsServiceClass": wms_class, **JOB_KEYS}
+
+
+class _SiteKeys(Mapping[str, Converter]):
+    """The keys a site section may hold, for the loader: the base keys plus every key an installed
+    WMS plugin declares (found through the ``batchprod.wms`` entry points when first asked, so this
+    layer imports no plugin). The loader thus refuses a key no plugin knows (with a "did you mean")
+    and type-checks a plugin key as its plugin would; prepare then checks each site against its own
+    WMS (``partition`` is a Slurm key, not a local one)."""
+
+    def __init__(self) -> None:
+        self._table: dict[str, Converter] | None = None
+
+    def _keys(self) -> dict[str, Converter]:
+        if self._table is None:
+            table: dict[str, Converter] = dict(SITE_BASE_KEYS)
+            for key, models in _plugin_site_keys().items():
+                table.setdefault(key, _any_of(key, models))
+            self._table = table
+        return self._table
+
+    def __getitem__(self, key: str) -> Converter:
+        return self._keys()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys()
+
+
+def _plugin_site_keys() -> dict[str, list[Any]]:
+    """key -> the settings models (of installed WMS plugins) that declare it."""
+    from importlib.metadata import entry_points
+
+    out: dict[str, list[Any]] = {}
+    for ep in entry_points(group="batchprod.wms"):
+        try:
+            model = getattr(ep.load(), "settings_model", None)
+        except Exception:  # noqa: BLE001 (a broken plugin: get_wms reports it if a site uses it)
+            continue
+        keys = getattr(model, "config_keys", None)
+        if not callable(keys):
+            continue
+        for key in keys():
+            out.setdefault(key, []).append(model)
+    return out
+
+
+def _any_of(key: str, models: list[Any]) -> Converter:
+    """A key several plugins declare: the first plugin that accepts the value converts it (prepare
+    checks it again against the site's own plugin)."""
+
+    def conv(v: Any) -> Any:
+        first: ValueError | None = None
+        for model in models:
+            try:
+                return model.convert_key(key, v)
+            except ValueError as exc:
+                first = first or exc
+        assert first is not None
+        raise first
+
+    return conv
+
+
+SITE_KEYS: Mapping[str, Converter] = _SiteKeys()
 
 FINAL_JOB_KEYS: dict[str, Converter] = {
     "command": _str,
@@ -266,7 +338,7 @@ TOP_KEYS: dict[str, Converter] = {
 }
 
 #: Sections: key -> (kind, key table). "map" sections hold one sub-table per name.
-SECTIONS: dict[str, tuple[str, dict[str, Converter]]] = {
+SECTIONS: dict[str, tuple[str, Mapping[str, Converter]]] = {
     "payload": ("flat", PAYLOAD_KEYS),
     "variables": ("free", {}),  # user-defined {names} for substitution
     "finalJob": ("flat", FINAL_JOB_KEYS),

@@ -29,8 +29,8 @@ from batchprod.execution.rundir import (
 )
 from batchprod.graph import QuantumGraph, Registry, build_quantum_graph
 from batchprod.pipeline import check_config_labels, load_pipeline
-from batchprod.state.run import Run, site_value
-from batchprod.state.store import STATE_FILE, StateStore
+from batchprod.state.run import Run
+from batchprod.state.store import create_store
 from batchprod.workflow import GenericWorkflow, workflow_from_config
 from batchprod.workflow.generic import FinalJob
 
@@ -51,10 +51,14 @@ def _peak_mb() -> float:
 
 
 def _check_budget(cfg: BpsConfig, wf: GenericWorkflow) -> None:
-    """A job that can never fit the site is a config error now, not a hang later."""
-    site = str(cfg.get("computeSite"))
-    cores = site_value(cfg.data, "cores", site=site)
-    mem = site_value(cfg.data, "memory", site=site)
+    """Every site section against its WMS plugin's settings (unknown keys, bad values: one line), and
+    a job that can never fit the compute site is a config error now, not a hang later."""
+    from batchprod.wms.settings import check_sites
+
+    settings = check_sites(cfg)
+    site = settings.site
+    cores = getattr(settings, "cores", None)
+    mem = getattr(settings, "memory", None) or None  # 0: this machine's
     groups = list(wf.groups) + ([] if wf.final is None else [_final_group(wf.final)])
     for g in groups:
         r = g.resources
@@ -262,7 +266,7 @@ def prepare(
         qg.save(tmp / QGRAPH_FILE)
         wf.save(tmp / WORKFLOW_FILE)
         (tmp / LOG_DIR).mkdir()
-        store = StateStore(tmp / STATE_FILE, create=True)
+        store = create_store(tmp, output_run)  # tmp/state.db, or the central database (--db)
         names = wf.job_names()
         prio = wf.priorities()
         mem = [g.resources.request_memory for g in wf.groups]

@@ -32,11 +32,11 @@ from batchprod.wms.base import Ended, Launch
 ENV_SUBMIT_DIR = "BATCHPROD_SUBMIT_DIR"
 
 
-def job_variables(launch: Launch, submit_dir: str) -> dict[str, str]:
-    """Variables every attempt gets: they mark it as this run's (so a restart finds orphans by
-    environment) and tell the payload its attempt and core count."""
+def job_variables(launch: Launch) -> dict[str, str]:
+    """Variables every attempt gets: they mark it as its run's (``launch.run``, so a restart finds
+    orphans by environment) and tell the payload its attempt and core count."""
     return {"BATCHPROD_JOB": launch.name, "BATCHPROD_ATTEMPT": str(launch.attempt),
-            ENV_SUBMIT_DIR: submit_dir, "OMP_NUM_THREADS": str(launch.cores)}
+            ENV_SUBMIT_DIR: launch.run, "OMP_NUM_THREADS": str(launch.cores)}
 
 
 def write_wrapper_spec(launch: Launch, **extra: Any) -> str:

@@ -18,6 +18,9 @@ What the export compiles from the generic workflow and the retry policy:
   lets it run again with the larger request while starts remain; ``periodic_remove`` ends it when
   they do not;
 * walltime: ``allowed_execute_duration``.
+
+The compute site's typed settings (:mod:`batchprod.wms.settings`, substituted) give ``maxJobs`` and the
+memory cap (``memory``) when that site's plugin declares them; the export itself adds no site keys.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from batchprod.execution.protocol import EXIT_MEMORY_ERROR
 from batchprod.state.run import Run
+from batchprod.wms.settings import run_config, settings_for
 from batchprod.workflow.generic import FinalJob, JobGroup, Resources
 
 HOLD_MEMORY_CODE = 34  # HTCondor's "memory usage exceeded request"
@@ -120,8 +124,9 @@ def export_dag(run: Run) -> Path:
     """Write ``<submit dir>/htcondor/run.dag`` and its submit files; returns the DAG path."""
     out = run.submit_dir / "htcondor"
     out.mkdir(exist_ok=True)
-    site_memory = run.site("memory", 1 << 20)
-    max_jobs = run.site("maxJobs")
+    settings = settings_for(run_config(run))
+    site_memory = getattr(settings, "memory", None) or 1 << 20
+    max_jobs = getattr(settings, "max_jobs", None)
     wf = run.workflow
     for g in wf.groups:
         (out / f"{g.name}.sub").write_text(submit_description(run, g, g.resources, site_memory))

@@ -30,9 +30,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 import psutil
+from pydantic import Field
 
 from batchprod.execution.commands import BASH
 from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env, tree_rss_mb
@@ -47,16 +49,28 @@ from batchprod.wms.inline import (
     inline_post_job,
     job_variables,
 )
+from batchprod.wms.settings import Cores, Count, MemoryMB, SiteSettings
 
 MONITOR_INTERVAL = 0.1  # seconds between memory checks of running attempts (and longest wait)
 RUNNER = [sys.executable, "-m", "batchprod.execution.runner"]
 
 
-def job_env(launch: Launch, submit_dir: str, base: dict[bytes, bytes] | None = None) -> dict[bytes, bytes]:
-    """Environment of a job: marks it as this run's (so a restart can find orphans) and its attempt.
+class LocalSettings(SiteSettings):
+    """``site.<name>`` of a local site: this machine, within a budget."""
+
+    wms = "local"
+    cores: Cores | None = Field(None, description="cores the site's jobs may use at once (default: this machine's)")
+    memory: MemoryMB | None = Field(None, description="memory (MB, or with a unit: 8GB) the site's jobs may use "
+                                    "at once; 0 or unset: this machine's")
+    max_jobs: Count | None = Field(None, description="attempts running at once (default: no limit but cores and "
+                                   "memory); also the MAXJOBS of an HTCondor export")
+
+
+def job_env(launch: Launch, base: dict[bytes, bytes] | None = None) -> dict[bytes, bytes]:
+    """Environment of a job: marks it as its run's (so a restart can find orphans) and its attempt.
     Bytes throughout: subprocess would otherwise encode every variable of every job."""
     env = dict(base if base is not None else os.environb)
-    env.update((os.fsencode(k), os.fsencode(v)) for k, v in job_variables(launch, submit_dir).items())
+    env.update((os.fsencode(k), os.fsencode(v)) for k, v in job_variables(launch).items())
     return env
 
 
@@ -103,13 +117,21 @@ class _Proc:
 
 
 class LocalBackend(Backend):
+    """A local site: starts attempts of any run (each launch says whose) as processes here."""
+
     name = "local"
 
-    def __init__(self, submit_dir: str, inline: bool = True, cores: int | None = None,
-                 memory_mb: int | None = None) -> None:
-        self.submit_dir = submit_dir
+    def __init__(self, settings: LocalSettings | str | Path | None = None, inline: bool = True,
+                 cores: Any = None, memory_mb: Any = None) -> None:
+        if not isinstance(settings, LocalSettings):
+            # the older call LocalBackend(submit_dir, cores=..., memory_mb=...): the submit directory
+            # is no longer the backend's (every launch names its run); kept until the engine moves
+            settings = LocalSettings.model_validate({"cores": cores, "memory": memory_mb or None})
+        self.settings = settings
         # this machine's, unless the site says less
-        self._capacity = Capacity(cores or os.cpu_count() or 1, memory_mb or int(psutil.virtual_memory().total / 2**20))
+        self._capacity = Capacity(settings.cores or os.cpu_count() or 1,
+                                  settings.memory or int(psutil.virtual_memory().total / 2**20),
+                                  settings.max_jobs)
         self.inline = inline
         self._env = dict(os.environb)  # copied once
         self.procs: dict[int, _Proc] = {}
@@ -146,7 +168,7 @@ class LocalBackend(Backend):
                 popen = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL if script is not None else subprocess.PIPE, stdout=fo, stderr=fe,
                     start_new_session=True,  # own process group: kills reach the whole tree
-                    env=job_env(launch, self.submit_dir, self._env),
+                    env=job_env(launch, self._env),
                 )
             except OSError as exc:  # no process could be started (out of pids, memory): try again later
                 fo.close()
@@ -284,6 +306,11 @@ class LocalBackend(Backend):
                 kill_group(pid, signal.SIGKILL)
 
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
+        self.kill_orphans(run)
+
+    @staticmethod
+    def kill_orphans(run: Run) -> None:
+        """Every process of the run, found by its environment marker (no backend needed)."""
         kill_run_processes(str(run.submit_dir))
 
     def close(self) -> None:

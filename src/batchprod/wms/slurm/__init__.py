@@ -9,10 +9,27 @@
   behind our back, so preemption ends it and the retry policy decides), non-zero exit -> from the
   wrapper's exit code; our own ``scancel`` -> the class we asked for (cancelled, timeout);
 * throttled by ``maxJobs`` (in the scheduler at once) and ``maxIdle`` (pending in it).
+
+A backend is a site, not a run: it serves attempts of any run (each launch names its run's submit
+directory; job names carry a prefix per run, so a run's jobs are found in the queue even without
+recorded ids).
+
+When the controller cannot be reached (``Unable to contact slurm controller``, a socket timeout, a
+client that hangs past its timeout) the backend raises :class:`SiteUnavailable` instead of looking
+idle: from ``poll()`` (nothing is lost: the attempts stay known and are asked about again), from
+``cleanup_orphans()`` (it cannot promise that nothing runs), and from ``start()`` when its *first*
+``sbatch`` fails that way, so nothing of the batch was submitted (early ends of that batch are
+withdrawn too: the batch is as if never started). If the controller goes away in the middle of a
+batch, the jobs already submitted keep their handles, and the launch that failed and every launch
+after it get the handle ``-`` and end as ``infrastructure`` ("site unavailable") at the next poll:
+the engine retries them later without spending their retry budget, and no submitted job is
+unknown. An ``sbatch`` that the controller refuses (a bad partition or account) raises RunError when
+it is the batch's first submission, and otherwise ends that attempt as ``infrastructure``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -23,12 +40,17 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
 
 from batchprod.errors import ConfigError, RunError
+from batchprod.execution.protocol import EXIT_INFRASTRUCTURE
 from batchprod.execution.states import FailureClass
 from batchprod.state.run import Run
-from batchprod.wms.base import Backend, BaseWmsService, Capacity, Ended, Launch
+from batchprod.wms.base import Backend, BaseWmsService, Capacity, Ended, Launch, SiteUnavailable
 from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
+from batchprod.wms.settings import Count, Seconds, SiteSettings, Text, run_site_settings
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
@@ -37,33 +59,70 @@ WALLTIME_MARGIN = 60  # seconds added to --time so our own walltime check (exact
 VANISHED_AFTER = 3  # polls an attempt may be missing from squeue before it counts as lost
 
 
-@dataclass
-class SlurmSettings:
-    """The site keys Slurm understands (from ``site.<computeSite>``)."""
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    sbatch_options: str = ""
-    max_jobs: int = 1000
-    max_idle: int = 200
-    poll_interval: float = 1.0
-
-    @classmethod
-    def from_run(cls, run: Run) -> SlurmSettings:
-        get = run.site
-        return cls(get("partition", None), get("account", None), get("qos", None), get("sbatchOptions", ""),
-                   get("maxJobs", 1000), get("maxIdle", 200), float(get("pollInterval", 1.0)))
-
-
-def _run_cmd(args: list[str], what: str, input_text: str | None = None) -> str:
+def _sbatch_options(v: Any) -> str:
+    text = "" if v is None else str(v)
     try:
-        p = subprocess.run(args, capture_output=True, text=True, input=input_text, timeout=120)
+        shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"cannot split into options: {exc}") from None
+    return text
+
+
+class SlurmSettings(SiteSettings):
+    """``site.<name>`` of a Slurm site."""
+
+    wms = "slurm"
+    partition: Text | None = Field(None, description="sbatch --partition (default: the cluster's)")
+    account: Text | None = Field(None, description="sbatch --account")
+    qos: Text | None = Field(None, description="sbatch --qos")
+    sbatch_options: Annotated[str, BeforeValidator(_sbatch_options)] = Field(
+        "", description="more sbatch options, split as a shell would ('--constraint=haswell --exclusive')")
+    max_jobs: Count = Field(1000, description="attempts in the scheduler at once (pending + running)")
+    max_idle: Count = Field(200, description="of which pending in its queue (late binding: few stranded)")
+    poll_interval: Seconds = Field(1.0, description="seconds between two squeue calls (one for all attempts)")
+    command_timeout: Seconds = Field(120.0, description="seconds an sbatch/squeue call may take before the "
+                                     "site counts as unavailable")
+
+
+#: what Slurm clients print when the controller does not answer (the site is down, not the job)
+UNREACHABLE = ("unable to contact slurm controller", "socket timed out", "connection refused",
+               "zero bytes were transmitted or received", "communication connection failure",
+               "slurm_receive_msg", "connect failure", "slurmctld not responding")
+
+
+def _unreachable(text: str) -> bool:
+    low = text.lower()
+    return any(u in low for u in UNREACHABLE)
+
+
+class _SiteDown(Exception):
+    """A Slurm client could not reach the controller (turned into SiteUnavailable by the caller)."""
+
+
+def _run_cmd(args: list[str], what: str, input_text: str | None = None, timeout: float = 120.0) -> str:
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, input=input_text, timeout=timeout)
     except FileNotFoundError:
         raise RunError(f"{what}: '{args[0]}' not found; is the Slurm client installed?") from None
+    except subprocess.TimeoutExpired:
+        raise _SiteDown(f"{what}: no answer within {timeout:g}s") from None
     if p.returncode != 0:
-        raise RunError(f"{what} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+        msg = p.stderr.strip() or p.stdout.strip()
+        if _unreachable(msg):
+            raise _SiteDown(f"{what}: {msg.splitlines()[-1] if msg else p.returncode}")
+        raise RunError(f"{what} failed ({p.returncode}): {msg}")
     return p.stdout
+
+
+def _scancel(ids: Sequence[str], timeout: float) -> None:
+    """scancel; a controller that does not answer is seen at the next poll (SiteUnavailable)."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=timeout)
+
+
+def run_prefix(run: str) -> str:
+    """The job-name prefix of one run's attempts (its submit directory, hashed)."""
+    return "bp" + hashlib.blake2b(run.encode(), digest_size=4).hexdigest()
 
 
 def time_option(seconds: int) -> str:
@@ -85,17 +144,27 @@ class _Sub:
 
 
 class SlurmBackend(Backend):
+    """A Slurm site: attempts of any run, one sbatch each, one squeue per poll for all of them."""
+
     name = "slurm"
 
-    def __init__(self, run: Run, settings: SlurmSettings) -> None:
-        self.run = run
+    def __init__(self, settings: SlurmSettings) -> None:
         self.settings = settings
         self.subs: dict[str, _Sub] = {}
         self._inline = InlineJobs()
         self._last_poll = 0.0
         self.pending = 0
-        # a job-name prefix unique to the run: finds its jobs in the queue even without recorded ids
-        self.prefix = "bp" + hashlib.blake2b(str(run.submit_dir).encode(), digest_size=4).hexdigest()
+        self._prefixes: dict[str, str] = {}
+
+    def prefix(self, run: str) -> str:
+        """A job-name prefix unique to a run: finds its jobs in the queue even without recorded ids."""
+        p = self._prefixes.get(run)
+        if p is None:
+            p = self._prefixes[run] = run_prefix(run)
+        return p
+
+    def _unavailable(self, exc: _SiteDown) -> SiteUnavailable:
+        return SiteUnavailable(self.settings.site, str(exc))
 
     # -- submit --------------------------------------------------------------------------------------
     def sbatch_args(self, launch: Launch) -> list[str]:
@@ -103,7 +172,8 @@ class SlurmBackend(Backend):
         s = self.settings
         # plain --export=ALL: a list of variables there (ALL,K=V) makes slurmd build a login environment
         # per job (bash -l ... slurmstepd getenv), measured here at ~0.15 s of CPU and 6x fewer jobs/s
-        args = ["sbatch", "--parsable", "--no-requeue", "--export=ALL", f"--job-name={self.prefix}.{launch.name}"[:200],
+        args = ["sbatch", "--parsable", "--no-requeue", "--export=ALL",
+                f"--job-name={self.prefix(launch.run)}.{launch.name}"[:200],
                 f"--output={launch.stdout}", f"--error={launch.stderr}", f"--cpus-per-task={launch.cores}",
                 f"--mem={launch.memory}M"]
         if launch.walltime:
@@ -115,13 +185,23 @@ class SlurmBackend(Backend):
 
     def batch_script(self, launch: Launch, body: str) -> str:
         """The job's batch script: its environment as exports, then ``body``."""
-        env = job_variables(launch, str(self.run.submit_dir))
+        env = job_variables(launch)
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
         return f"#!/bin/bash\n{exports}{body}"  # job scripts use bash strict mode
 
     def start(self, launches: Sequence[Launch]) -> list[str]:
-        handles = []
+        """One sbatch per launch. See the module's doc for what happens when the controller is gone:
+        nothing submitted -> SiteUnavailable; part of the batch submitted -> those keep their
+        handles, the rest end as ``infrastructure``."""
+        handles: list[str] = []
+        early_before = len(self._inline.early)
+        submitted = 0
+        down: str | None = None
         for launch in launches:
+            if down is not None:
+                self._site_down_end(launch, down)
+                handles.append("-")
+                continue
             script, staged, ok = self._inline.plan(launch)
             if not ok:
                 handles.append("-")
@@ -134,12 +214,32 @@ class SlurmBackend(Backend):
             else:
                 spec_path = write_wrapper_spec(launch)
                 body = f"exec {shlex.quote(sys.executable)} -m batchprod.execution.runner < {shlex.quote(spec_path)}\n"
-            out = _run_cmd(self.sbatch_args(launch), f"sbatch {launch.name}", self.batch_script(launch, body))
+            try:
+                out = _run_cmd(self.sbatch_args(launch), f"sbatch {launch.name}", self.batch_script(launch, body),
+                               timeout=self.settings.command_timeout)
+            except (_SiteDown, RunError) as exc:
+                if submitted == 0:  # nothing of this batch is in the queue: the batch never started
+                    del self._inline.early[early_before:]
+                    if isinstance(exc, _SiteDown):
+                        raise self._unavailable(exc) from None
+                    raise
+                if isinstance(exc, _SiteDown):
+                    down = str(exc)
+                    self._site_down_end(launch, down)
+                else:
+                    self._inline.fail_early(launch, f"infrastructure: {exc}")
+                handles.append("-")
+                continue
             job_id = out.strip().split(";")[0]
             self.subs[job_id] = _Sub(launch, staged=staged if script is not None else None, submitted=time.time())
             self.pending += 1
+            submitted += 1
             handles.append(job_id)
         return handles
+
+    def _site_down_end(self, launch: Launch, why: str) -> None:
+        self._inline.early.append(launch.ended(EXIT_INFRASTRUCTURE, None, fclass=FailureClass.INFRASTRUCTURE,
+                                               reason=f"infrastructure: site '{self.settings.site}' unavailable: {why}"))
 
     def active(self) -> int:
         return len(self.subs) + len(self._inline.early)
@@ -168,8 +268,16 @@ class SlurmBackend(Backend):
         """job id -> (state, reason, raw wait status, node) for the given ids, in one squeue call."""
         if not ids:
             return {}
-        out = _run_cmd(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-O",
-                        "JobID:|,State:|,Reason:|,exit_code:|,NodeList:"], "squeue")
+        try:
+            out = _run_cmd(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-O",
+                            "JobID:|,State:|,Reason:|,exit_code:|,NodeList:"], "squeue",
+                           timeout=self.settings.command_timeout)
+        except _SiteDown as exc:
+            raise self._unavailable(exc) from None
+        except RunError as exc:
+            if "invalid job id" in str(exc).lower():
+                return {}  # one id, gone from the controller's memory: missing, as in a longer list
+            raise SiteUnavailable(self.settings.site, str(exc)) from None
         res: dict[str, tuple[str, str, int | None, str]] = {}
         for line in out.splitlines():
             parts = [p.strip() for p in line.split("|")]
@@ -179,15 +287,15 @@ class SlurmBackend(Backend):
         return res
 
     def poll(self) -> list[Ended]:
-        early = self._inline.take_early()
+        """Every attempt that ended; SiteUnavailable when squeue cannot reach the controller (the
+        attempts stay known, nothing is lost; ends of attempts that never started are kept for the
+        next poll)."""
         now = time.monotonic()
         if now - self._last_poll < self.settings.poll_interval or not self.subs:
-            return early
+            return self._inline.take_early()
         self._last_poll = now
-        try:
-            states = self.query(list(self.subs))
-        except RunError:
-            return []  # a slow or restarting controller: try again next poll
+        states = self.query(list(self.subs))  # raises SiteUnavailable before anything is taken
+        early = self._inline.take_early()
         ended: list[Ended] = []
         pending = 0
         for job_id, sub in list(self.subs.items()):
@@ -248,7 +356,7 @@ class SlurmBackend(Backend):
             return
         if sub.forced is None:
             sub.forced, sub.reason = fclass, reason
-        subprocess.run(["scancel", handle], capture_output=True, timeout=60)
+        _scancel([handle], 60)
 
     def kill_many(self, handles: Sequence[str], fclass: FailureClass, reason: str) -> None:
         """One scancel per thousand jobs, not one per job: cancelling 10^5 jobs takes seconds."""
@@ -258,22 +366,22 @@ class SlurmBackend(Backend):
             if sub.forced is None:
                 sub.forced, sub.reason = fclass, reason
         for i in range(0, len(ids), 1000):
-            subprocess.run(["scancel", *ids[i : i + 1000]], capture_output=True, timeout=120)
+            _scancel(ids[i : i + 1000], 120)
 
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
         """Cancel every queued or running Slurm job of this run (by id and by name prefix) and wait
-        until none is running, so a restart never has two attempts of one job at once."""
-        ids = set(handles)
+        until none is running, so a restart never has two attempts of one job at once. Raises
+        SiteUnavailable when the controller does not answer (it cannot promise that then)."""
+        ids = {h for h in handles if h and h != "-"}
+        prefix = self.prefix(str(run.submit_dir)) + "."
         try:
-            out = _run_cmd(["squeue", "-h", "-o", "%i|%j"], "squeue")
-            ids.update(i for i, _, n in (line.partition("|") for line in out.splitlines())
-                       if n.startswith(self.prefix + "."))
-        except RunError:
-            pass
-        ids = {i for i in ids if i}
+            out = _run_cmd(["squeue", "-h", "-o", "%i|%j"], "squeue", timeout=self.settings.command_timeout)
+        except _SiteDown as exc:
+            raise self._unavailable(exc) from None
+        ids.update(i for i, _, n in (line.partition("|") for line in out.splitlines()) if n.startswith(prefix))
         if not ids:
             return
-        subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=60)
+        _scancel(sorted(ids), 60)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             st = self.query(sorted(ids))
@@ -286,12 +394,12 @@ class SlurmService(BaseWmsService):
     """Runs a generic workflow on a Slurm cluster."""
 
     name = "slurm"
+    settings_model = SlurmSettings
 
     def backend(self, run: Run) -> Backend:
         if shutil.which("sbatch") is None:
             raise ConfigError("wmsServiceClass 'slurm': sbatch not found on PATH")
-        return SlurmBackend(run, SlurmSettings.from_run(run))
+        return SlurmBackend(run_site_settings(run, SlurmSettings))
 
 
-
-__all__ = ["SlurmBackend", "SlurmService", "SlurmSettings", "time_option"]
+__all__ = ["SlurmBackend", "SlurmService", "SlurmSettings", "run_prefix", "time_option"]
