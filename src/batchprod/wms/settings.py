@@ -18,8 +18,9 @@ config: ``${ENV}`` comes from the engine's environment then).
 from __future__ import annotations
 
 import difflib
+import types
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PrivateAttr, ValidationError
 from pydantic.alias_generators import to_camel
@@ -81,12 +82,19 @@ class SiteSettings(BaseModel):
     @classmethod
     def describe(cls) -> list[tuple[str, str, Any, str]]:
         """(config key, type, default, description) per setting: the plugin's documentation."""
-        out = []
-        for name, f in cls.model_fields.items():
-            ann = f.annotation
-            shown = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-            out.append((f.alias or name, shown, f.default, f.description or ""))
-        return out
+        return [(f.alias or name, _type_name(f.annotation), f.default, f.description or "")
+                for name, f in cls.model_fields.items()]
+
+
+def _type_name(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return " or ".join(str(a) for a in args)
+    return str(getattr(ann, "__name__", ann))
 
 
 def _problem(exc: ValidationError) -> str:
@@ -203,7 +211,8 @@ def documented(settings: Mapping[str, type[SiteSettings]]) -> list[str]:
     rows = []
     for wms, model in settings.items():
         for key, typ, default, desc in model.describe():
-            rows.append(f"| `{wms}` | `{key}` | {typ} | {default!r} | {desc} |")
+            shown = "unset" if default is None else f"`{default}`" if default != "" else "empty"
+            rows.append(f"| `{wms}` | `{key}` | {typ} | {shown} | {desc} |")
     return rows
 
 
