@@ -1,0 +1,88 @@
+"""Two Parsl sites in one process: each backend has its own DataFlowKernel (no global parsl.load()),
+both run attempts at the same time, and closing one leaves the other working."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from batchprod.testing import wait_for
+from batchprod.wms.base import Capacity, Ended, Launch
+
+if os.environ.get("BATCHPROD_REQUIRE_ENGINES") != "1":  # in CI a missing Parsl fails the import
+    pytest.importorskip("parsl")
+
+from batchprod.wms.parsl import ParslBackend, ParslSettings  # noqa: E402
+
+
+def launch(run_dir: Path, job: int, command: str) -> Launch:
+    name = f"calibrate_visit{job}"
+    logs = run_dir / "logs" / "calibrate"
+    logs.mkdir(parents=True, exist_ok=True)
+    result = logs / f"{name}.1.result.json"
+    spec = {"name": name, "attempt": 1, "repo": str(run_dir / "repo"), "output_run": "run", "result_path": str(result),
+            "quanta": [{"label": "calibrate", "data_id": {"visit": job}, "node_id": name, "command": command,
+                        "python": None, "config": {}, "inputs": [], "outputs": []}]}
+    return Launch(job, name, "calibrate", 1, 1, 100, 0, spec, logs / f"{name}.1.out", logs / f"{name}.1.err", result,
+                  run=str(run_dir))
+
+
+def drain(backend: ParslBackend, n: int, timeout: float = 120) -> list[Ended]:
+    out: list[Ended] = []
+
+    def more() -> bool:
+        out.extend(backend.poll())
+        return len(out) >= n
+
+    wait_for(more, timeout=timeout, interval=0.05)
+    return out
+
+
+def test_two_parsl_sites_in_one_process(tmp_path: Path) -> None:
+    from parsl.dataflow.dflow import DataFlowKernelLoader
+
+    sites = [ParslBackend(ParslSettings(maxWorkers=3).for_site(name), run_dir=tmp_path / name / "parsl")
+             for name in ("east", "west")]
+    try:
+        assert sites[0].dfk is not sites[1].dfk and DataFlowKernelLoader._dfk is None  # no global kernel
+        assert {s.label for s in sites} == {"batchprod-east", "batchprod-west"}
+        assert sites[0].capacity() == Capacity(cores=12)  # ~4 tasks per worker in flight
+        # each site runs three 2-second attempts of its own run, both sites at once
+        runs = {s.settings.site: tmp_path / s.settings.site / "run" for s in sites}
+        launches = {s.settings.site: [launch(runs[s.settings.site], j,
+                                             'echo "$BATCHPROD_SUBMIT_DIR"; date +%s.%N; sleep 2; date +%s.%N')
+                                      for j in range(3)] for s in sites}
+        for s in sites:
+            assert len(s.start(launches[s.settings.site])) == 3
+        ends: dict[str, list[Ended]] = {}
+        threads = [threading.Thread(target=lambda s=s: ends.__setitem__(s.settings.site, drain(s, 3))) for s in sites]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        spans: dict[str, list[tuple[float, float]]] = {}
+        for s in sites:
+            name = s.settings.site
+            got = ends[name]
+            assert sorted(e.key for e in got) == sorted(la.key for la in launches[name])
+            assert all(e.exit_code == 0 and e.fclass is None for e in got), got
+            for la in launches[name]:
+                lines = la.stdout.read_text().splitlines()
+                assert lines[-3] == str(runs[name])  # the job knows its run
+                spans.setdefault(name, []).append((float(lines[-2]), float(lines[-1])))
+        # the two sites ran attempts at the same time, not one after the other
+        assert any(a0 < b1 and b0 < a1 for a0, a1 in spans["east"] for b0, b1 in spans["west"]), spans
+
+        sites[0].close()  # one site goes; the other still runs attempts
+        (late,) = [launch(runs["west"], 9, "true")]
+        sites[1].start([late])
+        (ended,) = drain(sites[1], 1)
+        assert ended.key == late.key and ended.exit_code == 0
+    finally:
+        for s in sites:
+            s.close()
+    assert all(s.dfk.cleanup_called for s in sites)
+    assert DataFlowKernelLoader._dfk is None  # nothing was loaded globally, nothing to clear
