@@ -13,13 +13,12 @@ from batchprod.errors import RunError
 from batchprod.execution.states import JobState, RunState
 from batchprod.state.run import Run
 from batchprod.wms.base import BaseWmsService
-from batchprod.wms.local import LocalBackend
+from batchprod.wms.local import LocalService
 
 
 def LocalExecutor(run: Run, **kwargs: object) -> Orchestrator:  # noqa: N802 (reads like the class it builds)
     """The orchestrator driving local processes: the embedded default."""
-    return Orchestrator(run, LocalBackend(str(run.submit_dir), cores=run.site("cores"), memory_mb=run.site("memory")),
-                        **kwargs)  # type: ignore[arg-type]
+    return Orchestrator(run, LocalService().backend(run), **kwargs)  # type: ignore[arg-type]
 
 
 def execute(service: BaseWmsService, run: Run, progress: Progress | None = None) -> RunState:

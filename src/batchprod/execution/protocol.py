@@ -15,8 +15,11 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from batchprod.execution.base import JobProtocol
 
 #: exit code for a payload that raised MemoryError: reported as ``oom``
 EXIT_MEMORY_ERROR = 86
@@ -289,3 +292,26 @@ def _clean_staging(spec: dict[str, Any]) -> None:
             for a in range(1, attempt):
                 with contextlib.suppress(OSError):
                     os.unlink(_staged(spec, r, a))
+
+
+class NativeFiles(JobProtocol):
+    """The native protocol: outputs are files published by the attempt's manifest (``result.json``)."""
+
+    name = "files"
+
+    def outputs(self, result: Path) -> list[dict[str, Any]] | None:
+        try:
+            with open(result) as fh:
+                manifest = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        outs = manifest.get("outputs", []) if isinstance(manifest, dict) else None
+        return outs if isinstance(outs, list) else None
+
+    def recover(self, result: Path, spec: Callable[[], dict[str, Any]]) -> list[dict[str, Any]] | None:
+        if not result.exists() and Path(f"{result}.pending").exists():
+            with contextlib.suppress(StageError, OSError, ValueError):
+                commit_outputs(result)  # roll a half-done publication forward
+        if not result.exists() and Path(f"{result}.exit").exists():
+            complete_after_loss(spec())  # its commands finished; do the post-job it missed
+        return self.outputs(result)

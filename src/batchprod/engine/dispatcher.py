@@ -1,0 +1,346 @@
+"""The dispatcher: ready attempts of several runs placed on several sites, in one loop.
+
+Each tick: jobs whose back-off ended become ready; the best ready job of all runs (by priority) is
+placed on a site where it fits (site up, under its max jobs and max queued, cores and memory free),
+until nothing more fits; every run with changes is committed (one transaction per run per tick,
+before any attempt starts); each site starts its batch; each site is polled once for what ended;
+walltimes are checked. A site whose scheduler does not answer (``SiteUnavailable``) is left alone
+for a while: its attempts are kept, not failed, and nothing new goes there.
+
+Time comes from an injectable clock, so a simulator can drive this very loop in virtual time
+(see :class:`batchprod.wms.fake.FakeBackend` and :class:`VirtualClock`). Placement policy beyond
+"fits, then least loaded" (campaign priority, fair share, downtime) belongs to the campaign layer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from batchprod.engine.dag import RunDag
+from batchprod.execution.states import FailureClass, RunState
+from batchprod.wms.base import Backend, Launch, SiteUnavailable
+
+FLUSH_INTERVAL = 0.25  # seconds between state commits of a run
+KILL_GRACE = 3.0  # seconds between the polite and the hard stop on cancel
+RETRY_SITE = 5.0  # seconds before an unavailable site is asked again
+BIG = 1 << 62
+
+
+class Clock:
+    """Wall and monotonic time, and sleeping: the real ones."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class VirtualClock(Clock):
+    """Time that moves only when told to (a simulator's): sleeping advances it at once."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+    def advance_to(self, t: float) -> None:
+        self.now = max(self.now, t)
+
+
+@dataclass
+class Site:
+    """A backend and what the dispatcher has placed on it."""
+
+    name: str
+    backend: Backend
+    cores: int = BIG
+    memory: int = BIG
+    max_jobs: int = BIG
+    max_queued: int = BIG
+    used_cores: int = 0
+    used_memory: int = 0
+    jobs: int = 0  # attempts placed here and not ended
+    down_until: float = 0.0
+    down_reason: str | None = None
+    peak: dict[str, int] = field(default_factory=lambda: {"jobs": 0, "cores": 0, "memory": 0})
+
+    @classmethod
+    def of(cls, name: str, backend: Backend, cores: int | None = None, memory_mb: int | None = None) -> Site:
+        cap = backend.capacity()
+        return cls(name, backend, cores or cap.cores or BIG, memory_mb or cap.memory_mb or BIG,
+                   cap.max_jobs or BIG, cap.max_queued or BIG)
+
+    def fits(self, cores: int, memory: int) -> bool:
+        return self.used_cores + cores <= self.cores and self.used_memory + memory <= self.memory
+
+    def hold(self, cores: int, memory: int) -> None:
+        self.used_cores += cores
+        self.used_memory += memory
+        self.jobs += 1
+        p = self.peak
+        p["jobs"] = max(p["jobs"], self.jobs)
+        p["cores"] = max(p["cores"], self.used_cores)
+        p["memory"] = max(p["memory"], self.used_memory)
+
+    def release(self, cores: int, memory: int) -> None:
+        self.used_cores -= cores
+        self.used_memory -= memory
+        self.jobs -= 1
+
+
+class Dispatcher:
+    """Drives several runs (RunDags) on several sites until every run is finished or stopped."""
+
+    def __init__(self, sites: Sequence[Site], clock: Clock | None = None, poll: float = 0.005,
+                 flush_interval: float = FLUSH_INTERVAL) -> None:
+        if not sites:
+            raise ValueError("a dispatcher needs at least one site")
+        self.sites = list(sites)
+        self.by_name = {s.name: s for s in self.sites}
+        self.clock = clock or Clock()
+        self.poll_interval = poll
+        self.flush_interval = flush_interval
+        self.dags: list[RunDag] = []
+        self.by_key: dict[str, RunDag] = {}
+        self.results: dict[str, RunState] = {}
+        self.assigned = 0  # attempts placed, for the benchmarks
+        self._last_flush = -1e18
+        self.on_tick: Callable[[], None] | None = None
+
+    def add(self, dag: RunDag) -> None:
+        self.dags.append(dag)
+        self.by_key[dag.key] = dag
+
+    # -- one tick -----------------------------------------------------------------------------------
+    def assign(self) -> dict[int, list[tuple[RunDag, Launch]]]:
+        """Ready attempts -> sites, best priority first, until nothing more fits. A run waits for room
+        for its best job rather than let smaller ones jump ahead (strict priority within a run); a job
+        bigger than every site runs alone on an empty one, not never."""
+        now = self.clock.monotonic()
+        batches: dict[int, list[tuple[RunDag, Launch]]] = {}
+        cands: list[tuple[int, int, int]] = []
+        for i, dag in enumerate(self.dags):
+            if dag.stopping:
+                continue
+            dag.promote(now)
+            top = dag.top()
+            if top is not None:
+                cands.append((-top[0], i, top[1]))
+        heapq.heapify(cands)
+        sites = [k for k, s in enumerate(self.sites) if s.down_until <= now]
+        if not sites:
+            return batches
+        room = {k: min(self.sites[k].max_jobs - self.sites[k].jobs,
+                       self.sites[k].max_queued - self.sites[k].backend.queued()) for k in sites}
+        one = len(sites) == 1
+        while cands:
+            _, i, j = heapq.heappop(cands)
+            dag = self.dags[i]
+            k = self._place(dag, j, sites, room, batches, one)
+            if k is None:
+                continue  # this run waits for room (its lower jobs too)
+            site = self.sites[k]
+            cores, mem = dag.demand(j, site.cores)
+            launch = dag.take(j, cores)
+            site.hold(cores, mem)
+            room[k] -= 1
+            batches.setdefault(k, []).append((dag, launch))
+            self.assigned += 1
+            top = dag.top()
+            if top is not None:
+                heapq.heappush(cands, (-top[0], i, top[1]))
+        return batches
+
+    def _place(self, dag: RunDag, j: int, sites: list[int], room: dict[int, int],
+               batches: dict[int, list[tuple[RunDag, Launch]]], one: bool) -> int | None:
+        if one:  # the common case, kept cheap: one run, one site
+            k = sites[0]
+            if room[k] <= 0:
+                return None
+            site = self.sites[k]
+            cores, mem = dag.demand(j, site.cores)
+            if site.fits(cores, mem) or (site.jobs == 0 and k not in batches):
+                return k
+            return None
+        best, best_load = None, 2.0
+        for k in sites:
+            if room[k] <= 0:
+                continue
+            site = self.sites[k]
+            cores, mem = dag.demand(j, site.cores)
+            if not site.fits(cores, mem):
+                continue
+            load = site.used_cores / site.cores if site.cores < BIG else site.jobs / max(site.max_jobs, 1)
+            if load < best_load:
+                best, best_load = k, load
+        if best is None:  # bigger than every site's free room: alone on an empty site, if one is
+            for k in sites:
+                if room[k] > 0 and self.sites[k].jobs == 0 and k not in batches:
+                    return k
+        return best
+
+    def start(self, batches: dict[int, list[tuple[RunDag, Launch]]]) -> None:
+        """Commit every run that changed (the attempts are durable before any starts), then start
+        each site's batch in one call."""
+        self.flush(force=True)
+        for k, batch in batches.items():
+            site = self.sites[k]
+            launches = [launch for _, launch in batch]
+            try:
+                handles = site.backend.start(launches)
+            except SiteUnavailable as exc:
+                self._site_down(site, exc.reason)
+                for dag, launch in batch:
+                    site.release(launch.cores, launch.memory)
+                    dag.not_started(launch, str(exc))
+                continue
+            now = self.clock.time()
+            for (dag, launch), handle in zip(batch, handles, strict=True):
+                dag.started(launch, handle, site.name, now)
+
+    def collect(self) -> int:
+        """Poll every site with attempts once; record what ended. Returns how many ended."""
+        n = 0
+        now = self.clock.monotonic()
+        single = self.dags[0] if len(self.dags) == 1 else None
+        for site in self.sites:
+            if site.jobs == 0 or site.down_until > now:
+                continue
+            try:
+                ended = site.backend.poll()
+            except SiteUnavailable as exc:
+                self._site_down(site, exc.reason)
+                continue
+            for e in ended:
+                dag = self.by_key.get(e.run) or single
+                if dag is None:
+                    continue  # an attempt of a run no longer driven here
+                a = dag.finish(e, site.memory)
+                if a is not None:
+                    self.by_name[a.site].release(a.cores, a.memory)
+                    n += 1
+        return n
+
+    def _site_down(self, site: Site, reason: str) -> None:
+        site.down_until = self.clock.monotonic() + RETRY_SITE
+        site.down_reason = reason
+
+    def check_walltime(self) -> None:
+        now = self.clock.time()
+        for dag in self.dags:
+            for a in dag.active.values():
+                wall = a.launch.walltime
+                if not wall or a.killing:
+                    continue
+                backend = self.by_name[a.site].backend
+                since = backend.running_since(a.handle)
+                if since is not None and now - since > wall:
+                    a.killing = True
+                    backend.kill(a.handle, FailureClass.TIMEOUT, f"timeout: past requestWalltime {wall}s")
+
+    def flush(self, force: bool = False) -> None:
+        now = self.clock.monotonic()
+        if not force and now - self._last_flush <= self.flush_interval:
+            return
+        for dag in self.dags:
+            if dag.dirty() or force:
+                dag.flush()
+        self._last_flush = now
+
+    def retire(self) -> None:
+        """Runs with nothing left to do end (after their final job, if one is due)."""
+        for dag in list(self.dags):
+            if dag.idle() and dag.finish_or_final():
+                dag.flush()
+                self.results[dag.key] = dag.outcome()
+                self.dags.remove(dag)
+                del self.by_key[dag.key]
+
+    def tick(self) -> bool:
+        """One round; True if anything started or ended."""
+        batches = self.assign()
+        if batches:
+            self.start(batches)
+        ended = self.collect()
+        self.check_walltime()
+        self.flush()
+        self.retire()
+        if self.on_tick is not None:
+            self.on_tick()
+        return bool(batches) or ended > 0
+
+    def run(self, stop: Callable[[], str | None] = lambda: None) -> dict[str, RunState]:
+        """Until every run is finished; ``stop()`` returning a reason cancels all of them."""
+        while self.dags:
+            reason = stop()
+            if reason:
+                self.cancel_all(reason)
+                break
+            if not self.tick():
+                self._wait()
+        return self.results
+
+    def _wait(self) -> None:
+        busy = [s for s in self.sites if s.jobs and s.down_until <= self.clock.monotonic()]
+        if len(busy) == 1:
+            busy[0].backend.wait(self.poll_interval)
+        elif busy:
+            for s in busy:
+                s.backend.wait(self.poll_interval / len(busy))
+        else:
+            self.clock.sleep(self.poll_interval)
+
+    def cancel_all(self, why: str) -> None:
+        """Stop every attempt of every run (whole process groups / scheduler jobs); what ends in
+        the meantime is recorded; everything unfinished becomes CANCELLED."""
+        reason = f"cancelled ({why})"
+        for dag in self.dags:
+            dag.stopping = why
+        for site in self.sites:
+            handles = [a.handle for dag in self.dags for a in dag.active.values() if a.site == site.name]
+            if handles:
+                site.backend.kill_many(handles, FailureClass.CANCELLED, reason)
+        deadline = self.clock.monotonic() + KILL_GRACE + 30
+        while any(dag.active for dag in self.dags) and self.clock.monotonic() < deadline:
+            ended = 0
+            for site in self.sites:
+                if not site.jobs:
+                    continue
+                site.backend.escalate(KILL_GRACE)
+                try:
+                    polled = site.backend.poll()
+                except SiteUnavailable:
+                    continue
+                for e in polled:
+                    dag = self.by_key.get(e.run) or (self.dags[0] if len(self.dags) == 1 else None)
+                    if dag is None:
+                        continue
+                    # an attempt that raced to success keeps it; anything else ends as cancelled
+                    if e.fclass is None and (e.exit_code != 0 or e.signal is not None):
+                        e.fclass, e.reason = FailureClass.CANCELLED, reason
+                    a = dag.finish(e, site.memory)
+                    if a is not None:
+                        self.by_name[a.site].release(a.cores, a.memory)
+                        ended += 1
+            if not ended:
+                self.clock.sleep(0.02)
+        for dag in list(self.dags):
+            dag.cancel_rest(reason)
+            dag.flush()
+            self.results[dag.key] = RunState.CANCELLED
+        self.dags.clear()
+        self.by_key.clear()

@@ -1,0 +1,29 @@
+"""The job-protocol interface: how the engine knows an attempt's success and outputs.
+
+Today's protocol is :class:`batchprod.execution.protocol.NativeFiles` (attempt-scoped staging,
+checksums, a committed manifest, fenced publication). Rubin's Butler jobs will be another: success
+from the exit code and ``--summary``, outputs living in the Butler.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class JobProtocol(ABC):
+    """Per run: what an ended attempt produced, and how to finish one an engine lost."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def outputs(self, result: Path) -> list[dict[str, Any]] | None:
+        """Output records of an attempt whose payload ended well; None if it did not commit any
+        (then the attempt failed, whatever its exit code said)."""
+
+    @abstractmethod
+    def recover(self, result: Path, spec: Callable[[], dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """After an engine loss: roll the attempt's half-done post-job forward if its payload
+        finished; its outputs if it is now committed, else None (it is run again)."""
