@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchprod.testing import wait_for
-from batchprod.wms.base import Capacity, Ended, Launch
+from batchprod.wms.base import Capacity, Ended, Launch, SiteUnavailable
 
 if os.environ.get("BATCHPROD_REQUIRE_ENGINES") != "1":  # in CI a missing Parsl fails the import
     pytest.importorskip("parsl")
@@ -81,6 +81,12 @@ def test_two_parsl_sites_in_one_process(tmp_path: Path) -> None:
         sites[1].start([late])
         (ended,) = drain(sites[1], 1)
         assert ended.key == late.key and ended.exit_code == 0
+
+        # an executor that gave up (its block cannot start, the interchange died) is an unavailable
+        # site, not an idle one
+        sites[1].dfk.executors[sites[1].label].set_bad_state_and_fail_all(RuntimeError("block lost"))
+        with pytest.raises(SiteUnavailable, match=r"site 'west' unavailable: Parsl executor failed: block lost"):
+            sites[1].poll()
     finally:
         for s in sites:
             s.close()
