@@ -1,0 +1,126 @@
+"""The dispatcher over several runs and sites, driven in virtual time with the packaged FakeBackend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from batchprod.engine.dag import RunDag
+from batchprod.engine.dispatcher import Dispatcher, Site, VirtualClock
+from batchprod.engine.prepare import prepare
+from batchprod.execution.states import FailureClass
+from batchprod.state.run import Run
+from batchprod.testing import make_toy_repo, write_submit
+from batchprod.wms.base import Capacity
+from batchprod.wms.fake import FakeBackend, FakeEnd
+
+
+def _run(tmp_path: Path, name: str, **keys) -> Run:
+    repo = make_toy_repo(tmp_path / f"repo-{name}")
+    return prepare(write_submit(tmp_path / name, repo=repo, **keys))
+
+
+def _dag(run: Run, clock: VirtualClock, sites: list[Site]) -> RunDag:
+    dag = RunDag(run, host="here", wall=clock.time, mono=clock.monotonic)
+    dag.load()
+    dag.recover([s.backend for s in sites])
+    dag.prepare_queue()
+    return dag
+
+
+def _sites(clock: VirtualClock, n: int, **kw) -> list[Site]:
+    return [Site.of(f"s{i}", FakeBackend(clock, name=f"s{i}", capacity=Capacity(cores=1, memory_mb=10_000), **kw))
+            for i in range(n)]
+
+
+def _statuses(run: Run) -> set[str]:
+    return {j["status"] for j in run.store.jobs()}
+
+
+def test_two_runs_on_two_sites_finish_and_no_site_is_ever_over_capacity(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    t0 = clock.monotonic()
+    sites = _sites(clock, 2, duration=10.0)
+    runs = [_run(tmp_path, "a"), _run(tmp_path, "b", payload={"outputRun": "b/run"})]
+    d = Dispatcher(sites, clock)
+    for r in runs:
+        d.add(_dag(r, clock, sites))
+    results = d.run()
+    assert set(results.values()) == {"SUCCEEDED"}
+    assert all(_statuses(r) == {"SUCCEEDED"} for r in runs)
+    assert all(s.peak["cores"] == 1 and s.peak["jobs"] == 1 for s in sites)  # both used, never over 1
+    assert sites[0].backend.started + sites[1].backend.started == 12  # 2 runs x (4 calibrate + 2 coadd)
+    # 12 jobs of 10 s on 2 single-core sites: 60 s of virtual time at best, and nothing idles long
+    assert 60 <= clock.monotonic() - t0 < 90
+
+
+def test_an_injected_failure_is_retried_and_its_budget_spent(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    sites = _sites(clock, 1, duration=1.0,
+                   outcome=lambda la: FakeEnd(exit_code=3) if la.name.startswith("calibrate") and la.attempt == 1
+                   else None)
+    run = _run(tmp_path, "a", numberOfRetries=1)
+    d = Dispatcher(sites, clock)
+    d.add(_dag(run, clock, sites))
+    assert d.run()[str(run.submit_dir)] == "SUCCEEDED"
+    job = run.store.job_by_name("calibrate_visit1_detector0")
+    assert job["attempts"] == 2 and job["retries"] == 1
+    assert [a["failure_class"] for a in run.store.attempts(job["id"])] == ["user_error", None]
+
+
+def test_an_unavailable_site_keeps_its_attempts_and_the_other_site_takes_new_work(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    sites = _sites(clock, 2, duration=20.0)
+    run = _run(tmp_path, "a", numberOfRetries=0)
+    d = Dispatcher(sites, clock)
+    d.add(_dag(run, clock, sites))
+    d.tick()  # one attempt on each site
+    assert sites[0].jobs == sites[1].jobs == 1
+    sites[0].backend.unavailable = "squeue: Unable to contact slurm controller"
+    t0 = clock.monotonic()
+    while clock.monotonic() - t0 < 45:  # down across the end of its attempt (t=20)
+        d.tick()
+        clock.sleep(1.0)
+    assert sites[0].down_reason and "controller" in sites[0].down_reason
+    assert sites[0].jobs == 1  # kept, not failed
+    sites[0].backend.unavailable = None
+    assert d.run()[str(run.submit_dir)] == "SUCCEEDED"
+    assert all(a["failure_class"] is None for a in run.store.attempts())
+    assert sites[1].backend.started > sites[0].backend.started  # new work went to the site that answered
+
+
+def test_a_site_refusing_starts_costs_no_budget(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    sites = _sites(clock, 1, duration=1.0)
+    sites[0].backend.unavailable = "sbatch: Unable to contact slurm controller"
+    run = _run(tmp_path, "a", numberOfRetries=0)
+    d = Dispatcher(sites, clock)
+    d.add(_dag(run, clock, sites))
+    d.tick()
+    assert sites[0].jobs == 0 and sites[0].down_reason
+    sites[0].backend.unavailable = None
+    assert d.run()[str(run.submit_dir)] == "SUCCEEDED"
+    first, second = run.store.attempts(0)
+    assert first["failure_class"] == "infrastructure" and "not started" in first["message"]
+    assert second["failure_class"] is None and run.store.jobs()[0]["retries"] == 0
+
+
+def test_walltime_and_preemption_in_virtual_time(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    sites = _sites(clock, 1, duration=lambda la: 100.0 if la.label == "calibrate" and la.attempt == 1 else 1.0)
+    run = _run(tmp_path, "a", requestWalltime=10, numberOfRetries=1)
+    d = Dispatcher(sites, clock)
+    d.add(_dag(run, clock, sites))
+    assert d.run()[str(run.submit_dir)] == "SUCCEEDED"
+    a = run.store.attempts(0)
+    assert a[0]["failure_class"] == FailureClass.TIMEOUT and 10 <= a[0]["wall_s"] < 15
+
+
+def test_fake_wms_runs_a_whole_submission_with_real_outputs(tmp_path: Path, cli) -> None:
+    repo = make_toy_repo(tmp_path / "repo")
+    cfg = write_submit(tmp_path, repo=repo, wmsServiceClass="fake", finalJob={"command": "true"})
+    r = cli("submit", cfg)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(cli("report", "toy/run", "--root", tmp_path / "submit", "--json").output)
+    assert rep["wms"] == "fake" and rep["jobs"]["succeeded"] == 7
+    assert (repo / "toy" / "run").is_dir() and any((repo / "toy" / "run").rglob("*"))
