@@ -51,6 +51,19 @@ def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
     return parse_overrides(pairs)
 
 
+def _select_db(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        from batchprod.state.database import select_db
+
+        select_db(value)
+
+
+DB_OPTION = click.option(
+    "--db", metavar="URL", expose_value=False, callback=_select_db,
+    help="Central state database for many runs (sqlite:///PATH or postgresql+psycopg://USER@HOST/DB); "
+         "default $BATCHPROD_DB, else each run's own state.db. A password in it is never written anywhere.",
+)
+
 OVERRIDE_OPTION = click.option(
     "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Set a config key (dotted path)."
 )
@@ -114,6 +127,7 @@ def _print_prepare(run: Any, timings: list[Any]) -> None:
 @click.option("--wms", type=click.Choice(["htcondor"]), default=None,
               help="Also export the workflow for this WMS (htcondor: a DAGMan DAG + submit files).")
 @_existing_run_options
+@DB_OPTION
 @_user_errors
 def prepare(config: Path, overrides: tuple[str, ...], wms: str | None, extend_run: bool, replace_run: bool) -> None:
     """Build the quantum graph and workflow into a submit directory; run nothing."""
@@ -155,6 +169,7 @@ def _execute_foreground(run: Any, show_progress: bool) -> int:
 @OVERRIDE_OPTION
 @click.option("--detach", is_flag=True, help="Run in the background; follow with 'batchprod report'.")
 @_existing_run_options
+@DB_OPTION
 @_user_errors
 def submit(config: Path, overrides: tuple[str, ...], detach: bool, extend_run: bool, replace_run: bool) -> None:
     """Prepare and run a workflow (foreground with a live progress bar, or --detach)."""
@@ -172,6 +187,7 @@ def submit(config: Path, overrides: tuple[str, ...], detach: bool, extend_run: b
 @main.command("_execute", hidden=True)
 @click.argument("submit_dir", type=click.Path(path_type=Path))
 @click.option("--lock-fd", type=int, default=None, help="The run's lock, taken by the detaching parent.")
+@DB_OPTION
 @_user_errors
 def execute_cmd(submit_dir: Path, lock_fd: int | None) -> None:
     """Run a prepared run in this process (used by --detach)."""
@@ -207,6 +223,7 @@ def _latest(root: Path | None) -> str:
 @click.option("--watch", is_flag=True, help="Refresh the report until the run ends.")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between --watch refreshes.")
+@DB_OPTION
 @_user_errors
 def report(run_ref: str | None, root: Path | None, as_json: bool, failures: bool, job_name: str | None,
            limit: int, show_all: bool, trace_path: Path | None, watch: bool, interval: float) -> None:
@@ -288,6 +305,7 @@ def _watch(run: Any, interval: float) -> int:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what is appended until the attempt has ended.")
 @click.option("--stdout", "stream", flag_value="stdout", default=None, help="Only the attempt's stdout.")
 @click.option("--stderr", "stream", flag_value="stderr", help="Only the attempt's stderr.")
+@DB_OPTION
 @_user_errors
 def logs(run_ref: str, job_name: str, root: Path | None, attempt: int | None, follow: bool, stream: str | None) -> None:
     """Print a job attempt's stdout and stderr (the latest attempt unless --attempt N); --follow
@@ -316,6 +334,7 @@ def logs(run_ref: str, job_name: str, root: Path | None, attempt: int | None, fo
               help="Every quantum it was made from (up) or that was made from it (down).")
 @click.option("--verify", is_flag=True, help="Re-read the dataset and its inputs and compare checksums.")
 @click.option("--prov", "as_prov", is_flag=True, help="The record as W3C PROV-JSON.")
+@DB_OPTION
 @_user_errors
 def provenance(run_ref: str, dataset: str, root: Path | None, as_json: bool, lineage: str | None,
                verify: bool, as_prov: bool) -> None:
@@ -345,6 +364,7 @@ def provenance(run_ref: str, dataset: str, root: Path | None, as_json: bool, lin
 @ROOT_OPTION
 @click.option("--detach", is_flag=True, help="Continue in the background.")
 @OVERRIDE_OPTION
+@DB_OPTION
 @_user_errors
 def restart(run_ref: str, root: Path | None, detach: bool, overrides: tuple[str, ...]) -> None:
     """Continue a run: succeeded jobs are kept; failed, unready, cancelled and interrupted jobs run
@@ -376,13 +396,19 @@ def restart(run_ref: str, root: Path | None, detach: bool, overrides: tuple[str,
 def _detach(run: Any) -> None:
     """Start the engine in the background. The run's lock is taken here, before the fork, and handed
     to the child: of two racing ``--detach`` calls one gets the run, the other an error at once."""
+    import os
+
     from batchprod.engine import lock
 
     fd = lock.acquire(run.submit_dir, run.name)
     log = open(run.submit_dir / "orchestrator.log", "ab")  # noqa: SIM115 (handed to the child)
+    from batchprod.state.database import ENV_DB, selected_db
+
+    db = selected_db()  # the engine opens the run's central database too (its URL: never written down)
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchprod.cli", "_execute", str(run.submit_dir), "--lock-fd", str(fd)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, pass_fds=(fd,),
+        env={**os.environ, ENV_DB: db} if db else None,
     )
     log.close()
     lock.forget(run.submit_dir)  # the child holds it now
@@ -392,6 +418,7 @@ def _detach(run: Any) -> None:
 @main.command()
 @click.argument("run_ref", metavar="RUN")
 @ROOT_OPTION
+@DB_OPTION
 @_user_errors
 def cancel(run_ref: str, root: Path | None) -> None:
     """Stop every running job of a run (whole process groups) and mark the run CANCELLED."""
@@ -424,6 +451,7 @@ def serve(root: Path | None, host: str, port: int) -> None:
 @main.command()
 @ROOT_OPTION
 @click.option("--json", "as_json", is_flag=True)
+@DB_OPTION
 @_user_errors
 def runs(root: Path | None, as_json: bool) -> None:
     """List runs under the submit root, newest first."""

@@ -1,4 +1,7 @@
-"""Restart: never redo finished work, keep what jobs learned, survive kill -9 at any moment."""
+"""Restart: never redo finished work, keep what jobs learned, survive kill -9 at any moment.
+
+Every test runs twice: on each run's own SQLite file, and on a central PostgreSQL database (a fresh
+schema per test, selected with $BATCHPROD_DB as ``--db`` would)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 from batchprod.engine.control import LocalExecutor
 from batchprod.engine.prepare import prepare
 from batchprod.state.run import Run
+from batchprod.state.testdb import use_db
 from batchprod.testing import (
     chaos_trial,
     command_task,
@@ -18,6 +22,11 @@ from batchprod.testing import (
     wait_for,
     write_submit,
 )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], autouse=True)
+def db(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    yield from use_db(request.param, monkeypatch)
 
 
 def test_restart_reruns_only_what_did_not_succeed(tmp_path: Path, toy_repo: Path, cli) -> None:

@@ -102,8 +102,8 @@ def test_damaged_state_file(run_dir: Path, cli, damage: Callable[[Path], None], 
     ("UPDATE run SET created = 'yesterday'", "run row: bad created 'yesterday'"),
     ("DELETE FROM job WHERE id = 2", "job 2 of 6 is missing (1 job rows deleted?)"),
     ("DELETE FROM job WHERE id = 0", "job 0 of 6 is missing (1 job rows deleted?)"),
-    ("INSERT INTO job (id, name, label, n_quanta, priority, status, attempts, retries, preemptions, infra_failures,"
-     " request_memory) VALUES (99, 'extra', 'x', 1, 0, 'PENDING', 0, 0, 0, 0, 1)",
+    ("INSERT INTO job (run_id, id, name, label, n_quanta, priority, status, attempts, retries, preemptions,"
+     " infra_failures, request_memory) VALUES (1, 99, 'extra', 'x', 1, 0, 'PENDING', 0, 0, 0, 0, 1)",
      "job row with id 99 beyond the run's 6 jobs"),
     (f"UPDATE job SET status = 'EXPLODED' WHERE name = '{JOB}'", f"job '{JOB}' has unknown status 'EXPLODED'"),
     ("UPDATE context SET record = 'not json'", "not a JSON object"),

@@ -30,7 +30,7 @@ from batchprod.execution.rundir import (
 from batchprod.graph import QuantumGraph, Registry, build_quantum_graph
 from batchprod.pipeline import check_config_labels, load_pipeline
 from batchprod.state.run import Run
-from batchprod.state.store import STATE_FILE, StateStore
+from batchprod.state.store import create_store
 from batchprod.workflow import GenericWorkflow, workflow_from_config
 from batchprod.workflow.generic import FinalJob
 
@@ -266,7 +266,7 @@ def prepare(
         qg.save(tmp / QGRAPH_FILE)
         wf.save(tmp / WORKFLOW_FILE)
         (tmp / LOG_DIR).mkdir()
-        store = StateStore(tmp / STATE_FILE, create=True)
+        store = create_store(tmp, output_run)  # tmp/state.db, or the central database (--db)
         names = wf.job_names()
         prio = wf.priorities()
         mem = [g.resources.request_memory for g in wf.groups]

@@ -27,7 +27,8 @@ from batchprod.execution.rundir import (
     read_overrides,
 )
 from batchprod.graph import QuantumGraph
-from batchprod.state.store import STATE_FILE, StateStore
+from batchprod.state.database import DB_FILE, read_pointer, selected_db
+from batchprod.state.store import STATE_FILE, StateStore, list_central_runs
 from batchprod.workflow import GenericWorkflow
 from batchprod.workflow.overrides import RESOURCE_FIELD
 
@@ -37,9 +38,18 @@ class Run:
 
     def __init__(self, submit_dir: str | Path) -> None:
         self.submit_dir = Path(submit_dir).resolve()
-        if not (self.submit_dir / STATE_FILE).is_file():
-            raise RunError(f"{submit_dir}: not a batchprod run (no {STATE_FILE})")
-        self.store = StateStore(self.submit_dir / STATE_FILE)
+        if (self.submit_dir / STATE_FILE).is_file():
+            self.store = StateStore(self.submit_dir / STATE_FILE)
+        elif (self.submit_dir / DB_FILE).is_file():  # kept in a central database
+            url, name, run_id = read_pointer(self.submit_dir)
+            self.store = StateStore(url, run=run_id)
+            info = self.store.run_info()
+            if info["name"] != name or Path(info["submit_dir"]).resolve() != self.submit_dir:
+                self.store.close()
+                raise RunError(f"{self.submit_dir}: run {run_id} of {self.store.where} is '{info['name']}' "
+                               f"of {info['submit_dir']}, not this run ('{name}'): wrong database?")
+        else:
+            raise RunError(f"{submit_dir}: not a batchprod run (no {STATE_FILE} or {DB_FILE})")
 
     @cached_property
     def qgraph(self) -> QuantumGraph:
@@ -93,39 +103,79 @@ def site_value(config: dict[str, Any], key: str, default: Any = None, site: str 
     return SITE_KEYS[key](section[key]) if key in section else default
 
 
+def _is_run_dir(d: Path) -> bool:
+    return (d / STATE_FILE).is_file() or (d / DB_FILE).is_file()
+
+
 def find_run(ref: str | Path, submit_root: str | Path | None = None) -> Run:
-    """A run by submit directory path or by name (relative to the submit root, default ./submit)."""
+    """A run by submit directory path or by name (relative to the submit root, default ./submit, or
+    recorded in the central database selected by --db / $BATCHPROD_DB)."""
     p = Path(ref)
-    if (p / STATE_FILE).is_file():
+    if _is_run_dir(p):
         return Run(p)
     root = Path(submit_root) if submit_root else Path.cwd() / "submit"
-    if (root / ref / STATE_FILE).is_file():
+    if _is_run_dir(root / ref):
         return Run(root / ref)
+    db = selected_db()
+    if db:
+        named = [r["submit_dir"] for r in list_central_runs(db) if r["name"] == str(ref)]
+        there = [d for d in named if _is_run_dir(Path(d))]
+        if len(there) > 1:
+            raise RunError(f"{len(there)} runs are named '{ref}' in {_public(db)}: give the submit directory "
+                           f"({', '.join(there[:3])}{' ...' if len(there) > 3 else ''})")
+        if there:
+            return Run(there[0])
     # a run whose submitPath does not end in its name: found by the name 'runs' shows
     for d in list_runs(root):
         try:
-            if StateStore(d / STATE_FILE).run_info()["name"] == str(ref):
+            run = Run(d)
+            found = run.name == str(ref)
+            run.store.close()
+            if found:
                 return Run(d)
         except RunError:
             continue
-    raise RunError(f"run '{ref}' not found (looked in {p}, {root / ref} and the runs under {root})")
+    raise RunError(f"run '{ref}' not found (looked in {p}, {root / ref}"
+                   f"{', the database ' + _public(db) if db else ''} and the runs under {root})")
+
+
+def _public(url: str) -> str:
+    from batchprod.state.database import public_url
+
+    try:
+        return public_url(url)
+    except Exception:  # noqa: BLE001 (a URL that did not parse was refused earlier with its own line)
+        return "given"
 
 
 def list_runs(submit_root: str | Path | None = None) -> list[Path]:
-    """Submit directories under the root (any depth), newest first."""
+    """Submit directories under the root (any depth), and runs of the central database selected by
+    --db / $BATCHPROD_DB whose submit directory is under it, newest first."""
     root = Path(submit_root) if submit_root else Path.cwd() / "submit"
     if not root.is_dir():
         return []
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        if STATE_FILE in filenames:
+        if STATE_FILE in filenames or DB_FILE in filenames:
             found.append(Path(dirpath))
             dirnames.clear()  # never walk a run's own logs: a 200,000-job run has 600,000 files there
+    db = selected_db()
+    if db:
+        seen = {d.resolve() for d in found}
+        base = root.resolve()
+        for r in list_central_runs(db):
+            d = Path(r["submit_dir"]).resolve()
+            if d not in seen and d.is_relative_to(base) and _is_run_dir(d):
+                found.append(d)
+                seen.add(d)
+
     def mtime(d: Path) -> float:
-        try:
-            return (d / STATE_FILE).lstat().st_mtime
-        except OSError:  # a dangling or vanished state file: listed (and flagged by whoever opens it), last
-            return 0.0
+        for f in (STATE_FILE, DB_FILE):
+            try:
+                return (d / f).lstat().st_mtime
+            except OSError:  # a dangling or vanished state file: listed (and flagged by whoever opens it), last
+                continue
+        return 0.0
 
     return sorted(found, key=mtime, reverse=True)
 

@@ -1,8 +1,12 @@
 """The run state store: the source of truth for report, cancel and restart.
 
-One SQLite file per run (WAL, SQLAlchemy Core, so PostgreSQL can serve the campaign service).
+One SQLite file per run by default (``SUBMIT_DIR/state.db``, WAL), or one central database for many
+runs (a SQLite file or PostgreSQL, ``--db URL``); SQLAlchemy Core, schema kept by Alembic migrations
+(``state/migrations``). Every table is keyed by run; a :class:`StateStore` is bound to one run.
 Writers hand over whole rows and the store commits them in one transaction per flush: a state change
-costs ~µs, never a round trip per job on the hot path.
+costs ~µs, never a round trip per job on the hot path (SQLite: the driver's executemany on a kept
+connection; PostgreSQL: one ``unnest`` statement per table). Every job state change is appended to
+the ``event`` table in that same transaction (by a trigger: no writer can forget it).
 
 A damaged store (not a database, truncated, tables or rows missing, a status no batchprod writes) is
 reported as one :class:`DamagedStateError` naming the file, never as a traceback: opening checks the
@@ -12,20 +16,25 @@ run row, status values) at no extra query.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from batchprod.errors import RunError
 from batchprod.execution.capture import sanitize_record
 from batchprod.execution.states import JobState, RunState
+from batchprod.state.database import parse_url, public_url
+
+#: Alembic revision of the schema below (a test checks it is the head of state/migrations)
+SCHEMA_REVISION = "0002"
 
 _md = sa.MetaData()
 
@@ -44,17 +53,20 @@ run_t = sa.Table(
     sa.Column("orchestrator_host", sa.String),
     sa.Column("orchestrator_start", sa.Float),  # process create time: a reused pid is not our orchestrator
     sa.Column("message", sa.String),
+    sa.Index("ix_run_name", "name"),  # output run names repeat across repositories
+    sa.Index("uq_run_submit_dir", "submit_dir", unique=True),
 )
 
 job_t = sa.Table(
     "job",
     _md,
-    sa.Column("id", sa.Integer, primary_key=True),  # = index in the generic workflow; final job = n_jobs
-    sa.Column("name", sa.String, nullable=False, unique=True),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("id", sa.Integer, nullable=False),  # index in the generic workflow; final job = n_jobs
+    sa.Column("name", sa.String, nullable=False),
     sa.Column("label", sa.String, nullable=False),
     sa.Column("n_quanta", sa.Integer, nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
-    sa.Column("status", sa.String, nullable=False, index=True),
+    sa.Column("status", sa.String, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),  # every attempt ever (survives restart)
     sa.Column("retries", sa.Integer, nullable=False, default=0),  # budget used since submit/restart
     sa.Column("preemptions", sa.Integer, nullable=False, default=0),
@@ -64,13 +76,18 @@ job_t = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("message", sa.String),
     sa.Column("updated", sa.Float),
+    sa.PrimaryKeyConstraint("run_id", "id", name="pk_job"),
+    sa.Index("uq_job_run_id_name", "run_id", "name", unique=True),
+    sa.Index("ix_job_run_id_status", "run_id", "status"),
+    sqlite_with_rowid=False,
 )
 
 attempt_t = sa.Table(
     "attempt",
     _md,
-    sa.Column("job_id", sa.Integer, sa.ForeignKey("job.id"), primary_key=True),
-    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("job_id", sa.Integer, nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
     sa.Column("status", sa.String, nullable=False),
     sa.Column("failure_class", sa.String),
     sa.Column("exit_code", sa.Integer),
@@ -89,60 +106,119 @@ attempt_t = sa.Table(
     sa.Column("message", sa.String),
     sa.Column("error_line", sa.String),  # first causal error line of stderr
     sa.Column("context", sa.String),  # hash of the provenance context it ran in (context table)
+    sa.PrimaryKeyConstraint("run_id", "job_id", "number", name="pk_attempt"),
+    sa.ForeignKeyConstraint(["run_id", "job_id"], ["job.run_id", "job.id"], name="fk_attempt_job"),
+    sa.Index("ix_attempt_run_id_status", "run_id", "status"),
+    sqlite_with_rowid=False,
 )
 
 context_t = sa.Table(
     "context",
     _md,
-    sa.Column("hash", sa.String, primary_key=True),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("hash", sa.String, nullable=False),
     sa.Column("record", sa.Text, nullable=False),  # JSON: host, user, python, packages, environment
+    sa.PrimaryKeyConstraint("run_id", "hash", name="pk_context"),
+    sqlite_with_rowid=False,
 )
 
 execution_t = sa.Table(
     "execution",  # one row per engine session: elapsed time counts these, not the idle gaps between
     _md,
-    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("id", sa.Integer, nullable=False),
+    sa.Column("run_id", sa.Integer, nullable=False),
     sa.Column("start", sa.Float, nullable=False),
     sa.Column("end", sa.Float),  # None while it runs, or if the engine died (then: its last write)
     sa.Column("host", sa.String),
     sa.Column("pid", sa.Integer),
+    sa.PrimaryKeyConstraint("id", name="pk_execution"),
+    sa.Index("ix_execution_run_id", "run_id"),
 )
 
 output_t = sa.Table(
     "output",
     _md,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("job_id", sa.Integer, sa.ForeignKey("job.id"), nullable=False, index=True),
+    sa.Column("id", sa.Integer, nullable=False),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("job_id", sa.Integer, nullable=False),
     sa.Column("node_id", sa.String, nullable=False),
     sa.Column("dataset_type", sa.String, nullable=False),
     sa.Column("data_id", sa.String, nullable=False),
-    sa.Column("path", sa.String, nullable=False, index=True),
+    sa.Column("path", sa.String, nullable=False),
     sa.Column("size", sa.BigInteger),
     sa.Column("checksum", sa.String),
-    sa.Index("ix_output_type_data_id", "dataset_type", "data_id"),
+    sa.PrimaryKeyConstraint("id", name="pk_output"),
+    sa.ForeignKeyConstraint(["run_id", "job_id"], ["job.run_id", "job.id"], name="fk_output_job"),
+    sa.Index("ix_output_run_id_job_id", "run_id", "job_id"),
+    sa.Index("ix_output_run_id_path", "run_id", "path"),
+    sa.Index("ix_output_run_id_type_data_id", "run_id", "dataset_type", "data_id"),
 )
+
+event_t = sa.Table(
+    "event",  # append-only: one row per job state change, written with the change (live streams, metrics)
+    _md,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=False),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("job_id", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer),  # the job's attempt count at the change
+    sa.Column("state", sa.String, nullable=False),  # the job's new status
+    sa.Column("message", sa.String),
+    sa.PrimaryKeyConstraint("id", name="pk_event"),
+    sa.Index("ix_event_run_id_id", "run_id", "id"),
+)
+
+#: the Alembic version table, as Alembic itself creates it (fresh stores are created, then stamped)
+version_t = sa.Table(
+    "alembic_version",
+    _md,
+    sa.Column("version_num", sa.String(32), nullable=False),
+    sa.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
+
+#: job state changes -> event rows, in the writing transaction (same DDL in migration 0002)
+EVENT_TRIGGER = {
+    "sqlite": [
+        "CREATE TRIGGER trg_job_event AFTER UPDATE OF status ON job FOR EACH ROW "
+        "WHEN OLD.status IS NOT NEW.status BEGIN "
+        "INSERT INTO event (run_id, time, job_id, attempt, state, message) VALUES (NEW.run_id, "
+        "COALESCE(NEW.updated, (julianday('now') - 2440587.5) * 86400.0), NEW.id, NEW.attempts, NEW.status, "
+        "NEW.message); END",
+    ],
+    "postgresql": [
+        "CREATE FUNCTION batchprod_job_event() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "INSERT INTO event (run_id, time, job_id, attempt, state, message) VALUES (NEW.run_id, "
+        "COALESCE(NEW.updated, extract(epoch from clock_timestamp())), NEW.id, NEW.attempts, NEW.status, "
+        "NEW.message); RETURN NULL; END $$",
+        "CREATE TRIGGER trg_job_event AFTER UPDATE OF status ON job FOR EACH ROW "
+        "WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION batchprod_job_event()",
+    ],
+}
 
 JOB_MUTABLE = (
     "status", "attempts", "retries", "preemptions", "infra_failures", "request_memory", "failure_class",
     "exit_code", "message", "updated",
 )
-ATTEMPT_COLUMNS = tuple(c.name for c in attempt_t.columns)
+#: what writers give of an attempt (the store adds the run)
+ATTEMPT_COLUMNS = tuple(c.name for c in attempt_t.columns if c.name != "run_id")
+OUTPUT_COLUMNS = tuple(c.name for c in output_t.columns if c.name not in ("id", "run_id"))
 
 STATE_FILE = "state.db"
-TABLES = ("run", "job", "attempt", "context", "output", "execution")
+TABLES = ("run", "job", "attempt", "context", "output", "execution", "event")
+CORE_TABLES = ("run", "job", "attempt")
 JOB_STATES = frozenset(s.value for s in JobState)
 RUN_STATES = frozenset(s.value for s in RunState)
 SQLITE_HEADER = 100  # bytes: no SQLite database is shorter
 
 
 def _unknown_status_query() -> tuple[Any, dict[str, str]]:
-    """One job whose status is none of JobState's, if any: a LIMIT 1 index seek into each gap
-    between the known values (an ``OR`` of the ranges, or ``NOT IN``, makes SQLite scan the table)."""
+    """One job of the run whose status is none of JobState's, if any: a LIMIT 1 index seek into each
+    gap between the known values (an ``OR`` of the ranges, or ``NOT IN``, makes SQLite scan the table)."""
     known = sorted(JOB_STATES)
     bounds = [(None, known[0]), *zip(known, known[1:], strict=False), (known[-1], None)]
     parts, params = [], {}
     for i, (lo, hi) in enumerate(bounds):
-        cond = []
+        cond = ["run_id = :run_id"]
         if lo is not None:
             cond.append(f"status > :lo{i}")
             params[f"lo{i}"] = lo
@@ -181,44 +257,155 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class StateStore:
-    """Access to one run's state database."""
+def _new_engine(url: str) -> sa.Engine:
+    engine = sa.create_engine(url)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
 
-    def __init__(self, url_or_path: str | Path, create: bool = False) -> None:
+
+# one engine (and connection pool) per central database URL in a process, shared by its stores: a
+# dispatcher holds a store per run; disposed when the last of them closes
+_shared: dict[str, list[Any]] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_engine(url: str) -> sa.Engine:
+    with _shared_lock:
+        entry = _shared.get(url)
+        if entry is None:
+            entry = _shared[url] = [_new_engine(url), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_engine(url: str) -> None:
+    with _shared_lock:
+        entry = _shared.get(url)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _shared[url]
+            entry[0].dispose()
+
+
+def _cols(table: sa.Table) -> list[sa.Column[Any]]:
+    """A table's columns as readers see them (the run key is the store's business)."""
+    return [c for c in table.columns if c.name != "run_id"]
+
+
+_PG_ARRAY = {sa.Integer: "int4[]", sa.BigInteger: "int8[]", sa.Float: "float8[]", sa.String: "text[]",
+             sa.Text: "text[]"}
+
+
+def _pg_array_type(col: sa.Column[Any]) -> str:
+    for t in type(col.type).__mro__:
+        if t in _PG_ARRAY:
+            return _PG_ARRAY[t]
+    raise TypeError(f"no array type for {col}")
+
+
+def _rounds(rows: Sequence[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], Any]) -> list[list[Any]]:
+    """Rows split so that no key repeats within a part, in order: one statement cannot change a row
+    twice, and a job that went RUNNING then SUCCEEDED within one flush is two changes (two events),
+    as on SQLite. Nearly always one part."""
+    parts: list[list[Any]] = []
+    seen: dict[Any, int] = {}
+    for r in rows:
+        k = key(r)
+        n = seen.get(k, 0)  # the n-th change of this row goes in part n
+        seen[k] = n + 1
+        if n == len(parts):
+            parts.append([])
+        parts[n].append(r)
+    return parts
+
+
+class StateStore:
+    """Access to one run's state.
+
+    ``StateStore(path)``: the run in a per-run SQLite file (``SUBMIT_DIR/state.db``; the file holds
+    one run). ``StateStore(url, run=name)``: run ``name`` of a central database (``sqlite:///...``
+    or ``postgresql+psycopg://...``); stores of one URL share one engine. ``create=True`` makes the
+    file (or the central schema, if the database has none yet) and binds the store at
+    :meth:`init_run`. A database written by an older batchprod is migrated when opened (Alembic); a
+    per-run file from before Alembic is recognised as the baseline, stamped, then upgraded.
+    """
+
+    def __init__(self, url_or_path: str | Path, create: bool = False, run: str | int | None = None) -> None:
         url = str(url_or_path)
         #: how errors name the store: the file, or the URL without its password
         self.where = url
-        if "://" not in url:
+        #: one database for many runs (a URL), or a per-run file (a path)
+        self.central = "://" in url
+        self.run_name = run
+        self.run_id: int | None = None
+        self._file: Path | None = None
+        self._pointer_dir: Path | None = None  # where init_run names the central database (prepare)
+        if not self.central:
             p = Path(url)
             if not create and not p.is_file():
                 raise RunError(f"{p}: no run state store here")
             if not create:
                 self._check_header(p)
+            self._file = p
             url = f"sqlite:///{p}"
         else:
-            self.where = sa.engine.make_url(url).render_as_string(hide_password=True)
+            u = parse_url(url)
+            self.where = public_url(u)
+            if u.get_backend_name() == "sqlite":
+                p = Path(u.database or "")
+                if p.exists() or not create:
+                    if not p.is_file():
+                        raise RunError(f"{self.where}: no such database file")
+                    self._check_header(p)
+                self._file = p
         self.url = url
         self._stmts: dict[Any, Any] = {}
         self._raw: Any = None
         self._sql: dict[str, Any] = {}
-        self.engine = sa.create_engine(url)
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        if create:
-            _md.create_all(self.engine)
-            return
+        self.engine = _shared_engine(url) if self.central else _new_engine(url)
+        self.dialect = self.engine.dialect.name
         try:
-            self._upgrade()
+            from batchprod.state import migrate
+
+            if self._file is not None and self._file.exists():
+                self._check_size(self._file)  # first: a file cut short fails anywhere after
+            migrate.ensure_schema(self, create)
+            if create or (self.central and run is None):
+                return  # bound at init_run, or a central database's listing (runs())
+            self._bind(run)
             n_jobs = self.run_info()["n_jobs"]  # the run row makes sense
-            if self.engine.dialect.name == "sqlite":
-                self._check_size(Path(url.removeprefix("sqlite:///")))
             self._check_job_rows(n_jobs)
         except (sa.exc.DatabaseError, sqlite3.DatabaseError) as exc:
-            self.engine.dispose()
+            self._dispose()
             raise self._error(exc) from None
-        except RunError:
-            self.engine.dispose()
+        except BaseException:
+            self._dispose()
             raise
+
+    def _bind(self, run: str | int | None) -> None:
+        """Bind the store to its run: by id, by name (which must be unique), or the only one of a
+        per-run file."""
+        with self.engine.connect() as conn:
+            if run is not None:
+                col = run_t.c.id if isinstance(run, int) else run_t.c.name
+                ids = conn.execute(sa.select(run_t.c.id).where(col == run).limit(2)).scalars().all()
+                if not ids:
+                    raise RunError(f"{self.where}: no run {run!r} in this database")
+                if len(ids) > 1:
+                    raise RunError(f"{self.where}: several runs are named {run!r}: give the submit directory")
+            else:
+                ids = conn.execute(sa.select(run_t.c.id).limit(2)).scalars().all()
+                if not ids:
+                    raise self._damaged("no run row")
+                if len(ids) > 1:
+                    raise RunError(f"{self.where}: this database holds many runs: name one (run=...)")
+        rid = ids[0]
+        if not isinstance(rid, int):
+            raise self._damaged(f"run row: bad id {rid!r}")
+        self.run_id = rid
 
     # -- damage -------------------------------------------------------------------------------------
     def _check_header(self, p: Path) -> None:
@@ -238,13 +425,13 @@ class StateStore:
         """Every job row there (ids 0..n-1: unique integers, so the count and both ends say it all)
         and no status batchprod does not write, found by index seeks into the gaps between the known
         statuses: ~1 ms at 10^6 jobs, so every open can afford it."""
+        mine = job_t.c.run_id == self.run_id
         with self.engine.connect() as conn:
-            count = conn.execute(sa.select(sa.func.count()).select_from(job_t)).scalar()
-            lo = conn.execute(sa.select(sa.func.min(job_t.c.id))).scalar()
-            hi = conn.execute(sa.select(sa.func.max(job_t.c.id))).scalar()
+            count, lo, hi = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(job_t.c.id), sa.func.max(job_t.c.id)).where(mine)).one()
             if count != n or (n and (lo != 0 or hi != n - 1)):
                 raise self._wrong_job_count(count)
-            bad = conn.execute(_UNKNOWN_STATUS, _UNKNOWN_STATUS_PARAMS).first()
+            bad = conn.execute(_UNKNOWN_STATUS, {**_UNKNOWN_STATUS_PARAMS, "run_id": self.run_id}).first()
         if bad is not None:
             raise self._damaged(f"job '{bad[0]}' has unknown status {bad[1]!r}")
 
@@ -267,26 +454,60 @@ class StateStore:
         if not wal and size < pages * page_size:
             raise self._damaged(f"truncated ({size} of {pages * page_size} bytes)")
 
+    @staticmethod
+    def _truncation(p: Path) -> str | None:
+        """A file SQLite calls malformed: cut short, by its header's own page count? (Read only once
+        SQLite has refused the file: closing a descriptor of it drops this process's locks on it.)"""
+        try:
+            with open(p, "rb") as fh:
+                head = fh.read(SQLITE_HEADER)
+            size = p.stat().st_size
+            wal = p.with_name(p.name + "-wal")
+            if wal.exists() and wal.stat().st_size:
+                return None
+        except OSError:
+            return None
+        page_size = int.from_bytes(head[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = int.from_bytes(head[28:32], "big")
+        valid = head[24:28] == head[92:96]  # the page count is kept only when these agree
+        if valid and pages and size < pages * page_size:
+            return f"truncated ({size} of {pages * page_size} bytes)"
+        return None
+
     def _damaged(self, what: str) -> DamagedStateError:
         return DamagedStateError(f"{self.where}: damaged run state: {what}")
 
     def _error(self, exc: BaseException) -> RunError:
+        import re
+
         orig = getattr(exc, "orig", None) or exc
         msg = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
         if "locked" in msg or "unable to open" in msg or "readonly" in msg:
             return RunError(f"{self.where}: cannot read run state: {msg}")  # not damage: say so
+        if self.central and isinstance(exc, sa.exc.OperationalError) and self.dialect != "sqlite":
+            return RunError(f"{self.where}: database error: {msg}")  # unreachable, refused, ...: not damage
+        if "malformed" in msg and self._file is not None:
+            cut = self._truncation(self._file)
+            if cut:
+                return self._damaged(cut)
+        m = re.match(r'(?:no such table: |relation ")(\w+)', msg)
+        if m:
+            return self._damaged(f"no '{m.group(1)}' table")
         return self._damaged(msg)
 
     def _unknown_status(self, status: Any) -> DamagedStateError:
         with self.engine.connect() as conn:
-            name = conn.execute(sa.select(job_t.c.name).where(job_t.c.status == status).limit(1)).scalar()
+            name = conn.execute(sa.select(job_t.c.name).where(job_t.c.run_id == self.run_id,
+                                                               job_t.c.status == status).limit(1)).scalar()
         return self._damaged(f"job '{name}' has unknown status {status!r}")
 
     def _wrong_job_count(self, found: int) -> DamagedStateError:
         """The job rows do not match the run row: name the first missing (or extra) job id."""
         n = self.run_info()["n_jobs"]
         with self.engine.connect() as conn:
-            ids = [r[0] for r in conn.execute(sa.select(job_t.c.id).order_by(job_t.c.id))]
+            ids = [r[0] for r in conn.execute(sa.select(job_t.c.id).where(job_t.c.run_id == self.run_id)
+                                              .order_by(job_t.c.id))]
         extra = [i for i in ids if not (isinstance(i, int) and 0 <= i < n)]
         if extra:
             return self._damaged(f"job row with id {extra[0]!r} beyond the run's {n} jobs")
@@ -304,83 +525,89 @@ class StateStore:
             if bad:
                 raise self._unknown_status(min(bad, key=str))
 
-    def _upgrade(self) -> None:
-        """Bring a store written by an older batchprod up to this schema (added tables, columns and
-        indexes only), so such a run can still be restarted and reported. A store without the core
-        tables is damaged, not old."""
-        insp = sa.inspect(self.engine)
-        tables = set(insp.get_table_names())
-        for t in ("run", "job", "attempt"):
-            if t not in tables:
-                raise self._damaged(f"no '{t}' table")
-        if "context" in {c["name"] for c in insp.get_columns("attempt")} and set(TABLES) <= tables:
+    def _dispose(self) -> None:
+        if self._raw is not None:
+            with contextlib.suppress(Exception):  # closing after a failure: the first error is the one to tell
+                self._raw.close()
+            self._raw = None
+        if self.engine is None:
             return
-        with self.engine.begin() as conn:
-            if "context" not in {c["name"] for c in insp.get_columns("attempt")}:
-                conn.execute(sa.text("ALTER TABLE attempt ADD COLUMN context VARCHAR"))
-        _md.create_all(self.engine)  # new tables and indexes; existing ones are left alone
+        if self.central:
+            _release_engine(self.url)
+        else:
+            self.engine.dispose()
+        self.engine = None  # type: ignore[assignment]
 
     def close(self) -> None:
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
-        self.engine.dispose()
-
-    def _upsert(self, table: sa.Table, keys: Sequence[str]) -> Any:
-        """INSERT .. ON CONFLICT UPDATE, built once per table (building it costs ~1 ms)."""
-        ck = (table.name, tuple(keys))
-        if ck not in self._stmts:
-            ins = (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(table)
-            cols = {c.name: ins.excluded[c.name] for c in table.columns if c.name not in keys}
-            self._stmts[ck] = ins.on_conflict_do_update(index_elements=list(keys), set_=cols)
-        return self._stmts[ck]
+        self._dispose()
 
     # -- creation -----------------------------------------------------------------------------------
     def init_run(self, name: str, submit_dir: str, wms: str, jobs: Iterable[Mapping[str, Any]]) -> int:
-        """Create the run row and every job row (PENDING) in one transaction."""
+        """Create the run row and every job row (PENDING) in one transaction, and bind the store to it.
+        In a central database a run is its submit directory (output run names repeat across
+        repositories); the row of an earlier run whose submit directory is gone (deleted, or a
+        prepare that never completed) is replaced."""
         now = time.time()
-        rows = [
-            {
-                "id": j["id"],
-                "name": j["name"],
-                "label": j["label"],
-                "n_quanta": j["n_quanta"],
-                "priority": j["priority"],
-                "status": "PENDING",
-                "attempts": 0,
-                "retries": 0,
-                "preemptions": 0,
-                "infra_failures": 0,
-                "request_memory": j["request_memory"],
-                "updated": now,
-            }
-            for j in jobs
-        ]
+        cols = ("run_id", "id", "name", "label", "n_quanta", "priority", "status", "attempts", "retries",
+                "preemptions", "infra_failures", "request_memory", "updated")
         with self.engine.begin() as conn:
-            if conn.execute(sa.select(sa.func.count()).select_from(run_t)).scalar():
-                raise RunError(f"{self.url}: run already initialised")
-            conn.execute(
-                run_t.insert().values(
-                    id=1, name=name, submit_dir=submit_dir, wms=wms, status="PREPARED", n_jobs=len(rows),
-                    created=now, updated=now,
-                )
-            )
-            if self.engine.dialect.name == "sqlite":
+            if not self.central:
+                if conn.execute(sa.select(sa.func.count()).select_from(run_t)).scalar():
+                    raise RunError(f"{self.where}: run already initialised")
+                rid = 1
+                conn.execute(run_t.insert().values(id=rid, name=name, submit_dir=submit_dir, wms=wms,
+                                                   status="PREPARED", n_jobs=0, created=now, updated=now))
+            else:
+                self._drop_gone(conn, submit_dir)
+                rid = conn.execute(run_t.insert().values(name=name, submit_dir=submit_dir, wms=wms,
+                                                         status="PREPARED", n_jobs=0, created=now, updated=now)
+                                   ).inserted_primary_key[0]
+            rows = [(rid, j["id"], j["name"], j["label"], j["n_quanta"], j["priority"], "PENDING", 0, 0, 0, 0,
+                     j["request_memory"], now) for j in jobs]
+            if self.dialect == "sqlite":
                 # the driver's executemany over tuples: ~10x faster than Core's per-dict processing,
                 # which matters at 10^6 jobs
-                cols = list(rows[0]) if rows else []
                 sql = f"INSERT INTO job ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-                conn.exec_driver_sql(sql, [tuple(r[c] for c in cols) for r in rows])
-            else:
-                for i in range(0, len(rows), 50_000):
-                    conn.execute(job_t.insert(), rows[i : i + 50_000])
+                conn.exec_driver_sql(sql, rows)
+            else:  # COPY: PostgreSQL's bulk path
+                cur = conn.connection.driver_connection.cursor()
+                with cur.copy(f"COPY job ({', '.join(cols)}) FROM STDIN") as cp:
+                    for r in rows:
+                        cp.write_row(r)
+            conn.execute(run_t.update().where(run_t.c.id == rid).values(n_jobs=len(rows)))
+        self.run_id = int(rid)
+        self.run_name = name
+        if self._pointer_dir is not None:
+            from batchprod.state.database import write_pointer
+
+            write_pointer(self._pointer_dir, self.url, name, self.run_id)
         return len(rows)
+
+    def _drop_gone(self, conn: Any, submit_dir: str) -> None:
+        old = conn.execute(sa.select(run_t.c.id, run_t.c.name).where(run_t.c.submit_dir == submit_dir)).first()
+        if old is None:
+            return
+        if Path(submit_dir).exists():
+            raise RunError(f"{self.where}: run '{old.name}' of {submit_dir} is already recorded here")
+        self._delete_run(conn, old.id)
+
+    def delete_run(self) -> None:
+        """Forget this run: every row of it, in one transaction (its submit directory is not touched)."""
+        with self.engine.begin() as conn:
+            self._delete_run(conn, self.run_id)
+        self.run_id = None
+
+    @staticmethod
+    def _delete_run(conn: Any, rid: int) -> None:
+        for t in (event_t, output_t, attempt_t, context_t, execution_t, job_t):
+            conn.execute(t.delete().where(t.c.run_id == rid))
+        conn.execute(run_t.delete().where(run_t.c.id == rid))
 
     # -- run row ------------------------------------------------------------------------------------
     @_reading
     def run_info(self) -> dict[str, Any]:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(run_t)).mappings().first()
+            row = conn.execute(sa.select(run_t).where(run_t.c.id == self.run_id)).mappings().first()
         if row is None:
             raise self._damaged("no run row")
         info = dict(row)
@@ -395,7 +622,7 @@ class StateStore:
     def set_run(self, **fields: Any) -> None:
         fields["updated"] = time.time()
         with self.engine.begin() as conn:
-            conn.execute(run_t.update().where(run_t.c.id == 1).values(**fields))
+            conn.execute(run_t.update().where(run_t.c.id == self.run_id).values(**fields))
 
     # -- batched writes -----------------------------------------------------------------------------
     def write(
@@ -406,34 +633,16 @@ class StateStore:
         contexts: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Commit job rows (id + JOB_MUTABLE), attempt rows (upsert), outputs and new provenance
-        contexts (hash -> record; known ones are kept) in one transaction."""
+        contexts (hash -> record; known ones are kept) in one transaction, with one event row per job
+        whose status changed."""
         if not (jobs or attempts or outputs or contexts):
             return
         # sanitized here too: a record from a remote wrapper of another version never stores a secret
         ctx_rows = [(h, json.dumps(sanitize_record(r), sort_keys=True)) for h, r in (contexts or {}).items()]
-        if self.engine.dialect.name == "sqlite":
+        if self.dialect == "sqlite":
             self._write_sqlite(jobs, attempts, outputs, ctx_rows)
-            return
-        with self.engine.begin() as conn:
-            if ctx_rows:
-                ins = postgresql.insert(context_t).on_conflict_do_nothing(index_elements=["hash"])
-                conn.execute(ins, [{"hash": h, "record": r} for h, r in ctx_rows])
-            if jobs:
-                if "job_update" not in self._stmts:
-                    self._stmts["job_update"] = (
-                        job_t.update()
-                        .where(job_t.c.id == sa.bindparam("_id"))
-                        .values({c: sa.bindparam(c) for c in JOB_MUTABLE})
-                    )
-                stmt = self._stmts["job_update"]
-                conn.execute(stmt, [{"_id": j["id"], **{c: j.get(c) for c in JOB_MUTABLE}} for j in jobs])
-            if attempts:
-                conn.execute(
-                    self._upsert(attempt_t, ("job_id", "number")),
-                    [{c: a.get(c) for c in ATTEMPT_COLUMNS} for a in attempts],
-                )
-            if outputs:
-                conn.execute(output_t.insert(), list(outputs))
+        else:
+            self._write_pg(jobs, attempts, outputs, ctx_rows)
 
     def _write_sqlite(
         self,
@@ -442,43 +651,113 @@ class StateStore:
         outputs: Sequence[Mapping[str, Any]],
         contexts: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """The hot path on SQLite: the driver's executemany on one kept connection. SQLAlchemy Core
-        costs ~0.7 ms per flush here, the driver ~0.1 ms, and the orchestrator flushes before every
-        launch batch."""
-        if self._raw is None:
-            self._raw = self.engine.raw_connection()
+        """The hot path on SQLite: the driver's executemany, on one kept connection for a per-run file
+        (a pooled one for a central file). SQLAlchemy Core costs ~0.7 ms per flush here, the driver
+        ~0.1 ms, and the orchestrator flushes before every launch batch."""
+        if not self._sql:
             acols = [c for c in ATTEMPT_COLUMNS if c not in ("job_id", "number")]
-            ocols = [c.name for c in output_t.columns if c.name != "id"]
             self._sql = {
-                "job": f"UPDATE job SET {', '.join(f'{c}=?' for c in JOB_MUTABLE)} WHERE id=?",
-                "attempt": f"INSERT INTO attempt ({', '.join(ATTEMPT_COLUMNS)}) VALUES "
-                f"({', '.join('?' * len(ATTEMPT_COLUMNS))}) ON CONFLICT(job_id, number) DO UPDATE SET "
+                "job": f"UPDATE job SET {', '.join(f'{c}=?' for c in JOB_MUTABLE)} WHERE run_id=? AND id=?",
+                "attempt": f"INSERT INTO attempt (run_id, {', '.join(ATTEMPT_COLUMNS)}) VALUES "
+                f"(?, {', '.join('?' * len(ATTEMPT_COLUMNS))}) ON CONFLICT(run_id, job_id, number) DO UPDATE SET "
                 + ", ".join(f"{c}=excluded.{c}" for c in acols),
-                "output": f"INSERT INTO output ({', '.join(ocols)}) VALUES ({', '.join('?' * len(ocols))})",
-                "ocols": ocols,  # type: ignore[dict-item]
+                "output": f"INSERT INTO output (run_id, {', '.join(OUTPUT_COLUMNS)}) VALUES "
+                f"(?, {', '.join('?' * len(OUTPUT_COLUMNS))})",
+                "context": "INSERT OR IGNORE INTO context (run_id, hash, record) VALUES (?, ?, ?)",
             }
-        raw, sql = self._raw, self._sql
+        if self.central:
+            raw = self.engine.raw_connection()
+        else:
+            if self._raw is None:
+                self._raw = self.engine.raw_connection()
+            raw = self._raw
+        sql, rid = self._sql, self.run_id
         cur = raw.cursor()
         try:
             if jobs:
-                cur.executemany(sql["job"], [tuple(j.get(c) for c in JOB_MUTABLE) + (j["id"],) for j in jobs])
+                cur.executemany(sql["job"], [tuple(j.get(c) for c in JOB_MUTABLE) + (rid, j["id"]) for j in jobs])
             if attempts:
-                cur.executemany(sql["attempt"], [tuple(a.get(c) for c in ATTEMPT_COLUMNS) for a in attempts])
+                cur.executemany(sql["attempt"], [(rid, *(a.get(c) for c in ATTEMPT_COLUMNS)) for a in attempts])
             if outputs:
-                cur.executemany(sql["output"], [tuple(o.get(c) for c in sql["ocols"]) for o in outputs])
+                cur.executemany(sql["output"], [(rid, *(o.get(c) for c in OUTPUT_COLUMNS)) for o in outputs])
             if contexts:
-                cur.executemany("INSERT OR IGNORE INTO context (hash, record) VALUES (?, ?)", contexts)
+                cur.executemany(sql["context"], [(rid, h, r) for h, r in contexts])
             raw.commit()
         except BaseException:
             raw.rollback()
             raise
         finally:
             cur.close()
+            if self.central:
+                raw.close()
+
+    def _pg_sql(self) -> dict[str, str]:
+        """PostgreSQL writes: one statement per table for any number of rows, the rows passed as one
+        array per column and turned back into rows by ``unnest`` (a round trip per table and flush,
+        not per row)."""
+        if self._sql:
+            return self._sql
+
+        q = self.engine.dialect.identifier_preparer.quote  # "end" is a reserved word there
+
+        def names(cols: Sequence[str]) -> str:
+            return ", ".join(q(c) for c in cols)
+
+        def unnest(table: sa.Table, cols: Sequence[str]) -> str:
+            return ("unnest(" + ", ".join(f"%s::{_pg_array_type(table.c[c])}" for c in cols)
+                    + f") AS u({names(cols)})")
+
+        jcols = ("id", *JOB_MUTABLE)
+        acols = [c for c in ATTEMPT_COLUMNS if c not in ("job_id", "number")]
+        self._sql = {
+            "job": f"UPDATE job AS j SET {', '.join(f'{q(c)} = u.{q(c)}' for c in JOB_MUTABLE)} "
+                   f"FROM {unnest(job_t, jcols)} WHERE j.run_id = %s AND j.id = u.id",
+            "attempt": f"INSERT INTO attempt (run_id, {names(ATTEMPT_COLUMNS)}) "
+                       f"SELECT %s::int4, u.* FROM {unnest(attempt_t, ATTEMPT_COLUMNS)} "
+                       f"ON CONFLICT (run_id, job_id, number) DO UPDATE SET "
+                       + ", ".join(f"{q(c)} = excluded.{q(c)}" for c in acols),
+            "output": f"INSERT INTO output (run_id, {names(OUTPUT_COLUMNS)}) "
+                      f"SELECT %s::int4, u.* FROM {unnest(output_t, OUTPUT_COLUMNS)}",
+            "context": f"INSERT INTO context (run_id, hash, record) SELECT %s::int4, u.* FROM "
+                       f"{unnest(context_t, ('hash', 'record'))} ON CONFLICT (run_id, hash) DO NOTHING",
+        }
+        return self._sql
+
+    def _write_pg(
+        self,
+        jobs: Sequence[Mapping[str, Any]],
+        attempts: Sequence[Mapping[str, Any]],
+        outputs: Sequence[Mapping[str, Any]],
+        contexts: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """The hot path on PostgreSQL: one ``unnest`` statement per table, one commit."""
+        sql, rid = self._pg_sql(), self.run_id
+
+        def columns(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> list[list[Any]]:
+            return [[r.get(c) for r in rows] for c in cols]
+
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            if contexts:
+                cur.execute(sql["context"], (rid, [h for h, _ in contexts], [r for _, r in contexts]))
+            for part in _rounds(jobs, lambda j: j["id"]):
+                cur.execute(sql["job"], (*columns(part, ("id", *JOB_MUTABLE)), rid))
+            for part in _rounds(attempts, lambda a: (a["job_id"], a["number"])):
+                cur.execute(sql["attempt"], (rid, *columns(part, ATTEMPT_COLUMNS)))
+            if outputs:
+                cur.execute(sql["output"], (rid, *columns(outputs, OUTPUT_COLUMNS)))
+            raw.commit()
+        except BaseException:
+            raw.rollback()
+            raise
+        finally:
+            raw.close()
 
     # -- reads --------------------------------------------------------------------------------------
     @_reading
     def jobs(self, status: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
-        q = sa.select(job_t).order_by(job_t.c.id)
+        q = sa.select(*_cols(job_t)).where(job_t.c.run_id == self.run_id).order_by(job_t.c.id)
         if isinstance(status, str):
             q = q.where(job_t.c.status == status)
         elif status is not None:
@@ -492,7 +771,8 @@ class StateStore:
     @_reading
     def job_by_name(self, name: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
-            r = conn.execute(sa.select(job_t).where(job_t.c.name == name)).mappings().first()
+            r = conn.execute(sa.select(*_cols(job_t)).where(job_t.c.run_id == self.run_id, job_t.c.name == name)
+                             ).mappings().first()
         if r is not None and r["status"] not in JOB_STATES:
             raise self._damaged(f"job '{name}' has unknown status {r['status']!r}")
         return dict(r) if r else None
@@ -501,15 +781,17 @@ class StateStore:
     def job_columns(self, *cols: str) -> list[tuple[Any, ...]]:
         """Selected columns of every job, ordered by id (cheap bulk read for restart); every job of
         the run is there, with a known status."""
+        q = sa.select(*[job_t.c[c] for c in cols]).where(job_t.c.run_id == self.run_id).order_by(job_t.c.id)
         with self.engine.connect() as conn:
-            rows = [tuple(r) for r in conn.execute(sa.select(*[job_t.c[c] for c in cols]).order_by(job_t.c.id))]
+            rows = [tuple(r) for r in conn.execute(q)]
         self._check_jobs(rows, cols.index("id") if "id" in cols else None,
                          cols.index("status") if "status" in cols else None)
         return rows
 
     @_reading
     def attempts(self, job_id: int | None = None, status: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
-        q = sa.select(attempt_t).order_by(attempt_t.c.job_id, attempt_t.c.number)
+        q = (sa.select(*_cols(attempt_t)).where(attempt_t.c.run_id == self.run_id)
+             .order_by(attempt_t.c.job_id, attempt_t.c.number))
         if job_id is not None:
             q = q.where(attempt_t.c.job_id == job_id)
         if isinstance(status, str):
@@ -528,8 +810,9 @@ class StateStore:
             sa.select(j.c.id, j.c.name, j.c.label, j.c.status, j.c.attempts, j.c.failure_class, j.c.exit_code,
                       j.c.message, j.c.request_memory, a.c.signal, a.c.error_line, a.c.stderr, a.c.stdout,
                       a.c.peak_rss_mb, a.c.host)
-            .select_from(j.outerjoin(a, sa.and_(a.c.job_id == j.c.id, a.c.number == j.c.attempts)))
-            .where(j.c.status.in_(statuses))
+            .select_from(j.outerjoin(a, sa.and_(a.c.run_id == j.c.run_id, a.c.job_id == j.c.id,
+                                                a.c.number == j.c.attempts)))
+            .where(j.c.run_id == self.run_id, j.c.status.in_(statuses))
             .order_by(j.c.id)
         )
         with self.engine.connect() as conn:
@@ -542,7 +825,8 @@ class StateStore:
         if not wanted:
             return {}
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(context_t).where(context_t.c.hash.in_(wanted))).all()
+            rows = conn.execute(sa.select(context_t.c.hash, context_t.c.record)
+                                .where(context_t.c.run_id == self.run_id, context_t.c.hash.in_(wanted))).all()
         out = {}
         for h, r in rows:
             try:
@@ -558,7 +842,7 @@ class StateStore:
     def find_outputs(self, path: str | None = None, dataset_type: str | None = None,
                      data_id: str | None = None) -> list[dict[str, Any]]:
         """Output rows by published path, or by dataset type (and canonical data ID JSON)."""
-        q = sa.select(output_t).order_by(output_t.c.id)
+        q = sa.select(*_cols(output_t)).where(output_t.c.run_id == self.run_id).order_by(output_t.c.id)
         if path is not None:
             q = q.where(output_t.c.path == path)
         if dataset_type is not None:
@@ -575,44 +859,64 @@ class StateStore:
         out: dict[str, dict[str, Any]] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(wanted), 500):
-                q = sa.select(output_t).where(output_t.c.path.in_(wanted[i : i + 500]))
+                q = sa.select(*_cols(output_t)).where(output_t.c.run_id == self.run_id,
+                                                      output_t.c.path.in_(wanted[i : i + 500]))
                 out.update({r["path"]: dict(r) for r in conn.execute(q).mappings()})
         return out
 
     @_reading
     def begin_execution(self, host: str, pid: int) -> int:
         with self.engine.begin() as conn:
-            return int(conn.execute(execution_t.insert().values(start=time.time(), host=host, pid=pid))
-                       .inserted_primary_key[0])
+            return int(conn.execute(execution_t.insert().values(run_id=self.run_id, start=time.time(), host=host,
+                                                                pid=pid)).inserted_primary_key[0])
 
     def end_execution(self, execution_id: int) -> None:
         with self.engine.begin() as conn:
-            conn.execute(execution_t.update().where(execution_t.c.id == execution_id).values(end=time.time()))
+            conn.execute(execution_t.update().where(execution_t.c.run_id == self.run_id,
+                                                    execution_t.c.id == execution_id).values(end=time.time()))
 
     @_reading
     def executions(self) -> list[dict[str, Any]]:
         """Engine sessions, oldest first; an unfinished one ends at the run's last job write."""
         with self.engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(sa.select(execution_t).order_by(execution_t.c.id)).mappings()]
+            rows = [dict(r) for r in conn.execute(sa.select(*_cols(execution_t))
+                                                  .where(execution_t.c.run_id == self.run_id)
+                                                  .order_by(execution_t.c.id)).mappings()]
             if rows and rows[-1]["end"] is None:
-                rows[-1]["last_write"] = conn.execute(sa.select(sa.func.max(job_t.c.updated))).scalar()
+                rows[-1]["last_write"] = conn.execute(sa.select(sa.func.max(job_t.c.updated))
+                                                      .where(job_t.c.run_id == self.run_id)).scalar()
         return rows
 
     def drop_outputs(self, job_id: int) -> None:
         """Forget a job's recorded outputs (its next success records them anew: the final job re-runs)."""
         with self.engine.begin() as conn:
-            conn.execute(output_t.delete().where(output_t.c.job_id == job_id))
+            conn.execute(output_t.delete().where(output_t.c.run_id == self.run_id, output_t.c.job_id == job_id))
 
     def output_columns(self, *cols: str) -> list[tuple[Any, ...]]:
         """Selected columns of every output row (bulk read for ingest)."""
         with self.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(sa.select(*[output_t.c[c] for c in cols]).order_by(output_t.c.id))]
+            return [tuple(r) for r in conn.execute(sa.select(*[output_t.c[c] for c in cols])
+                                                   .where(output_t.c.run_id == self.run_id)
+                                                   .order_by(output_t.c.id))]
 
     @_reading
     def outputs(self, job_id: int | None = None) -> list[dict[str, Any]]:
-        q = sa.select(output_t).order_by(output_t.c.id)
+        q = sa.select(*_cols(output_t)).where(output_t.c.run_id == self.run_id).order_by(output_t.c.id)
         if job_id is not None:
             q = q.where(output_t.c.job_id == job_id)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    @_reading
+    def events(self, since_id: int = 0, limit: int | None = 1000) -> list[dict[str, Any]]:
+        """The run's job state changes after event ``since_id``, oldest first: id, time, job_id, job
+        (name), attempt, state, message. Poll with the last id seen to follow a run live."""
+        e, j = event_t, job_t
+        q = (sa.select(e.c.id, e.c.time, e.c.job_id, j.c.name.label("job"), e.c.attempt, e.c.state, e.c.message)
+             .select_from(e.outerjoin(j, sa.and_(j.c.run_id == e.c.run_id, j.c.id == e.c.job_id)))
+             .where(e.c.run_id == self.run_id, e.c.id > since_id).order_by(e.c.id))
+        if limit is not None:
+            q = q.limit(limit)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
 
@@ -622,6 +926,7 @@ class StateStore:
         say whether a job row is missing or has an unknown status, for free."""
         q = (
             sa.select(job_t.c.label, job_t.c.status, sa.func.count(), sa.func.sum(job_t.c.n_quanta))
+            .where(job_t.c.run_id == self.run_id)
             .group_by(job_t.c.label, job_t.c.status)
             .order_by(sa.func.min(job_t.c.id))
         )
@@ -634,3 +939,32 @@ class StateStore:
         if total != self.run_info()["n_jobs"]:
             raise self._wrong_job_count(total)
         return rows
+
+    @_reading
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run of the database (id, name, submit_dir, status, created), newest first."""
+        q = sa.select(run_t.c.id, run_t.c.name, run_t.c.submit_dir, run_t.c.status, run_t.c.created)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(run_t.c.created.desc(), run_t.c.id.desc())).mappings()]
+
+
+def list_central_runs(url: str) -> list[dict[str, Any]]:
+    """id, name, submit_dir, status and created of every run in a central database, newest first."""
+    store = StateStore(url)
+    try:
+        return store.runs()
+    finally:
+        store.close()
+
+
+def create_store(directory: Path, name: str) -> StateStore:
+    """A new run's store, for prepare: ``directory/state.db``, or the central database selected by
+    ``--db`` / ``$BATCHPROD_DB`` (then ``directory`` gets the file naming it, without its password)."""
+    from batchprod.state.database import selected_db
+
+    url = selected_db()
+    if not url:
+        return StateStore(directory / STATE_FILE, create=True)
+    store = StateStore(url, create=True)
+    store._pointer_dir = directory  # init_run names the database and the run there
+    return store

@@ -1,0 +1,1 @@
+"""Alembic revisions of the state store (loaded by Alembic from their files)."""
