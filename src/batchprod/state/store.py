@@ -455,23 +455,25 @@ class StateStore:
             raise self._damaged(f"truncated ({size} of {pages * page_size} bytes)")
 
     @staticmethod
-    def _truncation(p: Path) -> str | None:
-        """A file SQLite calls malformed: cut short, by its header's own page count? (Read only once
-        SQLite has refused the file: closing a descriptor of it drops this process's locks on it.)"""
+    def _diagnose(p: Path) -> str | None:
+        """What is wrong with a file SQLite calls malformed (it may have read pages from a WAL that
+        outlived the file): not SQLite's header, or cut short by the header's own page count? Read
+        only once SQLite has refused the file: closing a descriptor of it drops this process's locks."""
         try:
             with open(p, "rb") as fh:
                 head = fh.read(SQLITE_HEADER)
             size = p.stat().st_size
             wal = p.with_name(p.name + "-wal")
-            if wal.exists() and wal.stat().st_size:
-                return None
+            wal_frames = wal.exists() and wal.stat().st_size > 0
         except OSError:
             return None
+        if head[:16] != b"SQLite format 3\x00":  # what SQLite says when it reads the header first
+            return "file is not a database"
         page_size = int.from_bytes(head[16:18], "big")
         page_size = 65536 if page_size == 1 else page_size
         pages = int.from_bytes(head[28:32], "big")
         valid = head[24:28] == head[92:96]  # the page count is kept only when these agree
-        if valid and pages and size < pages * page_size:
+        if valid and pages and size < pages * page_size and not wal_frames:
             return f"truncated ({size} of {pages * page_size} bytes)"
         return None
 
@@ -488,7 +490,7 @@ class StateStore:
         if self.central and isinstance(exc, sa.exc.OperationalError) and self.dialect != "sqlite":
             return RunError(f"{self.where}: database error: {msg}")  # unreachable, refused, ...: not damage
         if "malformed" in msg and self._file is not None:
-            cut = self._truncation(self._file)
+            cut = self._diagnose(self._file)
             if cut:
                 return self._damaged(cut)
         m = re.match(r'(?:no such table: |relation ")(\w+)', msg)
