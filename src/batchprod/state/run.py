@@ -44,7 +44,7 @@ class Run:
             url, name, run_id = read_pointer(self.submit_dir)
             self.store = StateStore(url, run=run_id)
             info = self.store.run_info()
-            if info["name"] != name or Path(info["submit_dir"]).resolve() != self.submit_dir:
+            if info["name"] != name:  # the same id in another database (or schema)
                 self.store.close()
                 raise RunError(f"{self.submit_dir}: run {run_id} of {self.store.where} is '{info['name']}' "
                                f"of {info['submit_dir']}, not this run ('{name}'): wrong database?")

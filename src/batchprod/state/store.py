@@ -108,7 +108,6 @@ attempt_t = sa.Table(
     sa.Column("context", sa.String),  # hash of the provenance context it ran in (context table)
     sa.PrimaryKeyConstraint("run_id", "job_id", "number", name="pk_attempt"),
     sa.ForeignKeyConstraint(["run_id", "job_id"], ["job.run_id", "job.id"], name="fk_attempt_job"),
-    sa.Index("ix_attempt_run_id_status", "run_id", "status"),
     sqlite_with_rowid=False,
 )
 

@@ -139,7 +139,6 @@ def _create_indexes() -> None:
     op.create_index("uq_run_submit_dir", "run", ["submit_dir"], unique=True)
     op.create_index("uq_job_run_id_name", "job", ["run_id", "name"], unique=True)
     op.create_index("ix_job_run_id_status", "job", ["run_id", "status"])
-    op.create_index("ix_attempt_run_id_status", "attempt", ["run_id", "status"])
     op.create_index("ix_execution_run_id", "execution", ["run_id"])
     op.create_index("ix_output_run_id_job_id", "output", ["run_id", "job_id"])
     op.create_index("ix_output_run_id_path", "output", ["run_id", "path"])
