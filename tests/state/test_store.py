@@ -349,3 +349,41 @@ def test_shared_engine_is_released(tmp_path: Path) -> None:
     a.close()
     b.close()
     assert url not in store_mod._shared
+
+
+def test_a_bad_database_leaves_nothing_behind(tmp_path: Path, toy_repo: Path, cli,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchprod.testing import write_submit
+
+    monkeypatch.chdir(tmp_path)
+    cfg = write_submit(tmp_path, repo=toy_repo)
+    for bad in ("nonsense", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x", f"sqlite:///{tmp_path}/no/such/dir.db"):
+        r = cli("submit", cfg, "--db", bad)
+        out = r.output.strip()
+        assert r.exit_code == 2 and len(out.splitlines()) == 1 and out.startswith("error: "), out
+        assert "s3cret" not in out and "Traceback" not in out
+        assert not (tmp_path / "submit" / "toy" / "run").exists() and not (tmp_path / "nonsense").exists()
+    select_db(None)
+
+
+def test_a_pointer_to_another_database_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    select_db(url)
+    try:
+        sd = tmp_path / "sd"
+        sd.mkdir()
+        s = store_mod.create_store(sd, "mine")
+        s.init_run("mine", str(sd), "local", _jobs(2))
+        s.close()
+        from batchprod.state.run import Run
+
+        assert Run(sd).name == "mine"
+        pointer = json.loads((sd / DB_FILE).read_text())
+        (sd / DB_FILE).write_text(json.dumps({**pointer, "run": "theirs"}))
+        with pytest.raises(RunError, match=r"run 1 of sqlite:///.* is 'mine' .* not this run \('theirs'\)"):
+            Run(sd)
+        (sd / DB_FILE).write_text("{")
+        with pytest.raises(RunError, match="damaged run file"):
+            Run(sd)
+    finally:
+        select_db(None)

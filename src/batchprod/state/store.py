@@ -257,7 +257,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _new_engine(url: str) -> sa.Engine:
-    engine = sa.create_engine(url)
+    kwargs: dict[str, Any] = {}
+    u = sa.engine.make_url(url)
+    if u.get_backend_name() == "postgresql" and "connect_timeout" not in u.query:
+        kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server: one line in 10 s, not minutes
+    engine = sa.create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -337,7 +341,7 @@ class StateStore:
         #: how errors name the store: the file, or the URL without its password
         self.where = url
         #: one database for many runs (a URL), or a per-run file (a path)
-        self.central = "://" in url
+        self.central = "://" in url or url.startswith(("sqlite:", "postgresql"))
         self.run_name = run
         self.run_id: int | None = None
         self._file: Path | None = None
@@ -966,6 +970,7 @@ def create_store(directory: Path, name: str) -> StateStore:
     url = selected_db()
     if not url:
         return StateStore(directory / STATE_FILE, create=True)
+    parse_url(url)  # a URL, never a path: "--db nonsense" is refused, not made a file
     store = StateStore(url, create=True)
     store._pointer_dir = directory  # init_run names the database and the run there
     return store
