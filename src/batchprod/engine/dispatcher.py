@@ -154,7 +154,8 @@ class Dispatcher:
             if k is None:
                 continue  # this run waits for room (its lower jobs too)
             site = self.sites[k]
-            cores, mem = dag.demand(j, site.cores)
+            cores, mem = dag.demand(j)
+            cores = min(cores, site.cores)
             launch = dag.take(j, cores)
             site.hold(cores, mem)
             room[k] -= 1
@@ -167,13 +168,13 @@ class Dispatcher:
 
     def _place(self, dag: RunDag, j: int, sites: list[int], room: dict[int, int],
                batches: dict[int, list[tuple[RunDag, Launch]]], one: bool) -> int | None:
+        want, mem = dag.demand(j)
         if one:  # the common case, kept cheap: one run, one site
             k = sites[0]
             if room[k] <= 0:
                 return None
             site = self.sites[k]
-            cores, mem = dag.demand(j, site.cores)
-            if site.fits(cores, mem) or (site.jobs == 0 and k not in batches):
+            if site.fits(min(want, site.cores), mem) or (site.jobs == 0 and k not in batches):
                 return k
             return None
         best, best_load = None, 2.0
@@ -181,8 +182,7 @@ class Dispatcher:
             if room[k] <= 0:
                 continue
             site = self.sites[k]
-            cores, mem = dag.demand(j, site.cores)
-            if not site.fits(cores, mem):
+            if not site.fits(min(want, site.cores), mem):
                 continue
             load = site.used_cores / site.cores if site.cores < BIG else site.jobs / max(site.max_jobs, 1)
             if load < best_load:
@@ -295,6 +295,9 @@ class Dispatcher:
         return self.results
 
     def _wait(self) -> None:
+        if isinstance(self.clock, VirtualClock):
+            self._jump()
+            return
         busy = [s for s in self.sites if s.jobs and s.down_until <= self.clock.monotonic()]
         if len(busy) == 1:
             busy[0].backend.wait(self.poll_interval)
@@ -303,6 +306,27 @@ class Dispatcher:
                 s.backend.wait(self.poll_interval / len(busy))
         else:
             self.clock.sleep(self.poll_interval)
+
+    def _jump(self) -> None:
+        """Virtual time: straight to the next thing that can happen (an attempt ends, a back-off or
+        a walltime expires, a site is asked again), not in poll-sized steps."""
+        now = self.clock.monotonic()
+        wall_now = self.clock.time()
+        times = [s.down_until for s in self.sites if s.down_until > now]
+        for s in self.sites:
+            nxt = getattr(s.backend, "next_end", None)
+            if s.jobs and nxt is not None and (t := nxt()) is not None:
+                times.append(t)
+        for dag in self.dags:
+            if dag.delayed:
+                times.append(dag.delayed[0][0])
+            for a in dag.active.values():
+                if a.launch.walltime and not a.killing:
+                    since = self.by_name[a.site].backend.running_since(a.handle)
+                    # (just past it: a walltime is exceeded when more than it has passed)
+                    times.append(now + (since if since is not None else wall_now) + a.launch.walltime - wall_now + 1e-3)
+        later = [t for t in times if t > now]
+        self.clock.sleep((min(later) if later else now + self.poll_interval) - now)
 
     def cancel_all(self, why: str) -> None:
         """Stop every attempt of every run (whole process groups / scheduler jobs); what ends in

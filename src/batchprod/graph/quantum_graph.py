@@ -141,8 +141,8 @@ class QuantumGraph:
 
     def data_id(self, q: int) -> dict[str, Any]:
         t = int(self.task_of[q])
-        row = self.data_ids[t][q - int(self.task_offsets[t])]
-        return {d: int(v) for d, v in zip(self.tasks[t].dimensions, row, strict=True)}
+        row = self.data_ids[t][q - int(self.task_offsets[t])].tolist()  # Python ints at once, not per value
+        return dict(zip(self.tasks[t].dimensions, row, strict=True))
 
     def node_id(self, q: int) -> str:
         """Stable id: hash of label + data ID, so a re-plan and a restart agree on identity."""

@@ -168,6 +168,12 @@ class FakeBackend(Backend):
             return None
         return a.started
 
+    def next_end(self) -> float | None:
+        """When the next attempt here ends (clock time), None if none runs (for virtual time)."""
+        while self._ends and self._ends[0][1] not in self.attempts:
+            heapq.heappop(self._ends)  # ended by a kill already reported
+        return self._ends[0][0] if self._ends else None
+
     def wait(self, timeout: float) -> None:
         """Until the next end or ``timeout``: a virtual clock jumps there, a real one sleeps."""
         now = self.clock.monotonic()
