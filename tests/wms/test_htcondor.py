@@ -20,7 +20,8 @@ classad2 = pytest.importorskip("classad2")
 def exported(tmp_path: Path, cli) -> tuple[Run, Path]:
     repo = make_toy_repo(tmp_path / "repo", visits=(1, 2), detectors=(0, 1))
     cfg = write_submit(tmp_path, repo=repo, numberOfRetries=2, requestMemory=1000, memoryMultiplier=2,
-                       memoryLimit=3000, requestWalltime="00:10:00", site={"local": {"maxJobs": 50}},
+                       memoryLimit=3000, requestWalltime="00:10:00", site={"local": {"maxJobs": "{mj}"}},
+                       variables={"mj": 50},  # the site's typed settings, substituted
                        pipetask={"coadd": {"priority": 5, "requestCpus": 2}},
                        finalJob={"command": "echo done"})
     r = cli("prepare", cfg, "--wms", "htcondor")

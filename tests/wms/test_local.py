@@ -7,17 +7,19 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from batchprod.engine.control import LocalExecutor, cancel
 from batchprod.engine.prepare import prepare
 from batchprod.execution.process import group_members
-from batchprod.execution.states import JobState
+from batchprod.execution.states import FailureClass, JobState
 from batchprod.report import summarize
 from batchprod.state.run import Run
 from batchprod.testing import command_task, make_toy_repo, write_submit
-from batchprod.wms.local import LocalService
+from batchprod.wms.base import Launch
+from batchprod.wms.local import LocalBackend, LocalService, LocalSettings
 
 
 def run_local(cfg: Path, **kw) -> tuple[Run, str]:
@@ -126,10 +128,12 @@ def test_priorities_respected(tmp_path: Path) -> None:
     assert last_high <= first_low, "a low-priority job started before every high-priority job finished"
 
 
-@pytest.mark.parametrize(("site", "limit"), [({"cores": 2}, 2), ({"cores": 4, "memory": 250}, 2), ({"cores": 3}, 3)])
+@pytest.mark.parametrize(("site", "limit"), [({"cores": 2}, 2), ({"cores": 4, "memory": 250}, 2), ({"cores": 3}, 3),
+                                                  ({"cores": 4, "maxJobs": "{n}"}, 2)])
 def test_resource_budget_never_exceeded(tmp_path: Path, site: dict, limit: int) -> None:
     repo = make_toy_repo(tmp_path / "repo", visits=(1, 2, 3), detectors=(0, 1))
-    cfg = write_submit(tmp_path, _timeline_pipeline(0.4), repo=repo, site={"local": site}, requestMemory=100)
+    cfg = write_submit(tmp_path, _timeline_pipeline(0.4), repo=repo, site={"local": site}, requestMemory=100,
+                       variables={"n": 2})  # site values are substituted
     run, state = run_local(cfg)
     assert state == "SUCCEEDED"
     overlap = _max_overlap(_intervals(run))  # measured by the jobs themselves
@@ -207,3 +211,37 @@ def test_cancel_when_orchestrator_is_gone(tmp_path: Path, toy_repo: Path, cli) -
     cancel(LocalService(), run)
     assert run.store.run_info()["status"] == "CANCELLED"
     _wait(lambda: group_members(pg) == [], timeout=5)
+
+
+def _launch(run_dir: Path, job: int, command: str) -> Launch:
+    """One attempt of a shell-command job of the run in ``run_dir`` (no engine needed)."""
+    name = f"calibrate_visit{job}"
+    logs = run_dir / "logs" / "calibrate"
+    logs.mkdir(parents=True, exist_ok=True)
+    result = logs / f"{name}.1.result.json"
+    spec = {"name": name, "attempt": 1, "repo": str(run_dir / "repo"), "output_run": "run", "result_path": str(result),
+            "quanta": [{"label": "calibrate", "data_id": {"visit": job}, "node_id": name, "command": command,
+                        "python": None, "config": {}, "inputs": [], "outputs": []}]}
+    return Launch(job, name, "calibrate", 1, 1, 100, 0, spec, logs / f"{name}.1.out", logs / f"{name}.1.err", result,
+                  run=str(run_dir))
+
+
+def test_one_local_site_serves_two_runs(tmp_path: Path) -> None:
+    """A backend is a site, not a run: attempts of two runs side by side, each marked as its run's
+    (so one run's orphans are found and killed without touching the other's), each end keyed by it."""
+    a, b = tmp_path / "runA", tmp_path / "runB"
+    backend = LocalBackend(LocalSettings(cores=2))
+    la, lb = (_launch(r, 1, 'echo "$BATCHPROD_SUBMIT_DIR"; sleep 30') for r in (a, b))
+    ha, hb = backend.start([la, lb])
+    _wait(lambda: la.stdout.read_text().splitlines()[-1:] == [str(a)] and lb.stdout.read_text().splitlines()[-1:] == [str(b)])
+
+    LocalService().cleanup_orphans(SimpleNamespace(submit_dir=a), [])  # what a restart of run A does
+    ends: list = []
+    _wait(lambda: bool(ends.extend(backend.poll()) or ends))
+    assert [(e.key, e.signal) for e in ends] == [((str(a), 1, 1), signal.SIGKILL)]
+    assert backend.active() == 1 and backend.running_since(hb) is not None  # run B's attempt runs on
+    backend.kill(hb, FailureClass.CANCELLED, "cancelled")
+    ends.clear()
+    _wait(lambda: bool(ends.extend(backend.poll()) or ends))
+    assert [(e.key, e.fclass) for e in ends] == [((str(b), 1, 1), FailureClass.CANCELLED)]
+    backend.close()
