@@ -117,6 +117,7 @@ def test_capacity_comes_from_the_settings() -> None:
     mine = LocalBackend(LocalSettings()).capacity()
     assert mine.cores == os.cpu_count() and mine.memory_mb and mine.max_jobs is None
     assert SlurmBackend(SlurmSettings(maxJobs=10, maxIdle=4)).capacity() == Capacity(None, None, 10, 4)
+    assert SlurmSettings().site == "slurm" and LocalSettings().for_site("here").site == "here"
 
 
 @pytest.mark.parametrize("service", [LocalService, SlurmService, ParslService])

@@ -51,12 +51,12 @@ class SiteSettings(BaseModel):
                               validate_default=False)
     #: the plugin's name, for messages
     wms: ClassVar[str] = "base"
-    _site: str = PrivateAttr("local")
+    _site: str = PrivateAttr("")
 
     @property
     def site(self) -> str:
-        """The site's name (its ``site.<name>`` section)."""
-        return self._site
+        """The site's name (its ``site.<name>`` section; the plugin's name when built by hand)."""
+        return self._site or self.wms
 
     def for_site(self: S, name: str) -> S:
         """These settings, named (for messages and ``SiteUnavailable``)."""

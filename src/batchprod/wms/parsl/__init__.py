@@ -129,6 +129,8 @@ class ParslBackend(Backend):
         self.app = PythonApp(run_attempt, data_flow_kernel=self.dfk, executors=[self.label])
 
     def start(self, launches: Sequence[Launch]) -> list[str]:
+        """One Python app per launch; SiteUnavailable (nothing started) if the executor has given up."""
+        self._check_executor()
         handles = []
         for launch in launches:
             pid_path = Path(str(launch.result).replace(".result.json", ".pid"))
