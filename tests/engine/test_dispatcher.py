@@ -124,3 +124,34 @@ def test_fake_wms_runs_a_whole_submission_with_real_outputs(tmp_path: Path, cli)
     rep = json.loads(cli("report", "toy/run", "--root", tmp_path / "submit", "--json").output)
     assert rep["wms"] == "fake" and rep["jobs"]["succeeded"] == 7
     assert (repo / "toy" / "run").is_dir() and any((repo / "toy" / "run").rglob("*"))
+
+
+def test_one_dispatcher_two_runs_on_two_real_local_sites(tmp_path: Path) -> None:
+    """Real processes: two local sites of one core in one engine (each reaps only its own children)."""
+    from batchprod.testing import command_task
+    from batchprod.wms.local.backend import LocalBackend, LocalSettings
+
+    pipeline = {"tasks": {"noop": command_task(["visit", "detector"], ["raw"], ["out"], "touch {outputs.out}")}}
+    runs = [prepare(write_submit(tmp_path / f"run{r}", pipeline,
+                                 repo=make_toy_repo(tmp_path / f"repo{r}", visits=range(15), detectors=(0,))))
+            for r in range(2)]
+    sites = [Site.of(f"local{i}", LocalBackend(LocalSettings(cores=1))) for i in range(2)]
+    d = Dispatcher(sites)
+    for run in runs:
+        dag = RunDag(run, host="here")
+        dag.load()
+        dag.recover([s.backend for s in sites])
+        dag.prepare_queue()
+        d.add(dag)
+    try:
+        assert set(d.run().values()) == {"SUCCEEDED"}
+    finally:
+        for s in sites:
+            s.backend.close()
+    assert all(s.peak["cores"] == 1 for s in sites)
+    spans = sorted((a["start"], a["end"]) for run in runs for a in run.store.attempts())
+    assert len(spans) == 30 and all(len(run.store.outputs()) == 15 for run in runs)
+    # from the state store: never more than the two sites' two cores at once
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    at_once = max(sum(d for _, d in edges[: i + 1]) for i in range(len(edges)))
+    assert at_once <= 2

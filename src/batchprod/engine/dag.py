@@ -301,7 +301,7 @@ class RunDag:
         self._attempt_rows.append({
             "job_id": j, "number": launch.attempt, "status": JobState.RUNNING, "request_memory": launch.memory,
             "handle": handle, "pid": int(handle) if handle.isdigit() else None, "start": now,
-            "stdout": str(launch.stdout), "stderr": str(launch.stderr),
+            "stdout": str(launch.stdout), "stderr": str(launch.stderr), "site": site,
         })
 
     def not_started(self, launch: Launch, reason: str) -> None:
@@ -349,7 +349,7 @@ class RunDag:
             "handle": a.handle, "pid": int(a.handle) if a.handle.isdigit() else None,
             "start": a.start, "end": end, "wall_s": end - a.start, "stdout": str(a.launch.stdout),
             "stderr": str(a.launch.stderr), "exit_code": e.exit_code, "signal": e.signal, "failure_class": fclass,
-            "peak_rss_mb": e.peak_rss_mb, "cpu_s": e.cpu_s, "context": e.context or self.context,
+            "peak_rss_mb": e.peak_rss_mb, "cpu_s": e.cpu_s, "context": e.context or self.context, "site": a.site,
         }
         if e.context and e.context_record and e.context not in self._known_contexts:
             self._contexts[e.context] = e.context_record

@@ -51,6 +51,10 @@ from batchprod.wms.inline import (
 )
 from batchprod.wms.settings import Cores, Count, MemoryMB, SiteSettings
 
+#: children reaped by one LocalBackend's wait4(-1) that another one started (several local sites
+#: in one engine), pid -> (status, rusage): picked up by the owner's next poll
+_REAPED: dict[int, tuple[int, Any]] = {}
+
 MONITOR_INTERVAL = 0.1  # seconds between memory checks of running attempts (and longest wait)
 RUNNER = [sys.executable, "-m", "batchprod.execution.runner"]
 
@@ -255,15 +259,22 @@ class LocalBackend(Backend):
             self._monitor()
             self._last_monitor = now
         out = self._inline.take_early()
+        # wait4(-1) reaps any child of this process: one another local site started is kept for it
+        mine = [pid for pid in _REAPED if pid in self.procs] if _REAPED else []
         while self.procs:
-            try:
-                pid, status, ru = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+            if mine:
+                pid = mine.pop()
+                status, ru = _REAPED.pop(pid)
+            else:
+                try:
+                    pid, status, ru = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
             p = self.procs.pop(pid, None)
             if p is None:
+                _REAPED[pid] = (status, ru)  # another site's (or an unknown) child: its owner takes it
                 continue
             p.popen.returncode = os.waitstatus_to_exitcode(status)
             for f in p.files:
