@@ -387,3 +387,17 @@ def test_a_pointer_to_another_database_is_refused(tmp_path: Path) -> None:
             Run(sd)
     finally:
         select_db(None)
+
+
+@pytest.mark.parametrize("n", [1, 30])  # a few rows (plain statements) and many (one statement per table)
+def test_a_job_changed_twice_in_one_flush_is_two_events(url: str, n: int) -> None:
+    s = _new(url, n=n)
+    ids = range(n)
+    s.write([_job(i, "RUNNING") for i in ids] + [_job(i, "SUCCEEDED", message="done") for i in ids],
+            [{"job_id": i, "number": 1, "status": "RUNNING"} for i in ids]
+            + [{"job_id": i, "number": 1, "status": "SUCCEEDED", "exit_code": 0} for i in ids])
+    assert {(j["status"], j["message"]) for j in s.jobs()} == {("SUCCEEDED", "done")}
+    assert [(a["status"], a["exit_code"]) for a in s.attempts()] == [("SUCCEEDED", 0)] * n
+    ev = s.events(limit=None)
+    assert len(ev) == 2 * n and [e["state"] for e in ev if e["job_id"] == 0] == ["RUNNING", "SUCCEEDED"]
+    s.close()

@@ -302,6 +302,10 @@ _PG_ARRAY = {sa.Integer: "int4[]", sa.BigInteger: "int8[]", sa.Float: "float8[]"
              sa.Text: "text[]"}
 
 
+#: up to this many rows a PostgreSQL write sends plain statements (measured: bench/RESULTS.md)
+_PG_FEW = 8
+
+
 def _pg_array_type(col: sa.Column[Any]) -> str:
     for t in type(col.type).__mro__:
         if t in _PG_ARRAY:
@@ -725,6 +729,13 @@ class StateStore:
                       f"SELECT %s::int4, u.* FROM {unnest(output_t, OUTPUT_COLUMNS)}",
             "context": f"INSERT INTO context (run_id, hash, record) SELECT %s::int4, u.* FROM "
                        f"{unnest(context_t, ('hash', 'record'))} ON CONFLICT (run_id, hash) DO NOTHING",
+            # a few rows: one plain statement each, pipelined by executemany (cheaper below ~8 rows)
+            "job_rows": f"UPDATE job SET {', '.join(f'{q(c)} = %s' for c in JOB_MUTABLE)} "
+                        "WHERE run_id = %s AND id = %s",
+            "attempt_rows": f"INSERT INTO attempt (run_id, {names(ATTEMPT_COLUMNS)}) VALUES "
+                            f"(%s, {', '.join(['%s'] * len(ATTEMPT_COLUMNS))}) "
+                            f"ON CONFLICT (run_id, job_id, number) DO UPDATE SET "
+                            + ", ".join(f"{q(c)} = excluded.{q(c)}" for c in acols),
         }
         return self._sql
 
@@ -735,7 +746,8 @@ class StateStore:
         outputs: Sequence[Mapping[str, Any]],
         contexts: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """The hot path on PostgreSQL: one ``unnest`` statement per table, one commit."""
+        """The hot path on PostgreSQL: one ``unnest`` statement per table (a few rows: executemany),
+        one commit."""
         sql, rid = self._pg_sql(), self.run_id
 
         def columns(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> list[list[Any]]:
@@ -746,10 +758,16 @@ class StateStore:
             cur = raw.cursor()
             if contexts:
                 cur.execute(sql["context"], (rid, [h for h, _ in contexts], [r for _, r in contexts]))
-            for part in _rounds(jobs, lambda j: j["id"]):
-                cur.execute(sql["job"], (*columns(part, ("id", *JOB_MUTABLE)), rid))
-            for part in _rounds(attempts, lambda a: (a["job_id"], a["number"])):
-                cur.execute(sql["attempt"], (rid, *columns(part, ATTEMPT_COLUMNS)))
+            if len(jobs) <= _PG_FEW:  # in order, so a job changed twice is two changes
+                cur.executemany(sql["job_rows"], [(*(j.get(c) for c in JOB_MUTABLE), rid, j["id"]) for j in jobs])
+            else:
+                for part in _rounds(jobs, lambda j: j["id"]):
+                    cur.execute(sql["job"], (*columns(part, ("id", *JOB_MUTABLE)), rid))
+            if len(attempts) <= _PG_FEW:
+                cur.executemany(sql["attempt_rows"], [(rid, *(a.get(c) for c in ATTEMPT_COLUMNS)) for a in attempts])
+            else:
+                for part in _rounds(attempts, lambda a: (a["job_id"], a["number"])):
+                    cur.execute(sql["attempt"], (rid, *columns(part, ATTEMPT_COLUMNS)))
             if outputs:
                 cur.execute(sql["output"], (rid, *columns(outputs, OUTPUT_COLUMNS)))
             raw.commit()
