@@ -36,6 +36,11 @@ class BackendCase:
     name: str
     keys: dict[str, Any] = field(default_factory=dict)
 
+    def runs_payloads(self) -> None:
+        """Skip for the fake site: it runs no payload (no stderr, memory, sleep or kill to observe)."""
+        if self.name == "fake":
+            pytest.skip("the fake site runs no payload")
+
     def kill_from_outside(self, attempt: dict[str, Any]) -> None:
         """What a preemption or an operator's kill looks like on this backend."""
         if self.name == "local":
@@ -55,7 +60,7 @@ def _require(what: str) -> None:
     pytest.skip(f"{what} not available")
 
 
-@pytest.fixture(params=["local", "slurm", "parsl-local", "parsl-slurm"])
+@pytest.fixture(params=["local", "slurm", "parsl-local", "parsl-slurm", "fake"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> BackendCase:
     if request.param.startswith("parsl"):
         try:
@@ -77,4 +82,6 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv("SLURM_CONF", SLURM_CONF)
         return BackendCase("slurm", {"computeSite": "slurm",
                                      "site": {"slurm": {"wmsServiceClass": "slurm", "pollInterval": 0.2}}})
+    if request.param == "fake":  # the packaged FakeBackend: every job succeeds at once, outputs written
+        return BackendCase("fake", {"wmsServiceClass": "fake"})
     return BackendCase("local", {"site": {"local": {"cores": 2}}})

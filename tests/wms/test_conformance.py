@@ -52,6 +52,7 @@ def test_success_and_report(tmp_path: Path, backend, cli) -> None:
 
 
 def test_payload_failure_downstream_unready_and_retry(tmp_path: Path, backend, cli) -> None:
+    backend.runs_payloads()
     run = submit(tmp_path, backend, TWO_STEP_FAIL, numberOfRetries=1)
     assert execute(run) == "FAILED"
     st = states(run)
@@ -64,6 +65,7 @@ def test_payload_failure_downstream_unready_and_retry(tmp_path: Path, backend, c
 
 
 def test_oom_retries_with_more_memory(tmp_path: Path, backend) -> None:
+    backend.runs_payloads()
     task = {"python": "batchprod.testing:alloc_task", "dimensions": ["visit", "detector"], "inputs": ["raw"],
             "outputs": ["calexp"], "config": {"mb": 300, "hold": 1.5}}
     repo = make_toy_repo(tmp_path / "repo", visits=(1,), detectors=(0,))
@@ -77,6 +79,7 @@ def test_oom_retries_with_more_memory(tmp_path: Path, backend) -> None:
 
 
 def test_walltime(tmp_path: Path, backend) -> None:
+    backend.runs_payloads()
     repo = make_toy_repo(tmp_path / "repo", visits=(1,), detectors=(0,))
     run = submit(tmp_path, backend, cal("sleep 60"), repo=repo, requestWalltime=2)
     assert execute(run) == "FAILED"
@@ -85,6 +88,7 @@ def test_walltime(tmp_path: Path, backend) -> None:
 
 
 def test_kill_from_outside_keeps_the_budget(tmp_path: Path, backend) -> None:
+    backend.runs_payloads()
     repo = make_toy_repo(tmp_path / "repo", visits=(1,), detectors=(0,))
     run = submit(tmp_path, backend, cal('test "$BATCHPROD_ATTEMPT" != 1 || sleep 60; cp {inputs.raw} {outputs.calexp}'),
                  repo=repo, numberOfRetries=0)
@@ -100,6 +104,7 @@ def test_kill_from_outside_keeps_the_budget(tmp_path: Path, backend) -> None:
 
 
 def test_cancel_then_restart(tmp_path: Path, backend, cli) -> None:
+    backend.runs_payloads()
     go = tmp_path / "go"
     run = submit(tmp_path, backend, cal(f"test -e {go} || sleep 60; cp {{inputs.raw}} {{outputs.calexp}}"))
     orch = start_orchestrator(run.submit_dir)
