@@ -337,9 +337,13 @@ class RunDag:
         del self.active[e.job]
         j = e.job
         end = self.wall()
+        outputs = e.outputs
+        if e.staged is not None and e.fclass is None and e.exit_code == 0 and e.signal is None:
+            # a shell-script job's post-job, done here by the run's job protocol
+            e.exit_code, outputs = self.protocol.post_job(a.launch.spec, a.launch.stderr, e.staged,
+                                                          e.started or a.start)
         fclass = e.fclass if e.fclass is not None else classify(e.exit_code, e.signal)
         reason = e.reason
-        outputs = e.outputs
         if fclass is None and outputs is None:
             outputs = self.protocol.outputs(a.launch.result)
             if outputs is None:

@@ -24,6 +24,12 @@ class JobProtocol(ABC):
         (then the attempt failed, whatever its exit code said)."""
 
     @abstractmethod
+    def post_job(self, spec: dict[str, Any], stderr: Path, staged: dict[str, str],
+                 started: float) -> tuple[int, list[dict[str, Any]] | None]:
+        """An attempt whose payload ended well on a node that did no post-job itself (a shell-script
+        job run directly): do it here. Returns the exit code it ends with, and its outputs."""
+
+    @abstractmethod
     def recover(self, result: Path, spec: Callable[[], dict[str, Any]]) -> list[dict[str, Any]] | None:
         """After an engine loss: roll the attempt's half-done post-job forward if its payload
         finished; its outputs if it is now committed, else None (it is run again)."""

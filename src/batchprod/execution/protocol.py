@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,11 @@ def _publication(result_path: str | Path, attempt: Any) -> Any:
         os.close(fd)  # drops the lock
 
 
+def _append_line(path: Path, line: str) -> None:
+    with contextlib.suppress(OSError), open(path, "a") as fh:
+        fh.write(line + "\n")
+
+
 def _drop(paths: Any) -> None:
     for p in paths:
         with contextlib.suppress(OSError):
@@ -298,6 +304,25 @@ class NativeFiles(JobProtocol):
     """The native protocol: outputs are files published by the attempt's manifest (``result.json``)."""
 
     name = "files"
+
+    def post_job(self, spec: dict[str, Any], stderr: Path, staged: dict[str, str],
+                 started: float) -> tuple[int, list[dict[str, Any]] | None]:
+        """Post-job of a shell-script job, done by the engine: outputs checked, checksummed, the
+        manifest written and the outputs published, as the Python wrapper does on a node. Returns
+        the exit code the attempt ends with and its outputs."""
+        try:
+            outputs = [o for q in spec["quanta"] for o in collect_outputs(q, staged)]
+            # durable=False: the state store commits with synchronous=NORMAL too; a process kill keeps
+            # both, only a power loss could lose the last few. Not fenced: the engine publishes only
+            # the attempt it holds current, and a dead engine publishes nothing.
+            finish_attempt(spec, outputs, time.time() - started, durable=False, fenced=False)
+        except MissingOutput as exc:
+            _append_line(stderr, f"error: {exc}")
+            return EXIT_MISSING_OUTPUT, None
+        except (StageError, OSError) as exc:
+            _append_line(stderr, f"error: {exc}")
+            return EXIT_INFRASTRUCTURE, None
+        return 0, outputs
 
     def outputs(self, result: Path) -> list[dict[str, Any]] | None:
         try:

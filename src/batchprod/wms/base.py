@@ -115,6 +115,10 @@ class Ended:
     context: str | None = None  # provenance context hash reported by the job wrapper (else the orchestrator's)
     context_record: dict[str, Any] | None = None
     run: str = ""  # the run's submit directory (see Launch.key)
+    #: set when the payload ended well and post-job is the engine's (a shell-script job run without the
+    #: Python wrapper): what it staged, and when it started; the run's job protocol publishes it
+    staged: dict[str, str] | None = None
+    started: float | None = None
 
     @property
     def key(self) -> tuple[str, int, int]:

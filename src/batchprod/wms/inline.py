@@ -12,17 +12,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
 from typing import Any
 
 from batchprod.execution.commands import shell_script
 from batchprod.execution.protocol import (
     EXIT_INFRASTRUCTURE,
-    EXIT_MISSING_OUTPUT,
-    MissingOutput,
     StageError,
-    collect_outputs,
-    finish_attempt,
     stage_in_check,
     staging_map,
     write_fence,
@@ -115,27 +110,3 @@ class InlineJobs:
     def take_early(self) -> list[Ended]:
         out, self.early = self.early, []
         return out
-
-
-def inline_post_job(launch: Launch, staged: dict[str, str], started: float) -> tuple[int, list[dict[str, Any]] | None]:
-    """Post-job of a shell-script job, done by the orchestrator: outputs checked, checksummed, the
-    manifest written and the outputs published, as the Python wrapper does on a node. Returns the
-    exit code the attempt ends with and its outputs."""
-    spec = launch.spec
-    try:
-        outputs = [o for q in spec["quanta"] for o in collect_outputs(q, staged)]
-        # durable=False: the state store commits with synchronous=NORMAL too; a process kill keeps
-        # both, only a power loss could lose the last few
-        finish_attempt(spec, outputs, time.time() - started, durable=False, fenced=False)
-    except MissingOutput as exc:
-        _append_err(launch, f"error: {exc}")
-        return EXIT_MISSING_OUTPUT, None
-    except (StageError, OSError) as exc:
-        _append_err(launch, f"error: {exc}")
-        return EXIT_INFRASTRUCTURE, None
-    return 0, outputs
-
-
-def _append_err(launch: Launch, line: str) -> None:
-    with open(launch.stderr, "a") as fh:
-        fh.write(line + "\n")

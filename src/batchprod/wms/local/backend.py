@@ -46,7 +46,6 @@ from batchprod.wms.inline import (
     ENV_SUBMIT_DIR,
     InlineJobs,
     engine_disk_trouble,
-    inline_post_job,
     job_variables,
 )
 from batchprod.wms.settings import Cores, Count, MemoryMB, SiteSettings
@@ -211,11 +210,6 @@ class LocalBackend(Backend):
             return None, {}, False
         return None, {}, True
 
-    def _post_job(self, p: _Proc, exit_code: int | None) -> tuple[int | None, list[dict[str, Any]] | None]:
-        if p.staged is None or exit_code != 0:
-            return exit_code, None
-        return inline_post_job(p.launch, p.staged, p.started)
-
     def active(self) -> int:
         return len(self.procs) + len(self._inline.early)
 
@@ -283,16 +277,14 @@ class LocalBackend(Backend):
                 self._ends.unregister(p.pidfd)
                 os.close(p.pidfd)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-            outputs = None
-            if p.forced is None:
-                code, outputs = self._post_job(p, code)
+            post = p.staged is not None and p.forced is None and code == 0  # the engine's post-job
             out.append(p.launch.ended(
                 exit_code=code,
                 signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                 fclass=p.forced, reason=p.reason,
                 peak_rss_mb=job_peak_mb(p.peak_rss, ru.ru_maxrss, p.baseline_kb), cpu_s=ru.ru_utime + ru.ru_stime,
                 host=self.host,
-                outputs=outputs,
+                staged=p.staged if post else None, started=p.started,
             ))
         return out
 

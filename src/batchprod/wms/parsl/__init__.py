@@ -35,7 +35,7 @@ from batchprod.execution.protocol import KILL_SIGNALS
 from batchprod.execution.states import FailureClass
 from batchprod.state.run import Run
 from batchprod.wms.base import Backend, BaseWmsService, Capacity, Ended, Launch, SiteUnavailable
-from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
+from batchprod.wms.inline import InlineJobs, job_variables, wrapper_usage, write_wrapper_spec
 from batchprod.wms.local.backend import kill_run_processes
 from batchprod.wms.settings import Count, SiteSettings, Text, run_site_settings
 
@@ -209,12 +209,10 @@ class ParslBackend(Backend):
                     sig = rc - 128  # the shell reports its child's death by signal
                 else:
                     code = rc
-            outputs = None
-            if t.staged is not None and t.forced is None and code == 0:
-                code, outputs = inline_post_job(t.launch, t.staged, t.started)
             u = wrapper_usage(t.launch) if t.staged is None else {}  # only the Python wrapper measures itself
             ended = Ended.from_usage(t.launch, code, sig, u, t.forced, t.reason, host)
-            ended.outputs = outputs
+            if t.staged is not None and t.forced is None and code == 0:  # post-job is the engine's
+                ended.staged, ended.started = t.staged, t.started
             out.append(ended)
         return out
 

@@ -49,7 +49,7 @@ from batchprod.execution.protocol import EXIT_INFRASTRUCTURE
 from batchprod.execution.states import FailureClass
 from batchprod.state.run import Run
 from batchprod.wms.base import Backend, BaseWmsService, Capacity, Ended, Launch, SiteUnavailable
-from batchprod.wms.inline import InlineJobs, inline_post_job, job_variables, wrapper_usage, write_wrapper_spec
+from batchprod.wms.inline import InlineJobs, job_variables, wrapper_usage, write_wrapper_spec
 from batchprod.wms.settings import Count, Seconds, SiteSettings, Text, run_site_settings
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -342,11 +342,9 @@ class SlurmBackend(Backend):
             return self._ended(sub, code, sig, FailureClass.KILLED, f"killed: Slurm {state} ({reason})")
         if state == "CANCELLED":
             return self._ended(sub, code, sig, FailureClass.KILLED, f"killed: cancelled outside batchprod ({reason})")
-        outputs = None
-        if sub.staged is not None and code == 0:
-            code, outputs = inline_post_job(sub.launch, sub.staged, sub.running_since or sub.submitted)
         ended = self._ended(sub, code, sig, None, None)  # COMPLETED / FAILED: the wrapper's exit code says
-        ended.outputs = outputs
+        if sub.staged is not None and code == 0:  # a shell-script job: post-job is the engine's
+            ended.staged, ended.started = sub.staged, sub.running_since or sub.submitted
         return ended
 
     # -- kill ----------------------------------------------------------------------------------------
