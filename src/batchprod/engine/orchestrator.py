@@ -65,7 +65,8 @@ class Orchestrator:
         self.backend = backend
         self.clock = clock or Clock()
         self.host = socket.gethostname()
-        self.site = Site.of(backend.name, backend, cores, memory_mb)
+        # the site is named as the run's config names it (computeSite), not after its kind of backend
+        self.site = Site.of(str(run.config.get("computeSite") or backend.name), backend, cores, memory_mb)
         self.dag = RunDag(run, progress, self.host, self.clock.time, self.clock.monotonic)
         self.dispatcher = Dispatcher([self.site], self.clock, poll)
         self._stop: str | None = None

@@ -198,7 +198,7 @@ def trace_rows(run: Run) -> Iterator[list[str]]:
                 _int(res.request_cpus if res else None),
                 _int(res.request_walltime if res else None),
                 _text(a["host"]),
-                site,
+                _text(a.get("site")) or site,  # runs before revision 0003 did not record it
                 _text(a["stdout"]),
                 _text(a["stderr"]),
             ]

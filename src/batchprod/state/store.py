@@ -34,7 +34,7 @@ from batchprod.execution.states import JobState, RunState
 from batchprod.state.database import parse_url, public_url
 
 #: Alembic revision of the schema below (a test checks it is the head of state/migrations)
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 _md = sa.MetaData()
 
@@ -106,6 +106,7 @@ attempt_t = sa.Table(
     sa.Column("message", sa.String),
     sa.Column("error_line", sa.String),  # first causal error line of stderr
     sa.Column("context", sa.String),  # hash of the provenance context it ran in (context table)
+    sa.Column("site", sa.String),  # where it ran (revision 0003)
     sa.PrimaryKeyConstraint("run_id", "job_id", "number", name="pk_attempt"),
     sa.ForeignKeyConstraint(["run_id", "job_id"], ["job.run_id", "job.id"], name="fk_attempt_job"),
     sqlite_with_rowid=False,
