@@ -444,6 +444,22 @@ class RunDag:
                 out.setdefault(label, {})[str(state)] = n
         return out
 
+    def _merged_attempts(self) -> list[dict[str, Any]]:
+        """One row per attempt and flush: an attempt queued, started and ended between two flushes is
+        one upsert, not three (each row carries every field it sets; later ones win)."""
+        rows = self._attempt_rows
+        if len(rows) < 2:
+            return rows
+        merged: dict[tuple[int, int], dict[str, Any]] = {}
+        for r in rows:
+            k = (r["job_id"], r["number"])
+            m = merged.get(k)
+            if m is None:
+                merged[k] = r
+            else:
+                m.update(r)
+        return list(merged.values())
+
     def dirty(self) -> bool:
         return bool(self._dirty or self._attempt_rows or self._output_rows or self._contexts)
 
@@ -459,7 +475,7 @@ class RunDag:
                 "failure_class": e.get("failure_class"), "exit_code": e.get("exit_code"),
                 "message": e.get("message"), "updated": now,
             })
-        self.run.store.write(jobs, self._attempt_rows, self._output_rows, self._contexts)
+        self.run.store.write(jobs, self._merged_attempts(), self._output_rows, self._contexts)
         self._known_contexts.update(self._contexts)
         self._contexts = {}
         self._dirty.clear()
