@@ -11,7 +11,6 @@ import pytest
 
 from batchprod.provenance.lineage import Provenance
 from batchprod.state.run import Run
-from batchprod.state.store import StateStore
 from batchprod.testing import write_submit
 
 
@@ -79,17 +78,6 @@ def test_unknown_dataset_is_one_line_and_exit_2(done_run: Path, cli) -> None:
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "no published output" in r.output
     r = cli("provenance", done_run, "coadd:tract=zero")
     assert r.exit_code == 2 and "expected TYPE:dim=int" in r.output
-
-
-def test_a_store_from_before_provenance_is_upgraded_on_open(done_run: Path) -> None:
-    db = sqlite3.connect(done_run / "state.db")
-    db.execute("ALTER TABLE attempt DROP COLUMN context")
-    db.execute("DROP TABLE context")
-    db.commit()
-    db.close()
-    store = StateStore(done_run / "state.db")
-    assert store.contexts(["x"]) == {}
-    assert "context" in store.attempts()[0]
 
 
 def test_prov_json_export_is_valid_w3c_prov(done_run: Path, cli) -> None:

@@ -229,6 +229,7 @@ def test_a_run_from_before_alembic_is_stamped_and_upgraded(tmp_path: Path, old: 
     s = StateStore(path)
     assert s.run_info()["name"] == "old" and [j["status"] for j in s.jobs()] == ["SUCCEEDED", "FAILED", "UNREADY"]
     assert len(s.attempts()) == 2 and len(s.outputs()) == (0 if old else 1)
+    assert s.contexts(["x"]) == {} and "context" in s.attempts()[0]  # provenance columns added on open
     s.write([_job(1, "SUCCEEDED", 2)], [{"job_id": 1, "number": 2, "status": "SUCCEEDED"}],
             [{"job_id": 1, "node_id": "m", "dataset_type": "t", "data_id": "{}", "path": "/q"}])
     assert [e["state"] for e in s.events()] == ["SUCCEEDED"]
