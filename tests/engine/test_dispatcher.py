@@ -155,3 +155,28 @@ def test_one_dispatcher_two_runs_on_two_real_local_sites(tmp_path: Path) -> None
     edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
     at_once = max(sum(d for _, d in edges[: i + 1]) for i in range(len(edges)))
     assert at_once <= 2
+
+
+def test_a_run_says_when_its_site_does_not_answer_and_waits_for_it(tmp_path: Path) -> None:
+    from batchprod.engine.orchestrator import Orchestrator
+
+    clock = VirtualClock()
+    t0 = clock.monotonic()
+    fake = FakeBackend(clock, duration=5.0, capacity=Capacity(cores=2, memory_mb=10_000))
+    fake.unavailable = "squeue: Unable to contact slurm controller"
+    run = _run(tmp_path, "a", numberOfRetries=0)
+    orch = Orchestrator(run, fake, clock=clock)
+    seen: list[str | None] = []
+
+    def tick() -> None:
+        if fake.unavailable and clock.monotonic() - t0 > 60:
+            seen.append(run.store.run_info()["message"])
+            fake.unavailable = None  # the controller is back after a minute
+
+    orch.dispatcher.on_tick = tick
+    assert orch.execute() == "SUCCEEDED"
+    assert seen and "site 'fake' not answering since" in seen[0] and "controller" in seen[0]
+    info = run.store.run_info()
+    assert info["message"] is None or "not answering" not in info["message"]
+    assert all(a["failure_class"] in (None, "infrastructure") for a in run.store.attempts())
+    assert run.store.jobs()[0]["retries"] == 0

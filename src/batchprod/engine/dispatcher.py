@@ -120,6 +120,8 @@ class Dispatcher:
         self.assigned = 0  # attempts placed, for the benchmarks
         self._last_flush = -1e18
         self.on_tick: Callable[[], None] | None = None
+        #: called with (site, reason) when a site stops answering, and (site, None) when it answers again
+        self.on_site: Callable[[Site, str | None], None] | None = None
 
     def add(self, dag: RunDag) -> None:
         self.dags.append(dag)
@@ -208,6 +210,7 @@ class Dispatcher:
                     site.release(launch.cores, launch.memory)
                     dag.not_started(launch, str(exc))
                 continue
+            self._site_up(site)
             now = self.clock.time()
             for (dag, launch), handle in zip(batch, handles, strict=True):
                 dag.started(launch, handle, site.name, now)
@@ -225,6 +228,7 @@ class Dispatcher:
             except SiteUnavailable as exc:
                 self._site_down(site, exc.reason)
                 continue
+            self._site_up(site)
             for e in ended:
                 dag = self.by_key.get(e.run) or single
                 if dag is None:
@@ -236,8 +240,17 @@ class Dispatcher:
         return n
 
     def _site_down(self, site: Site, reason: str) -> None:
+        was_up = site.down_reason is None
         site.down_until = self.clock.monotonic() + RETRY_SITE
         site.down_reason = reason
+        if was_up and self.on_site is not None:
+            self.on_site(site, reason)
+
+    def _site_up(self, site: Site) -> None:
+        if site.down_reason is not None:
+            site.down_reason = None
+            if self.on_site is not None:
+                self.on_site(site, None)
 
     def check_walltime(self) -> None:
         now = self.clock.time()

@@ -69,6 +69,7 @@ class Orchestrator:
         self.site = Site.of(str(run.config.get("computeSite") or backend.name), backend, cores, memory_mb)
         self.dag = RunDag(run, progress, self.host, self.clock.time, self.clock.monotonic)
         self.dispatcher = Dispatcher([self.site], self.clock, poll)
+        self.dispatcher.on_site = self._on_site
         self._stop: str | None = None
 
     def execute(self) -> RunState:
@@ -125,6 +126,18 @@ class Orchestrator:
         except Exception as exc:  # noqa: BLE001 (any registry trouble: report it on the run, keep the result)
             return f"{INGEST_FAILED}: {exc}"
         return f"{n} outputs in the registry" if n else None
+
+    def _on_site(self, site: Site, reason: str | None) -> None:
+        """Say on the run (report, runs, dashboard) that its site does not answer, and since when:
+        the engine waits for it (attempts kept), it has not hung."""
+        from datetime import datetime
+
+        if reason is None:
+            self.run.store.set_run(message=None)
+            return
+        since = datetime.fromtimestamp(self.clock.time()).astimezone().isoformat(timespec="seconds")
+        self.run.store.set_run(message=f"site '{site.name}' not answering since {since}: {reason} "
+                                       "(attempts kept; asked again every few seconds)")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop = signal.Signals(signum).name
