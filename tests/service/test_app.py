@@ -177,3 +177,15 @@ def test_a_log_symlinked_outside_the_run_is_not_served(damaged_root: Path, tmp_p
     assert "the secret line" not in r.text
     assert all(j["stderr_tail"][0].startswith("<not shown: ") for j in r.json()["jobs"])
     assert os.access(secret, os.R_OK)
+
+
+def test_runs_of_a_central_database_are_served(tmp_path: Path, toy_repo: Path, cli, monkeypatch) -> None:
+    db = f"sqlite:///{tmp_path / 'central.db'}"
+    monkeypatch.setenv("BATCHPROD_DB", db)
+    assert cli("submit", write_submit(tmp_path, repo=toy_repo, payload={"outputRun": "toy/c"})).exit_code == 0
+    run_dir = tmp_path / "submit" / "toy" / "c"
+    assert not (run_dir / "state.db").exists() and (run_dir / "state-db.json").is_file()
+    client = TestClient(create_app(tmp_path / "submit"))
+    runs = client.get("/api/runs").json()
+    assert [r["name"] for r in runs] == ["toy/c"] and runs[0]["status"] == "SUCCEEDED"
+    assert client.get("/api/runs/toy/c").json()["jobs"]["succeeded"] == 6

@@ -26,6 +26,7 @@ from batchprod.report import summarize
 from batchprod.report.failures import failures, job_history
 from batchprod.report.progress import duration, words
 from batchprod.report.report import DAMAGED, damaged_summary, iso
+from batchprod.state.database import DB_FILE
 from batchprod.state.run import Run, list_runs
 from batchprod.state.store import STATE_FILE, DamagedStateError
 
@@ -43,7 +44,7 @@ def _iso_times(obj: Any) -> Any:
     return obj
 
 #: what a request may make the service open in a run's directory: none may lead outside it
-RUN_FILES = (STATE_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", QGRAPH_FILE, WORKFLOW_FILE, CONFIG_FILE,
+RUN_FILES = (STATE_FILE, DB_FILE, f"{STATE_FILE}-wal", f"{STATE_FILE}-shm", QGRAPH_FILE, WORKFLOW_FILE, CONFIG_FILE,
              "pipeline.yaml")
 
 
@@ -70,7 +71,7 @@ def create_app(root: str | Path) -> FastAPI:
 
     def open_run(name: str) -> Run:
         d = (base / name).resolve()
-        if not d.is_relative_to(base) or not (d / STATE_FILE).is_file():
+        if not d.is_relative_to(base) or not ((d / STATE_FILE).is_file() or (d / DB_FILE).is_file()):
             raise HTTPException(404, f"run '{name}' not found under {base}")
         return _open(d)
 
