@@ -468,7 +468,7 @@ def test_logs_that_cannot_be_opened_end_the_attempt_as_infrastructure(tmp_path: 
     nowhere = tmp_path / "gone" / "calibrate_visit1.1"
     launch = Launch(0, "calibrate_visit1", "calibrate", 1, 1, 100, 0, spec, Path(f"{nowhere}.out"),
                     Path(f"{nowhere}.err"), Path(spec["result_path"]))
-    backend = LocalBackend(str(tmp_path / "submit"))
+    backend = LocalBackend()
     assert backend.start([launch]) == ["-"]
     (ended,) = backend.poll()
     assert ended.exit_code == EXIT_INFRASTRUCTURE and "cannot open the attempt's logs" in (ended.reason or "")
@@ -496,7 +496,7 @@ def test_a_full_disk_at_start_goes_to_the_engine(tmp_path: Path, monkeypatch) ->
 
     monkeypatch.setattr(os, "open", full)
     with pytest.raises(OSError, match="No space left"):
-        LocalBackend(str(tmp_path / "submit")).start([launch])
+        LocalBackend().start([launch])
 
 
 def test_env_variables_in_a_command_are_left_for_the_jobs_shell(tmp_path, toy_repo, monkeypatch) -> None:

@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 import psutil
@@ -124,12 +123,8 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, settings: LocalSettings | str | Path | None = None, inline: bool = True,
-                 cores: Any = None, memory_mb: Any = None) -> None:
-        if not isinstance(settings, LocalSettings):
-            # the older call LocalBackend(submit_dir, cores=..., memory_mb=...): the submit directory
-            # is no longer the backend's (every launch names its run); kept until the engine moves
-            settings = LocalSettings.model_validate({"cores": cores, "memory": memory_mb or None})
+    def __init__(self, settings: LocalSettings | None = None, inline: bool = True) -> None:
+        settings = settings or LocalSettings()
         self.settings = settings
         # this machine's, unless the site says less
         self._capacity = Capacity(settings.cores or os.cpu_count() or 1,
