@@ -180,3 +180,42 @@ def test_a_run_says_when_its_site_does_not_answer_and_waits_for_it(tmp_path: Pat
     assert info["message"] is None or "not answering" not in info["message"]
     assert all(a["failure_class"] in (None, "infrastructure") for a in run.store.attempts())
     assert run.store.jobs()[0]["retries"] == 0
+
+
+def test_an_engine_drives_two_runs_to_the_end_and_locks_each(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import pytest
+
+    from batchprod.engine.orchestrator import Engine
+    from batchprod.errors import RunError
+    from batchprod.graph import Registry
+
+    clock = VirtualClock()
+    sites = [Site.of(f"s{i}", FakeBackend(clock, name=f"s{i}", duration=3.0, write_outputs=True,
+                                          capacity=Capacity(cores=1, memory_mb=10_000))) for i in range(2)]
+    runs = [_run(tmp_path, "a"), _run(tmp_path, "b", payload={"outputRun": "b/run"})]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from batchprod.engine.lock import run_lock\n"
+                               f"with run_lock({str(runs[1].submit_dir)!r}, 'b/run'):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match="is being driven by pid"):
+            Engine(sites, clock).execute(runs)  # refused whole: another engine drives one of them
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runs[0].store.run_info()["status"] != "RUNNING"
+    results = Engine(sites, clock).execute(runs)
+    assert sorted(results.values()) == ["SUCCEEDED", "SUCCEEDED"]
+    for run in runs:
+        info = run.store.run_info()
+        assert info["status"] == "SUCCEEDED" and info["orchestrator_pid"] is None
+        assert "6 outputs in the registry" in info["message"] and len(run.store.executions()) == 1
+    for repo, out_run in ((tmp_path / "repo-a", "toy/run"), (tmp_path / "repo-b", "b/run")):
+        reg = Registry(repo / "registry.db")
+        assert len(reg.run_datasets(out_run)) == 6
+        reg.close()
+    assert {a["site"] for run in runs for a in run.store.attempts()} == {"s0", "s1"}
