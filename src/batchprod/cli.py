@@ -502,5 +502,66 @@ def demo(directory: Path, visits: int, detectors: int, sources: int) -> None:
     sys.exit(rc or (0 if result["ok"] else 1))
 
 
+@main.group()
+def sites() -> None:
+    """The site catalog (sites.yaml): WMS, capacity, downtimes and state of each compute site."""
+
+
+def _mem(mb: int | None) -> str:
+    if mb is None:
+        return "-"
+    return f"{mb / 1024:.1f}".removesuffix(".0") + " GB" if mb >= 1024 else f"{mb} MB"
+
+
+@sites.command("show")
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--at", "at", default=None, metavar="TIME", help="State at this ISO 8601 time (default: now).")
+@_user_errors
+def sites_show(catalog: Path, as_json: bool, at: str | None) -> None:
+    """Every site of a catalog: WMS, capacity, shared filesystem, weight, next downtime, state now."""
+    from datetime import UTC, datetime
+
+    from batchprod.campaign.sites import iso, load_catalog, parse_time
+    from batchprod.errors import ConfigError
+    from batchprod.report.tables import fit_table
+
+    cat = load_catalog(catalog)
+    try:
+        now = datetime.now(UTC) if at is None else parse_time(at)
+    except ValueError as exc:
+        raise ConfigError(f"<command line> --at: {exc}") from None
+    if as_json:
+        click.echo(json.dumps({"catalog": str(catalog), "now": iso(now),
+                               "sites": [s.to_json(now) for s in cat.sites.values()]}, indent=2))
+        return
+    headers = ["site", "wms", "cores", "memory", "max jobs", "shared fs", "opportunistic", "weight",
+               "next downtime", "state"]
+    rows = []
+    for s in cat.sites.values():
+        cap, nxt = s.capacity, s.next_downtime(now)
+        down = "-" if nxt is None else nxt.describe()
+        rows.append([s.name, s.wms, "-" if cap.cores is None else str(cap.cores), _mem(cap.memory_mb),
+                     "-" if cap.max_jobs is None else f"{cap.max_jobs:,}", "yes" if s.shared_filesystem else "no",
+                     "yes" if s.opportunistic else "no", f"{s.weight:g}", down, s.status_now(now).state.value])
+    console.print(fit_table(f"sites in {catalog}", headers, rows, console.width,
+                            right=["cores", "memory", "max jobs", "weight"], optional=["next downtime"]))
+
+
+@sites.command("add-downtime")
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.argument("site")
+@click.option("--start", required=True, help="ISO 8601 with a zone, e.g. 2026-12-01T08:00:00Z.")
+@click.option("--end", required=True, help="ISO 8601 with a zone, after --start.")
+@click.option("--reason", default="", help="Why (shown with the window).")
+@_user_errors
+def sites_add_downtime(catalog: Path, site: str, start: str, end: str, reason: str) -> None:
+    """Add a scheduled downtime window to a site (the catalog file is rewritten atomically)."""
+    from batchprod.campaign.sites import add_downtime
+
+    window = add_downtime(catalog, site, start, end, reason)
+    console.print(f"{catalog}: site {site}: downtime {window.describe()} added")
+
+
 if __name__ == "__main__":
     main()
