@@ -83,6 +83,7 @@ def test_an_unavailable_site_keeps_its_attempts_and_the_other_site_takes_new_wor
         clock.sleep(1.0)
     assert sites[0].down_reason and "controller" in sites[0].down_reason
     assert sites[0].jobs == 1  # kept, not failed
+    assert d.skips[("s0", "down")] > 0 and d.skips[("s1", "capacity")] > 0  # why work went where it did
     sites[0].backend.unavailable = None
     assert d.run()[str(run.submit_dir)] == "SUCCEEDED"
     assert all(a["failure_class"] is None for a in run.store.attempts())
@@ -219,3 +220,24 @@ def test_an_engine_drives_two_runs_to_the_end_and_locks_each(tmp_path: Path) -> 
         assert len(reg.run_datasets(out_run)) == 6
         reg.close()
     assert {a["site"] for run in runs for a in run.store.attempts()} == {"s0", "s1"}
+
+
+def test_a_site_drains_before_its_scheduled_downtime_and_says_why_it_was_skipped(tmp_path: Path) -> None:
+    from batchprod.testing import command_task
+
+    clock = VirtualClock()
+    t0 = clock.time()
+    window = (t0 + 100, t0 + 300)
+    sites = _sites(clock, 2, duration=30.0)
+    sites[0].downtimes = [window]
+    pipeline = {"tasks": {"noop": command_task(["visit", "detector"], ["raw"], ["out"], "true")}}
+    run = prepare(write_submit(tmp_path / "a", pipeline, requestWalltime=60,
+                               repo=make_toy_repo(tmp_path / "repo", visits=range(20), detectors=(0,))))
+    d = Dispatcher(sites, clock)
+    d.add(_dag(run, clock, sites))
+    assert d.run()[str(run.submit_dir)] == "SUCCEEDED"
+    on_s0 = [a for a in run.store.attempts() if a["site"] == "s0"]
+    # no attempt was started there whose walltime (60 s) would reach the window
+    assert all(a["start"] + 60 <= window[0] or a["start"] >= window[1] for a in on_s0)
+    assert any(a["start"] >= window[1] for a in on_s0)  # and it took work again after it
+    assert d.skips[("s0", "downtime")] > 0 and ("s1", "downtime") not in d.skips

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +77,9 @@ class Site:
     jobs: int = 0  # attempts placed here and not ended
     down_until: float = 0.0
     down_reason: str | None = None
+    #: scheduled downtimes, (start, end) in wall-clock seconds, sorted: no attempt whose walltime would
+    #: reach one is placed here (the site drains before it instead of having work killed)
+    downtimes: list[tuple[float, float]] = field(default_factory=list)
     peak: dict[str, int] = field(default_factory=lambda: {"jobs": 0, "cores": 0, "memory": 0})
 
     @classmethod
@@ -83,6 +87,16 @@ class Site:
         cap = backend.capacity()
         return cls(name, backend, cores or cap.cores or BIG, memory_mb or cap.memory_mb or BIG,
                    cap.max_jobs or BIG, cap.max_queued or BIG)
+
+    def crosses_downtime(self, now: float, walltime: float) -> bool:
+        """True if work of ``walltime`` seconds started at ``now`` would meet a scheduled downtime
+        (or ``now`` is inside one). A job without a walltime is given none of the site's future."""
+        horizon = now + walltime if walltime > 0 else float("inf")
+        for start, end in self.downtimes:
+            if end <= now:
+                continue
+            return start < horizon
+        return False
 
     def fits(self, cores: int, memory: int) -> bool:
         return self.used_cores + cores <= self.cores and self.used_memory + memory <= self.memory
@@ -116,6 +130,9 @@ class Dispatcher:
         self.flush_interval = flush_interval
         self.dags: list[RunDag] = []
         self.by_key: dict[str, RunDag] = {}
+        #: why sites were passed over, (site, reason) -> placements that skipped it for that reason
+        #: (reason: down, capacity, downtime): the record an operator asks "why not there?" of
+        self.skips: Counter[tuple[str, str]] = Counter()
         self.results: dict[str, RunState] = {}
         self.assigned = 0  # attempts placed, for the benchmarks
         self._last_flush = -1e18
@@ -144,11 +161,14 @@ class Dispatcher:
                 cands.append((-top[0], i, top[1]))
         heapq.heapify(cands)
         sites = [k for k, s in enumerate(self.sites) if s.down_until <= now]
+        for s in self.sites:
+            if s.down_until > now and cands:
+                self.skips[(s.name, "down")] += len(cands)
         if not sites:
             return batches
         room = {k: min(self.sites[k].max_jobs - self.sites[k].jobs,
                        self.sites[k].max_queued - self.sites[k].backend.queued()) for k in sites}
-        one = len(sites) == 1
+        one = len(sites) == 1 and not self.sites[sites[0]].downtimes
         while cands:
             _, i, j = heapq.heappop(cands)
             dag = self.dags[i]
@@ -180,18 +200,25 @@ class Dispatcher:
                 return k
             return None
         best, best_load = None, 2.0
+        walltime = dag.resources(j).request_walltime
+        now = self.clock.time()
+        skips = self.skips
         for k in sites:
-            if room[k] <= 0:
-                continue
             site = self.sites[k]
-            if not site.fits(min(want, site.cores), mem):
+            if room[k] <= 0 or not site.fits(min(want, site.cores), mem):
+                skips[(site.name, "capacity")] += 1
+                continue
+            if site.downtimes and site.crosses_downtime(now, walltime):
+                skips[(site.name, "downtime")] += 1
                 continue
             load = site.used_cores / site.cores if site.cores < BIG else site.jobs / max(site.max_jobs, 1)
             if load < best_load:
                 best, best_load = k, load
         if best is None:  # bigger than every site's free room: alone on an empty site, if one is
             for k in sites:
-                if room[k] > 0 and self.sites[k].jobs == 0 and k not in batches:
+                site = self.sites[k]
+                if (room[k] > 0 and site.jobs == 0 and k not in batches
+                        and not (site.downtimes and site.crosses_downtime(now, walltime))):
                     return k
         return best
 
@@ -326,6 +353,7 @@ class Dispatcher:
         now = self.clock.monotonic()
         wall_now = self.clock.time()
         times = [s.down_until for s in self.sites if s.down_until > now]
+        times += [now + end - wall_now for s in self.sites for _, end in s.downtimes if end > wall_now]
         for s in self.sites:
             nxt = getattr(s.backend, "next_end", None)
             if s.jobs and nxt is not None and (t := nxt()) is not None:
