@@ -388,3 +388,30 @@ def test_concurrent_add_downtime_keeps_every_window(catalog: Path) -> None:
     windows = load_catalog(catalog)["laptop"].downtimes
     assert sorted(d.reason for d in windows) == sorted(f"w{h}" for h in range(12))
     assert [p.name for p in catalog.parent.iterdir()] == ["sites.yaml"]
+
+
+def test_a_catalog_drives_two_runs_on_its_two_local_sites(tmp_path: Path) -> None:
+    """Real processes: the engine's sites built from a catalog; a site in scheduled downtime gets nothing."""
+    from batchprod.campaign.sites import engine_sites, load_catalog
+    from batchprod.engine.orchestrator import Engine
+    from batchprod.engine.prepare import prepare
+    from batchprod.testing import command_task, make_toy_repo, write_submit
+
+    (tmp_path / "sites.yaml").write_text(
+        "sites:\n"
+        "  small: {wmsServiceClass: local, cores: 1}\n"
+        "  big: {wmsServiceClass: local, cores: 2}\n"
+        "  closed: {wmsServiceClass: local, cores: 2, downtimes: [{start: '2000-01-01T00:00:00Z',"
+        " end: '2999-01-01T00:00:00Z', reason: forever}]}\n")
+    sites = engine_sites(load_catalog(tmp_path / "sites.yaml"))
+    assert [(s.name, s.cores) for s in sites] == [("small", 1), ("big", 2), ("closed", 2)]
+    pipeline = {"tasks": {"noop": command_task(["visit", "detector"], ["raw"], ["out"], "touch {outputs.out}")}}
+    runs = [prepare(write_submit(tmp_path / f"run{r}", pipeline, requestWalltime=60,
+                                 repo=make_toy_repo(tmp_path / f"repo{r}", visits=range(12), detectors=(0,))))
+            for r in range(2)]
+    engine = Engine(sites)
+    assert sorted(engine.execute(runs).values()) == ["SUCCEEDED", "SUCCEEDED"]
+    used = {a["site"] for run in runs for a in run.store.attempts()}
+    assert used == {"small", "big"}
+    assert engine.dispatcher.skips[("closed", "downtime")] > 0
+    assert sites[0].peak["cores"] <= 1 and sites[1].peak["cores"] <= 2

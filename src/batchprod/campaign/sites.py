@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from batchprod.config.keys import SITE_BASE_KEYS, wms_class
 from batchprod.config.safe_yaml import check_plain, is_file, one_line, read_yaml, show
+from batchprod.engine.dispatcher import BIG, Site
 from batchprod.errors import ConfigError
 from batchprod.wms.base import Capacity
 from batchprod.wms.registry import get_wms
@@ -455,3 +456,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 __all__ = ["CATALOG_KEYS", "CatalogSite", "Downtime", "SiteCatalog", "SiteState", "SiteStatus", "add_downtime",
            "catalog_from_data", "load_catalog", "parse_time", "scheduled_state"]
+
+
+# -- the catalog as the engine's sites ----------------------------------------------------------------
+
+def engine_sites(catalog: SiteCatalog, names: Sequence[str] | None = None) -> list[Site]:
+    """The dispatcher's sites for a catalog (all, or ``names`` in that order): each site's backend built
+    by its WMS plugin from its typed settings, its capacity, and its scheduled downtimes (the dispatcher
+    drains a site before one: no attempt whose walltime would reach it is placed there)."""
+    out = []
+    for name in names if names is not None else list(catalog.sites):
+        cs = catalog[name]
+        backend = get_wms(cs.wms).site_backend(cs.settings.for_site(name))
+        backend.name = name
+        cap = cs.capacity
+        site = Site(name, backend, cap.cores or BIG, cap.memory_mb or BIG, cap.max_jobs or BIG,
+                    cap.max_queued or BIG)
+        site.downtimes = [(d.start.timestamp(), d.end.timestamp()) for d in cs.downtimes]
+        out.append(site)
+    return out

@@ -34,6 +34,11 @@ class BaseWmsService(ABC):
     def backend(self, run: Run) -> Backend:
         """The backend that starts, polls and kills this run's attempts."""
 
+    def site_backend(self, settings: Any) -> Backend:
+        """A backend for a site of a site catalog, from that site's typed settings (this plugin's
+        ``settings_model``): it serves attempts of any run."""
+        raise NotImplementedError(f"WMS '{self.name}' cannot serve as a catalog site")
+
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
         """Stop what a dead orchestrator left running (used by cancel)."""
         backend = self.backend(run)

@@ -199,5 +199,8 @@ class FakeService(BaseWmsService):
     def backend(self, run: Run) -> Backend:
         return FakeBackend(write_outputs=True)
 
+    def site_backend(self, settings: Any) -> Backend:
+        return FakeBackend(write_outputs=True, name=getattr(settings, "site", None) or "fake")
+
     def cleanup_orphans(self, run: Run, handles: Sequence[str]) -> None:
         return None

@@ -16,6 +16,9 @@ class LocalService(BaseWmsService):
     name = "local"
     settings_model = LocalSettings
 
+    def site_backend(self, settings: LocalSettings) -> Backend:  # type: ignore[override]
+        return LocalBackend(settings)
+
     def backend(self, run: Run) -> Backend:
         return LocalBackend(run_site_settings(run, LocalSettings))
 

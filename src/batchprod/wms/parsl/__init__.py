@@ -258,6 +258,9 @@ class ParslService(BaseWmsService):
     name = "parsl"
     settings_model = ParslSettings
 
+    def site_backend(self, settings: ParslSettings) -> Backend:  # type: ignore[override]
+        return ParslBackend(settings, run_dir=settings.run_dir)
+
     def backend(self, run: Run) -> Backend:
         settings = run_site_settings(run, ParslSettings)
         return ParslBackend(settings, run_dir=settings.run_dir or run.submit_dir / "parsl")

@@ -394,6 +394,11 @@ class SlurmService(BaseWmsService):
     name = "slurm"
     settings_model = SlurmSettings
 
+    def site_backend(self, settings: SlurmSettings) -> Backend:  # type: ignore[override]
+        if shutil.which("sbatch") is None:
+            raise ConfigError("wmsServiceClass 'slurm': sbatch not found on PATH")
+        return SlurmBackend(settings)
+
     def backend(self, run: Run) -> Backend:
         if shutil.which("sbatch") is None:
             raise ConfigError("wmsServiceClass 'slurm': sbatch not found on PATH")
