@@ -241,3 +241,36 @@ def test_a_site_drains_before_its_scheduled_downtime_and_says_why_it_was_skipped
     assert all(a["start"] + 60 <= window[0] or a["start"] >= window[1] for a in on_s0)
     assert any(a["start"] >= window[1] for a in on_s0)  # and it took work again after it
     assert d.skips[("s0", "downtime")] > 0 and ("s1", "downtime") not in d.skips
+
+
+def test_preemption_on_an_opportunistic_site_spends_no_retry_and_the_next_attempt_goes_elsewhere(
+        tmp_path: Path) -> None:
+    from batchprod.wms.base import Launch
+
+    clock = VirtualClock()
+    dedicated, spare = _sites(clock, 2, duration=10.0)
+    # the dedicated site (4 cores) stays 3/4 busy while the spare one is idle again after 2 s: the
+    # least-loaded rule alone would send the preempted job back to the spare site
+    dedicated.cores = 4
+    spare.backend.duration = 2.0
+    spare.opportunistic = True
+    preempted: list[str] = []
+
+    def on_spare(la: Launch) -> FakeEnd | None:  # the opportunistic site takes its cores back once per job
+        if la.attempt == 1:
+            preempted.append(la.name)
+            return FakeEnd(exit_code=None, signal=9)
+        return None
+
+    spare.backend.outcome = on_spare
+    run = _run(tmp_path, "a", numberOfRetries=0)
+    d = Dispatcher([dedicated, spare], clock)
+    d.add(_dag(run, clock, [dedicated, spare]))
+    assert d.run()[str(run.submit_dir)] == "SUCCEEDED"
+    assert preempted and spare.preempted == len(preempted)
+    assert d.skips[("s1", "opportunistic")] >= len(preempted)
+    for name in preempted:
+        job = run.store.job_by_name(name)
+        atts = run.store.attempts(job["id"])
+        assert [a["failure_class"] for a in atts] == ["killed", None] and job["retries"] == 0
+        assert [a["site"] for a in atts] == ["s1", "s0"]  # then on the dedicated site

@@ -473,5 +473,6 @@ def engine_sites(catalog: SiteCatalog, names: Sequence[str] | None = None) -> li
         site = Site(name, backend, cap.cores or BIG, cap.memory_mb or BIG, cap.max_jobs or BIG,
                     cap.max_queued or BIG)
         site.downtimes = [(d.start.timestamp(), d.end.timestamp()) for d in cs.downtimes]
+        site.opportunistic = cs.opportunistic
         out.append(site)
     return out

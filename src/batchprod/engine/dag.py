@@ -261,6 +261,10 @@ class RunDag:
         p, j = self.heap[0]
         return -p, j
 
+    def preemptions(self, j: int) -> int:
+        """Times the job was killed from outside since its budget was last reset."""
+        return self.counters[j].preemptions
+
     def demand(self, j: int) -> tuple[int, int]:
         """(cores, memory MB) the job's next attempt asks for (a site with fewer cores gives it all it has)."""
         return self.resources(j).request_cpus, self.req_mem[j]

@@ -20,13 +20,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from batchprod.engine.dag import RunDag
+from batchprod.engine.dag import RunDag, classify
 from batchprod.execution.states import FailureClass, RunState
 from batchprod.wms.base import Backend, Launch, SiteUnavailable
 
 FLUSH_INTERVAL = 0.25  # seconds between state commits of a run
 KILL_GRACE = 3.0  # seconds between the polite and the hard stop on cancel
 RETRY_SITE = 5.0  # seconds before an unavailable site is asked again
+PREFER_DEDICATED_AFTER = 1  # preemptions of a job after which it avoids opportunistic sites if it can
+HIGH_PRIORITY = 1000  # a job at or above this priority avoids opportunistic sites if it can
 BIG = 1 << 62
 
 
@@ -80,6 +82,10 @@ class Site:
     #: scheduled downtimes, (start, end) in wall-clock seconds, sorted: no attempt whose walltime would
     #: reach one is placed here (the site drains before it instead of having work killed)
     downtimes: list[tuple[float, float]] = field(default_factory=list)
+    #: preemptible (opportunistic) resources: a job preempted PREFER_DEDICATED_AFTER times, or of high
+    #: priority, goes here only when no dedicated site can take it; kills here are counted
+    opportunistic: bool = False
+    preempted: int = 0  # attempts killed from outside on this site
     peak: dict[str, int] = field(default_factory=lambda: {"jobs": 0, "cores": 0, "memory": 0})
 
     @classmethod
@@ -199,8 +205,12 @@ class Dispatcher:
             if site.fits(min(want, site.cores), mem) or (site.jobs == 0 and k not in batches):
                 return k
             return None
-        best, best_load = None, 2.0
-        walltime = dag.resources(j).request_walltime
+        best, best_load, spare, spare_load = None, 2.0, None, 2.0
+        res = dag.resources(j)
+        walltime = res.request_walltime
+        # kills on preemptible resources are not the job's fault, but a job that was preempted (or
+        # matters most) should not go back there while a dedicated site can take it
+        avoid = dag.preemptions(j) >= PREFER_DEDICATED_AFTER or res.priority >= HIGH_PRIORITY
         now = self.clock.time()
         skips = self.skips
         for k in sites:
@@ -212,8 +222,16 @@ class Dispatcher:
                 skips[(site.name, "downtime")] += 1
                 continue
             load = site.used_cores / site.cores if site.cores < BIG else site.jobs / max(site.max_jobs, 1)
+            if avoid and site.opportunistic:
+                if load < spare_load:
+                    spare, spare_load = k, load
+                continue
             if load < best_load:
                 best, best_load = k, load
+        if best is None and spare is not None:
+            return spare  # nothing dedicated can take it: the opportunistic site, rather than wait
+        if avoid and spare is not None:
+            skips[(self.sites[spare].name, "opportunistic")] += 1
         if best is None:  # bigger than every site's free room: alone on an empty site, if one is
             for k in sites:
                 site = self.sites[k]
@@ -262,7 +280,10 @@ class Dispatcher:
                     continue  # an attempt of a run no longer driven here
                 a = dag.finish(e, site.memory)
                 if a is not None:
-                    self.by_name[a.site].release(a.cores, a.memory)
+                    held = self.by_name[a.site]
+                    held.release(a.cores, a.memory)
+                    if (e.fclass or classify(e.exit_code, e.signal)) == FailureClass.KILLED:
+                        held.preempted += 1
                     n += 1
         return n
 
