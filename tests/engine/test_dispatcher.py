@@ -274,3 +274,35 @@ def test_preemption_on_an_opportunistic_site_spends_no_retry_and_the_next_attemp
         atts = run.store.attempts(job["id"])
         assert [a["failure_class"] for a in atts] == ["killed", None] and job["retries"] == 0
         assert [a["site"] for a in atts] == ["s1", "s0"]  # then on the dedicated site
+
+
+def _many(tmp_path: Path, name: str, n: int) -> Run:
+    from batchprod.testing import command_task
+
+    pipeline = {"tasks": {"noop": command_task(["visit", "detector"], ["raw"], ["out"], "true")}}
+    return prepare(write_submit(tmp_path / name, pipeline, payload={"outputRun": f"{name}/run"},
+                                repo=make_toy_repo(tmp_path / f"repo-{name}", visits=range(n), detectors=(0,))))
+
+
+def test_fair_share_between_runs_of_equal_priority_and_priority_first(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    (site,) = [Site.of("s", FakeBackend(clock, duration=10.0, capacity=Capacity(cores=8, memory_mb=1 << 20)))]
+    a, b, c = _many(tmp_path, "a", 60), _many(tmp_path, "b", 60), _many(tmp_path, "c", 16)
+    d = Dispatcher([site], clock)
+    dags = [_dag(r, clock, [site]) for r in (a, b, c)]
+    dags[0].share, dags[1].share = 3.0, 1.0  # a and b: equal priority, shares 3:1
+    dags[2].priority = 10  # c: served before both
+    for dag in dags:
+        d.add(dag)
+    samples: list[tuple[int, int, int]] = []
+
+    def sample() -> None:
+        if all(dag.heap for dag in dags[:2]):  # while a and b both have work waiting
+            samples.append((len(dags[0].active), len(dags[1].active), len(dags[2].active)))
+
+    d.on_tick = sample
+    assert set(d.run().values()) == {"SUCCEEDED"}
+    assert samples[0] == (0, 0, 8)  # the high-priority run takes every slot first
+    shared = [(x, y) for x, y, z in samples if z == 0]
+    ratio = sum(x for x, _ in shared) / sum(y for _, y in shared)
+    assert abs(ratio - 3.0) / 3.0 < 0.10, (ratio, shared[:5])

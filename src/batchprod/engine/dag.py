@@ -78,6 +78,8 @@ class RunDag:
         self.host = host
         self.wall, self.mono = wall, mono
         self.stopping: str | None = None  # why the run is being cancelled (no retries from then)
+        self.priority = 0  # the run's (its campaign's): a run of higher priority is served first
+        self.share = 1.0  # its fair-share target among runs of equal priority (relative)
         self._ran = False  # a job (not the final one) was launched in this execution
         self._final_again = False
         n = len(self.wf)

@@ -152,19 +152,24 @@ class Dispatcher:
 
     # -- one tick -----------------------------------------------------------------------------------
     def assign(self) -> dict[int, list[tuple[RunDag, Launch]]]:
-        """Ready attempts -> sites, best priority first, until nothing more fits. A run waits for room
-        for its best job rather than let smaller ones jump ahead (strict priority within a run); a job
-        bigger than every site runs alone on an empty one, not never."""
+        """Ready attempts -> sites until nothing more fits: the run of highest priority first; among runs
+        of equal priority the one furthest below its share (cores in use / share), as HTCondor
+        accounting groups and PanDA global shares do; then the job's own priority. A run waits for
+        room for its best job rather than let smaller ones jump ahead (strict priority within a run);
+        a job bigger than every site runs alone on an empty one, not never."""
         now = self.clock.monotonic()
         batches: dict[int, list[tuple[RunDag, Launch]]] = {}
-        cands: list[tuple[int, int, int]] = []
+        cands: list[tuple[int, float, int, int, int]] = []
+        use: dict[int, float] = {}
+        several = len(self.dags) > 1
         for i, dag in enumerate(self.dags):
             if dag.stopping:
                 continue
             dag.promote(now)
             top = dag.top()
             if top is not None:
-                cands.append((-top[0], i, top[1]))
+                use[i] = sum(a.cores for a in dag.active.values()) if several else 0.0
+                cands.append((-dag.priority, use[i] / dag.share, -top[0], i, top[1]))
         heapq.heapify(cands)
         sites = [k for k, s in enumerate(self.sites) if s.down_until <= now]
         for s in self.sites:
@@ -176,7 +181,7 @@ class Dispatcher:
                        self.sites[k].max_queued - self.sites[k].backend.queued()) for k in sites}
         one = len(sites) == 1 and not self.sites[sites[0]].downtimes
         while cands:
-            _, i, j = heapq.heappop(cands)
+            *_, i, j = heapq.heappop(cands)
             dag = self.dags[i]
             k = self._place(dag, j, sites, room, batches, one)
             if k is None:
@@ -191,7 +196,9 @@ class Dispatcher:
             self.assigned += 1
             top = dag.top()
             if top is not None:
-                heapq.heappush(cands, (-top[0], i, top[1]))
+                if several:
+                    use[i] += cores
+                heapq.heappush(cands, (-dag.priority, use[i] / dag.share, -top[0], i, top[1]))
         return batches
 
     def _place(self, dag: RunDag, j: int, sites: list[int], room: dict[int, int],
