@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The dispatcher alone: N queued jobs over S fake sites, in virtual time.
 
-    python bench/dispatcher_fake.py --jobs 1000000 --sites 10 [--slots 2000] [--duration 60]
+    python bench/dispatcher_fake.py --jobs 1000000 --sites 10 [--runs 100] [--slots 2000] [--duration 60]
 
-Builds a synthetic N-quantum workflow (one job per quantum) with its real state store (the run's
-own SQLite file), then drives it with the real RunDag + Dispatcher on S FakeBackend sites of
+Builds R synthetic workflows of N/R quanta (one job per quantum), each a run with its real state store
+(its own SQLite file; R runs of equal priority and share, as R campaigns would be), then drives them with the real RunDag + Dispatcher on S FakeBackend sites of
 ``--slots`` cores each, every attempt lasting ``--duration`` virtual seconds (a VirtualClock: no
 sleeping). Prints assignments per second of wall time for the whole loop (placement, Launch
 objects, state commits once per tick, polls, ends, retries bookkeeping) and for placement alone,
@@ -37,34 +37,42 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=10)
     ap.add_argument("--slots", type=int, default=2000, help="cores per site (1 core per job)")
     ap.add_argument("--duration", type=float, default=60.0, help="virtual seconds per attempt")
+    ap.add_argument("--runs", type=int, default=1, help="runs sharing the sites (the jobs split among them)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        sd = Path(d)
         t = time.perf_counter()
-        qg = synthetic_graph(a.jobs)
-        wf = cluster_quanta(qg, [], lambda label, cluster: Resources(), run={"repo": d, "output_run": "o"})
-        qg.save(sd / QGRAPH_FILE)
-        wf.save(sd / WORKFLOW_FILE)
-        (sd / "config.yaml").write_text("computeSite: local\n")
-        (sd / "logs").mkdir()
-        names = wf.job_names()
-        store = StateStore(sd / STATE_FILE, create=True)
-        store.init_run("bench", str(sd), "fake", ({"id": j, "name": names[j], "label": wf.group(j).name,
-                                                   "n_quanta": 1, "priority": 0, "request_memory": 2048}
-                                                  for j in range(len(wf))))
-        store.close()
-        print(f"setup: {len(wf):,} jobs in {time.perf_counter() - t:.1f}s")
+        dirs = []
+        total = 0
+        for r in range(a.runs):
+            sd = Path(d) / f"run{r}"
+            sd.mkdir()
+            qg = synthetic_graph(a.jobs // a.runs)
+            wf = cluster_quanta(qg, [], lambda label, cluster: Resources(), run={"repo": d, "output_run": f"o{r}"})
+            qg.save(sd / QGRAPH_FILE)
+            wf.save(sd / WORKFLOW_FILE)
+            (sd / "config.yaml").write_text("computeSite: local\n")
+            (sd / "logs").mkdir()
+            names = wf.job_names()
+            store = StateStore(sd / STATE_FILE, create=True)
+            store.init_run(f"bench{r}", str(sd), "fake", ({"id": j, "name": names[j], "label": wf.group(j).name,
+                                                           "n_quanta": 1, "priority": 0, "request_memory": 2048}
+                                                          for j in range(len(wf))))
+            store.close()
+            dirs.append(sd)
+            total += len(wf)
+        print(f"setup: {a.runs} runs, {total:,} jobs in {time.perf_counter() - t:.1f}s")
 
         clock = VirtualClock()
         sites = [Site.of(f"site{i}", FakeBackend(clock, duration=a.duration, name=f"site{i}",
                                                  capacity=Capacity(cores=a.slots, memory_mb=a.slots * 4096)))
                  for i in range(a.sites)]
-        run = Run(sd)
-        dag = RunDag(run, host="bench", wall=clock.time, mono=clock.monotonic)
-        dag.load()
-        dag.prepare_queue()
+        runs = [Run(sd) for sd in dirs]
         disp = Dispatcher(sites, clock)
-        disp.add(dag)
+        for run in runs:
+            dag = RunDag(run, host="bench", wall=clock.time, mono=clock.monotonic)
+            dag.load()
+            dag.prepare_queue()
+            disp.add(dag)
         placing = 0.0
         assign = disp.assign
 
@@ -82,14 +90,15 @@ def main() -> None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         over = [s.name for s in sites if s.peak["cores"] > s.cores or s.peak["jobs"] > s.max_jobs]
         used = sum(1 for s in sites if s.backend.started)
-        print(f"result: {results}; {disp.assigned:,} assignments on {used} of {a.sites} sites "
+        states = sorted(set(map(str, results.values())))
+        print(f"result: {len(results)} runs {states}; {disp.assigned:,} assignments on {used} of {a.sites} sites "
               f"(virtual time {clock.now - 1_000_000.0:,.0f}s)")
         print(f"dispatcher loop: {wall:.1f}s = {disp.assigned / wall:,.0f} assignments/s "
               f"(placement alone {placing:.1f}s = {disp.assigned / placing:,.0f}/s); peak RSS {rss:,.0f} MB")
         print(f"capacity: peak cores per site {max(s.peak['cores'] for s in sites)} of {a.slots}; "
               f"over capacity: {over or 'none'}")
-        done = run.store.job_columns("status")
-        print(f"state store: {sum(1 for (s,) in done if s == 'SUCCEEDED'):,} of {len(done):,} jobs SUCCEEDED")
+        done = [s for run in runs for (s,) in run.store.job_columns("status")]
+        print(f"state stores: {sum(1 for s in done if s == 'SUCCEEDED'):,} of {len(done):,} jobs SUCCEEDED")
 
 
 if __name__ == "__main__":
