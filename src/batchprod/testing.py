@@ -278,3 +278,32 @@ def chaos_trial(workdir: str | Path, reference: dict[str, str], seed: int, kills
     return {"restarts": restarts, "refused": refused, "lost": lost, "duplicated": duplicated + ran_twice,
             "inconsistent": len(inconsistent), "problems": inconsistent[:5],
             "attempts": len(atts), "jobs": len(jobs)}
+
+
+def shell_launch(run_dir: str | Path, job: int, command: str = "true") -> Any:
+    """One attempt of a shell-command job of the run in ``run_dir``, for driving a backend directly
+    (no engine, no prepared run): logs under ``run_dir/logs/calibrate``."""
+    from batchprod.wms.base import Launch
+
+    run_dir = Path(run_dir)
+    name = f"calibrate_visit{job}"
+    logs = run_dir / "logs" / "calibrate"
+    logs.mkdir(parents=True, exist_ok=True)
+    result = logs / f"{name}.1.result.json"
+    spec = {"name": name, "attempt": 1, "repo": str(run_dir / "repo"), "output_run": "run", "result_path": str(result),
+            "quanta": [{"label": "calibrate", "data_id": {"visit": job}, "node_id": name, "command": command,
+                        "python": None, "config": {}, "inputs": [], "outputs": []}]}
+    return Launch(job, name, "calibrate", 1, 1, 100, 0, spec, logs / f"{name}.1.out", logs / f"{name}.1.err", result,
+                  run=str(run_dir))
+
+
+def drain_ends(backend: Any, n: int, timeout: float = 60.0, interval: float = 0.05) -> list[Any]:
+    """Poll a backend until ``n`` attempts ended (TimeoutError after ``timeout`` seconds)."""
+    out: list[Any] = []
+
+    def more() -> bool:
+        out.extend(backend.poll())
+        return len(out) >= n
+
+    wait_for(more, timeout=timeout, interval=interval)
+    return out

@@ -17,8 +17,7 @@ from batchprod.execution.process import group_members
 from batchprod.execution.states import FailureClass, JobState
 from batchprod.report import summarize
 from batchprod.state.run import Run
-from batchprod.testing import command_task, make_toy_repo, write_submit
-from batchprod.wms.base import Launch
+from batchprod.testing import command_task, make_toy_repo, shell_launch, write_submit
 from batchprod.wms.local import LocalBackend, LocalService, LocalSettings
 
 
@@ -213,25 +212,12 @@ def test_cancel_when_orchestrator_is_gone(tmp_path: Path, toy_repo: Path, cli) -
     _wait(lambda: group_members(pg) == [], timeout=5)
 
 
-def _launch(run_dir: Path, job: int, command: str) -> Launch:
-    """One attempt of a shell-command job of the run in ``run_dir`` (no engine needed)."""
-    name = f"calibrate_visit{job}"
-    logs = run_dir / "logs" / "calibrate"
-    logs.mkdir(parents=True, exist_ok=True)
-    result = logs / f"{name}.1.result.json"
-    spec = {"name": name, "attempt": 1, "repo": str(run_dir / "repo"), "output_run": "run", "result_path": str(result),
-            "quanta": [{"label": "calibrate", "data_id": {"visit": job}, "node_id": name, "command": command,
-                        "python": None, "config": {}, "inputs": [], "outputs": []}]}
-    return Launch(job, name, "calibrate", 1, 1, 100, 0, spec, logs / f"{name}.1.out", logs / f"{name}.1.err", result,
-                  run=str(run_dir))
-
-
 def test_one_local_site_serves_two_runs(tmp_path: Path) -> None:
     """A backend is a site, not a run: attempts of two runs side by side, each marked as its run's
     (so one run's orphans are found and killed without touching the other's), each end keyed by it."""
     a, b = tmp_path / "runA", tmp_path / "runB"
     backend = LocalBackend(LocalSettings(cores=2))
-    la, lb = (_launch(r, 1, 'echo "$BATCHPROD_SUBMIT_DIR"; sleep 30') for r in (a, b))
+    la, lb = (shell_launch(r, 1, 'echo "$BATCHPROD_SUBMIT_DIR"; sleep 30') for r in (a, b))
     ha, hb = backend.start([la, lb])
     _wait(lambda: la.stdout.read_text().splitlines()[-1:] == [str(a)] and lb.stdout.read_text().splitlines()[-1:] == [str(b)])
 

@@ -9,36 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from batchprod.testing import wait_for
-from batchprod.wms.base import Capacity, Ended, Launch, SiteUnavailable
+from batchprod.testing import drain_ends, shell_launch
+from batchprod.wms.base import Capacity, Ended, SiteUnavailable
 
 if os.environ.get("BATCHPROD_REQUIRE_ENGINES") != "1":  # in CI a missing Parsl fails the import
     pytest.importorskip("parsl")
 
 from batchprod.wms.parsl import ParslBackend, ParslSettings  # noqa: E402
-
-
-def launch(run_dir: Path, job: int, command: str) -> Launch:
-    name = f"calibrate_visit{job}"
-    logs = run_dir / "logs" / "calibrate"
-    logs.mkdir(parents=True, exist_ok=True)
-    result = logs / f"{name}.1.result.json"
-    spec = {"name": name, "attempt": 1, "repo": str(run_dir / "repo"), "output_run": "run", "result_path": str(result),
-            "quanta": [{"label": "calibrate", "data_id": {"visit": job}, "node_id": name, "command": command,
-                        "python": None, "config": {}, "inputs": [], "outputs": []}]}
-    return Launch(job, name, "calibrate", 1, 1, 100, 0, spec, logs / f"{name}.1.out", logs / f"{name}.1.err", result,
-                  run=str(run_dir))
-
-
-def drain(backend: ParslBackend, n: int, timeout: float = 120) -> list[Ended]:
-    out: list[Ended] = []
-
-    def more() -> bool:
-        out.extend(backend.poll())
-        return len(out) >= n
-
-    wait_for(more, timeout=timeout, interval=0.05)
-    return out
 
 
 def test_two_parsl_sites_in_one_process(tmp_path: Path) -> None:
@@ -60,12 +37,12 @@ def test_two_parsl_sites_in_one_process(tmp_path: Path) -> None:
                     f"while [ ! -e {mark[other]} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
                     f"test -e {mark[other]}")
 
-        launches = {"east": [launch(runs["east"], j, command("east", "west")) for j in range(3)],
-                    "west": [launch(runs["west"], j, command("west", "east")) for j in range(3)]}
+        launches = {"east": [shell_launch(runs["east"], j, command("east", "west")) for j in range(3)],
+                    "west": [shell_launch(runs["west"], j, command("west", "east")) for j in range(3)]}
         for s in sites:
             assert len(s.start(launches[s.settings.site])) == 3
         ends: dict[str, list[Ended]] = {}
-        threads = [threading.Thread(target=lambda s=s: ends.__setitem__(s.settings.site, drain(s, 3))) for s in sites]
+        threads = [threading.Thread(target=lambda s=s: ends.__setitem__(s.settings.site, drain_ends(s, 3, timeout=120))) for s in sites]
         for t in threads:
             t.start()
         for t in threads:
@@ -79,9 +56,9 @@ def test_two_parsl_sites_in_one_process(tmp_path: Path) -> None:
                 assert str(runs[name]) in la.stdout.read_text().splitlines()  # the job knows its run
 
         sites[0].close()  # one site goes; the other still runs attempts
-        late = launch(runs["west"], 9, "true")
+        late = shell_launch(runs["west"], 9, "true")
         sites[1].start([late])
-        (ended,) = drain(sites[1], 1)
+        (ended,) = drain_ends(sites[1], 1, timeout=120)
         assert ended.key == late.key and ended.exit_code == 0
 
         # an executor that gave up (its block cannot start, the interchange died) is an unavailable
@@ -90,7 +67,7 @@ def test_two_parsl_sites_in_one_process(tmp_path: Path) -> None:
         with pytest.raises(SiteUnavailable, match=r"site 'west' unavailable: Parsl executor failed: block lost"):
             sites[1].poll()
         with pytest.raises(SiteUnavailable):  # and nothing is started there
-            sites[1].start([launch(runs["west"], 10, "true")])
+            sites[1].start([shell_launch(runs["west"], 10, "true")])
         assert sites[1].active() == 0
     finally:
         for s in sites:

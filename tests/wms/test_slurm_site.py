@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from batchprod.execution.states import FailureClass
-from batchprod.testing import wait_for
+from batchprod.testing import drain_ends, shell_launch, wait_for
 from batchprod.wms import slurm as slurm_mod
-from batchprod.wms.base import Ended, Launch, SiteUnavailable
+from batchprod.wms.base import SiteUnavailable
 from batchprod.wms.slurm import VANISHED_AFTER, SlurmBackend, SlurmSettings, run_prefix
 
 SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/slurm-ci/slurm.conf")
@@ -54,32 +54,8 @@ def dead(tmp_path: Path) -> str:
     return str(conf)
 
 
-def launch(run_dir: Path, job: int, command: str = "true") -> Launch:
-    """One attempt of a shell-command job of the run in ``run_dir``."""
-    name = f"calibrate_visit{job}"
-    logs = run_dir / "logs" / "calibrate"
-    logs.mkdir(parents=True, exist_ok=True)
-    result = logs / f"{name}.1.result.json"
-    spec = {"name": name, "attempt": 1, "repo": str(run_dir / "repo"), "output_run": "run", "result_path": str(result),
-            "quanta": [{"label": "calibrate", "data_id": {"visit": job}, "node_id": name, "command": command,
-                        "python": None, "config": {}, "inputs": [], "outputs": []}]}
-    return Launch(job, name, "calibrate", 1, 1, 100, 0, spec, logs / f"{name}.1.out", logs / f"{name}.1.err", result,
-                  run=str(run_dir))
-
-
 def site(**keys) -> SlurmBackend:
     return SlurmBackend(SlurmSettings(pollInterval=0, **keys).for_site("hpc"))
-
-
-def drain(backend: SlurmBackend, n: int, timeout: float = 60) -> list[Ended]:
-    out: list[Ended] = []
-
-    def more() -> bool:
-        out.extend(backend.poll())
-        return len(out) >= n
-
-    wait_for(more, timeout=timeout, interval=0.2)
-    return out
 
 
 def test_one_site_serves_two_runs(tmp_path: Path, live: str) -> None:
@@ -87,7 +63,7 @@ def test_one_site_serves_two_runs(tmp_path: Path, live: str) -> None:
     each end carries its run, and cleaning up one run's orphans leaves the other's jobs alone."""
     a, b = tmp_path / "runA", tmp_path / "runB"
     backend = site()
-    la, lb = launch(a, 1, 'echo "$BATCHPROD_SUBMIT_DIR"; sleep 30'), launch(b, 1, 'echo "$BATCHPROD_SUBMIT_DIR"; sleep 30')
+    la, lb = shell_launch(a, 1, 'echo "$BATCHPROD_SUBMIT_DIR"; sleep 30'), shell_launch(b, 1, 'echo "$BATCHPROD_SUBMIT_DIR"; sleep 30')
     ha, hb = backend.start([la, lb])
     names = subprocess.run(["squeue", "-h", "-j", f"{ha},{hb}", "-o", "%i %j"], capture_output=True, text=True,
                            check=True).stdout
@@ -96,18 +72,18 @@ def test_one_site_serves_two_runs(tmp_path: Path, live: str) -> None:
     wait_for(lambda: lb.stdout.exists() and str(b) in lb.stdout.read_text(), timeout=60, interval=0.2)
 
     SlurmBackend(SlurmSettings()).cleanup_orphans(SimpleNamespace(submit_dir=a), [])  # a restart of run A
-    (ended,) = drain(backend, 1)
+    (ended,) = drain_ends(backend, 1, interval=0.2)
     assert ended.key == (str(a), 1, 1) and ended.fclass == FailureClass.KILLED  # cancelled outside this backend
     assert backend.active() == 1 and not backend.poll()  # run B's job runs on
     backend.kill(hb, FailureClass.CANCELLED, "cancelled")
-    (ended,) = drain(backend, 1)
+    (ended,) = drain_ends(backend, 1, interval=0.2)
     assert ended.key == (str(b), 1, 1) and ended.fclass == FailureClass.CANCELLED
 
 
 def test_a_dead_controller_is_unavailable_not_idle(tmp_path: Path, live: str, dead: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     backend = site()
-    first = launch(tmp_path / "run", 1, "sleep 30")
+    first = shell_launch(tmp_path / "run", 1, "sleep 30")
     (handle,) = backend.start([first])
 
     monkeypatch.setenv("SLURM_CONF", dead)  # the controller goes away
@@ -117,7 +93,7 @@ def test_a_dead_controller_is_unavailable_not_idle(tmp_path: Path, live: str, de
         assert info.value.site == "hpc"
     assert backend.active() == 1  # still known: nothing lost, nothing vanished
     with pytest.raises(SiteUnavailable):  # a batch that cannot start does not start at all
-        backend.start([launch(tmp_path / "run", 2)])
+        backend.start([shell_launch(tmp_path / "run", 2)])
     assert backend.active() == 1 and list(backend.subs) == [handle]
     with pytest.raises(SiteUnavailable):  # cannot promise that nothing of the run still runs
         backend.cleanup_orphans(SimpleNamespace(submit_dir=tmp_path / "run"), [handle])
@@ -125,13 +101,13 @@ def test_a_dead_controller_is_unavailable_not_idle(tmp_path: Path, live: str, de
     monkeypatch.setenv("SLURM_CONF", live)  # back
     assert backend.poll() == [] and backend.active() == 1
     backend.kill(handle, FailureClass.CANCELLED, "cancelled")
-    (ended,) = drain(backend, 1)
+    (ended,) = drain_ends(backend, 1, interval=0.2)
     assert ended.key == first.key and ended.fclass == FailureClass.CANCELLED
 
 
 def test_jobs_that_vanish_while_the_controller_answers_end_as_killed(tmp_path: Path, live: str) -> None:
     backend = site()
-    gone = launch(tmp_path / "run", 1)
+    gone = shell_launch(tmp_path / "run", 1)
     backend.subs["99999999"] = slurm_mod._Sub(gone)  # an id the controller does not know (any more)
     ends = [e for _ in range(VANISHED_AFTER) for e in backend.poll()]
     assert [(e.key, e.fclass) for e in ends] == [(gone.key, FailureClass.KILLED)]
@@ -153,7 +129,7 @@ def test_controller_lost_in_the_middle_of_a_batch(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(slurm_mod, "_run_cmd", fake)
     backend = site()
-    launches = [launch(tmp_path / "run", j) for j in (1, 2, 3)]
+    launches = [shell_launch(tmp_path / "run", j) for j in (1, 2, 3)]
     assert backend.start(launches) == ["4001", "-", "-"]
     assert sum(c[0] == "sbatch" for c in calls) == 2  # no sbatch after the controller was found gone
     ends = backend.poll()
@@ -167,5 +143,5 @@ def test_controller_lost_in_the_middle_of_a_batch(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(slurm_mod, "_run_cmd", lambda *a, **k: (_ for _ in ()).throw(
         slurm_mod._SiteDown("sbatch: Unable to contact slurm controller")))
     with pytest.raises(SiteUnavailable):
-        fresh.start([launch(tmp_path / "run2", j) for j in (1, 2)])
+        fresh.start([shell_launch(tmp_path / "run2", j) for j in (1, 2)])
     assert fresh.active() == 0 and fresh.poll() == []
