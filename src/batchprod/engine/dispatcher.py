@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from batchprod.engine.dag import RunDag, classify
 from batchprod.execution.states import FailureClass, RunState
-from batchprod.wms.base import Backend, Launch, SiteUnavailable
+from batchprod.wms.base import Backend, Ended, Launch, SiteUnavailable
 
 FLUSH_INTERVAL = 0.25  # seconds between state commits of a run
 KILL_GRACE = 3.0  # seconds between the polite and the hard stop on cancel
@@ -271,7 +271,6 @@ class Dispatcher:
         """Poll every site with attempts once; record what ended. Returns how many ended."""
         n = 0
         now = self.clock.monotonic()
-        single = self.dags[0] if len(self.dags) == 1 else None
         for site in self.sites:
             if site.jobs == 0 or site.down_until > now:
                 continue
@@ -281,18 +280,21 @@ class Dispatcher:
                 self._site_down(site, exc.reason)
                 continue
             self._site_up(site)
-            for e in ended:
-                dag = self.by_key.get(e.run) or single
-                if dag is None:
-                    continue  # an attempt of a run no longer driven here
-                a = dag.finish(e, site.memory)
-                if a is not None:
-                    held = self.by_name[a.site]
-                    held.release(a.cores, a.memory)
-                    if (e.fclass or classify(e.exit_code, e.signal)) == FailureClass.KILLED:
-                        held.preempted += 1
-                    n += 1
+            n += sum(self._ended(site, e) for e in ended)
         return n
+
+    def _ended(self, site: Site, e: Ended) -> bool:
+        """Give an end to its run and free what the attempt held; False for an attempt no run here
+        knows (of a run no longer driven here, or a stale report)."""
+        dag = self.by_key.get(e.run) or (self.dags[0] if len(self.dags) == 1 else None)
+        a = dag.finish(e, site.memory) if dag is not None else None
+        if a is None:
+            return False
+        held = self.by_name[a.site]
+        held.release(a.cores, a.memory)
+        if (e.fclass or classify(e.exit_code, e.signal)) == FailureClass.KILLED:
+            held.preempted += 1
+        return True
 
     def _site_down(self, site: Site, reason: str) -> None:
         was_up = site.down_reason is None
@@ -419,16 +421,10 @@ class Dispatcher:
                 except SiteUnavailable:
                     continue
                 for e in polled:
-                    dag = self.by_key.get(e.run) or (self.dags[0] if len(self.dags) == 1 else None)
-                    if dag is None:
-                        continue
                     # an attempt that raced to success keeps it; anything else ends as cancelled
                     if e.fclass is None and (e.exit_code != 0 or e.signal is not None):
                         e.fclass, e.reason = FailureClass.CANCELLED, reason
-                    a = dag.finish(e, site.memory)
-                    if a is not None:
-                        self.by_name[a.site].release(a.cores, a.memory)
-                        ended += 1
+                    ended += self._ended(site, e)
             if not ended:
                 self.clock.sleep(0.02)
         for dag in list(self.dags):
