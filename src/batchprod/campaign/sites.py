@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import enum
 import fcntl
 import os
 import re
@@ -46,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from batchprod.config.keys import SITE_BASE_KEYS, wms_class
 from batchprod.config.safe_yaml import check_plain, is_file, one_line, read_yaml, show
 from batchprod.engine.dispatcher import BIG, Site
+from batchprod.engine.health import SiteState
 from batchprod.errors import ConfigError
 from batchprod.wms.base import Capacity
 from batchprod.wms.registry import get_wms
@@ -60,18 +60,6 @@ DOWNTIME_KEYS = ("start", "end", "reason")
 MAX_DOWNTIMES = 1000
 MAX_SITES = 10_000
 DEFAULT_WMS = "local"
-
-
-class SiteState(enum.StrEnum):
-    """What a site is doing: ``online`` takes work; ``degraded`` takes it, with a warning (less weight);
-    ``draining`` takes no new work that would still run at a coming downtime; ``down`` takes none;
-    ``probing`` (after down) takes only test jobs until one succeeds."""
-
-    ONLINE = "online"
-    DEGRADED = "degraded"
-    DRAINING = "draining"
-    DOWN = "down"
-    PROBING = "probing"
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,11 @@ class RunDag:
         self.wall, self.mono = wall, mono
         self.stopping: str | None = None  # why the run is being cancelled (no retries from then)
         self.priority = 0  # the run's (its campaign's): a run of higher priority is served first
-        self.share = 1.0  # its fair-share target among runs of equal priority (relative)
+        self.share = 1.0  # its group's fair-share target among groups of equal priority (relative)
+        self.group = self.key  # fair-share group: the run's campaign (alone: the run itself)
+        self.paused = False  # no new attempts (its campaign is paused); those running go on
+        self.sites: frozenset[str] | None = None  # sites it may use (a campaign step's pins), None: any
+        self.on_site_down = "hold"  # or "redispatch": its work in flight on a site declared down
         self._ran = False  # a job (not the final one) was launched in this execution
         self._final_again = False
         n = len(self.wf)
@@ -321,6 +325,20 @@ class RunDag:
         })
         self._set(j, JobState.PENDING, failure_class=FailureClass.INFRASTRUCTURE, message=f"not started: {reason}")
         self.push(j)
+
+    def abandon(self, j: int, reason: str) -> Active:
+        """Give up the job's attempt in flight (its site was declared down): recorded as infrastructure,
+        budget kept, the job ready again for another site. The attempt, if it still runs somewhere,
+        is superseded: the next attempt fences it off from publishing."""
+        a = self.active.pop(j)
+        self._attempt_rows.append({
+            "job_id": j, "number": a.attempt, "status": JobState.FAILED, "request_memory": a.memory,
+            "failure_class": FailureClass.INFRASTRUCTURE, "message": reason, "end": self.wall(),
+            "handle": a.handle, "site": a.site, "stdout": str(a.launch.stdout), "stderr": str(a.launch.stderr),
+        })
+        self._set(j, JobState.PENDING, failure_class=FailureClass.INFRASTRUCTURE, message=reason)
+        self.push(j)
+        return a
 
     def _launch_spec(self, j: int, attempt: int, mem: int, result: Path) -> dict[str, Any]:
         if j == self.final_id:

@@ -7,13 +7,24 @@ before any attempt starts); each site starts its batch; each site is polled once
 walltimes are checked. A site whose scheduler does not answer (``SiteUnavailable``) is left alone
 for a while: its attempts are kept, not failed, and nothing new goes there.
 
+Placement: eligibility first (the site takes work, the run may use it, the job fits, its walltime
+ends before the site's next scheduled downtime, high-priority or often-preempted work avoids
+opportunistic sites while a dedicated one can take it), then the run's (campaign's) priority, then fair
+share between groups (campaigns) of equal priority, then the least loaded site weighted by its observed
+health. Every site passed over is counted by reason (:attr:`Dispatcher.skips`).
+
+Each site's health (:mod:`health`) is fed from what the loop sees (answers, submissions, ends) and
+evaluated every tick: a site declared down takes nothing new, and the work in flight there is
+re-dispatched (runs with ``on_site_down = "redispatch"``) or held; a site down long enough is probed
+with one job at a time.
+
 Time comes from an injectable clock, so a simulator can drive this very loop in virtual time
-(see :class:`batchprod.wms.fake.FakeBackend` and :class:`VirtualClock`). Placement policy beyond
-"fits, then least loaded" (campaign priority, fair share, downtime) belongs to the campaign layer.
+(see :class:`batchprod.wms.fake.FakeBackend` and :class:`VirtualClock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import time
 from collections import Counter
@@ -21,7 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from batchprod.engine.dag import RunDag, classify
-from batchprod.execution.states import FailureClass, RunState
+from batchprod.engine.health import Health, HealthPolicy, SiteState
+from batchprod.execution.states import FailureClass, JobState, RunState
 from batchprod.wms.base import Backend, Ended, Launch, SiteUnavailable
 
 FLUSH_INTERVAL = 0.25  # seconds between state commits of a run
@@ -86,6 +98,11 @@ class Site:
     #: priority, goes here only when no dedicated site can take it; kills here are counted
     opportunistic: bool = False
     preempted: int = 0  # attempts killed from outside on this site
+    weight: float = 1.0  # the catalog's preference for the site (placement divides load by it)
+    health: Health = field(default_factory=Health)
+    started_total: int = 0  # attempts started here (dispatch rate, metrics)
+    ended_total: int = 0
+    failed_total: int = 0
     peak: dict[str, int] = field(default_factory=lambda: {"jobs": 0, "cores": 0, "memory": 0})
 
     @classmethod
@@ -103,6 +120,15 @@ class Site:
                 continue
             return start < horizon
         return False
+
+    def next_downtime(self, now: float) -> tuple[float, float] | None:
+        for start, end in self.downtimes:
+            if end > now:
+                return start, end
+        return None
+
+    def takes_work(self, now: float) -> bool:
+        return self.down_until <= now and self.health.state != SiteState.DOWN
 
     def fits(self, cores: int, memory: int) -> bool:
         return self.used_cores + cores <= self.cores and self.used_memory + memory <= self.memory
@@ -126,12 +152,17 @@ class Dispatcher:
     """Drives several runs (RunDags) on several sites until every run is finished or stopped."""
 
     def __init__(self, sites: Sequence[Site], clock: Clock | None = None, poll: float = 0.005,
-                 flush_interval: float = FLUSH_INTERVAL) -> None:
+                 flush_interval: float = FLUSH_INTERVAL, policy: HealthPolicy | None = None) -> None:
         if not sites:
             raise ValueError("a dispatcher needs at least one site")
         self.sites = list(sites)
         self.by_name = {s.name: s for s in self.sites}
         self.clock = clock or Clock()
+        if policy is not None:
+            for s in self.sites:
+                s.health.policy = policy
+        for s in self.sites:
+            s.health.since = s.health.since or self.clock.time()
         self.poll_interval = poll
         self.flush_interval = flush_interval
         self.dags: list[RunDag] = []
@@ -145,6 +176,10 @@ class Dispatcher:
         self.on_tick: Callable[[], None] | None = None
         #: called with (site, reason) when a site stops answering, and (site, None) when it answers again
         self.on_site: Callable[[Site, str | None], None] | None = None
+        #: called with the site when its health state changed (after the dispatcher acted on it)
+        self.on_state: Callable[[Site], None] | None = None
+        #: called with (run, job) for each job failed for good (incidents group them by signature)
+        self.on_failed: Callable[[RunDag, int], None] | None = None
 
     def add(self, dag: RunDag) -> None:
         self.dags.append(dag)
@@ -160,29 +195,43 @@ class Dispatcher:
         now = self.clock.monotonic()
         batches: dict[int, list[tuple[RunDag, Launch]]] = {}
         cands: list[tuple[int, float, int, int, int]] = []
-        use: dict[int, float] = {}
+        use: dict[str, float] = {}  # cores in use per fair-share group (campaign)
         several = len(self.dags) > 1
+        for dag in self.dags:
+            if several and not dag.stopping:
+                use[dag.group] = use.get(dag.group, 0.0) + sum(a.cores for a in dag.active.values())
         for i, dag in enumerate(self.dags):
-            if dag.stopping:
+            if dag.stopping or dag.paused:
                 continue
             dag.promote(now)
             top = dag.top()
             if top is not None:
-                use[i] = sum(a.cores for a in dag.active.values()) if several else 0.0
-                cands.append((-dag.priority, use[i] / dag.share, -top[0], i, top[1]))
+                cands.append((-dag.priority, use.get(dag.group, 0.0) / dag.share, -top[0], i, top[1]))
         heapq.heapify(cands)
-        sites = [k for k, s in enumerate(self.sites) if s.down_until <= now]
-        for s in self.sites:
-            if s.down_until > now and cands:
-                self.skips[(s.name, "down")] += len(cands)
+        sites = [k for k, s in enumerate(self.sites) if s.takes_work(now)]
+        if cands:
+            for s in self.sites:
+                if not s.takes_work(now):
+                    self.skips[(s.name, "down")] += len(cands)
         if not sites:
             return batches
-        room = {k: min(self.sites[k].max_jobs - self.sites[k].jobs,
-                       self.sites[k].max_queued - self.sites[k].backend.queued()) for k in sites}
+        room = {}
+        for k in sites:
+            s = self.sites[k]
+            room[k] = min(s.max_jobs - s.jobs, s.max_queued - s.backend.queued())
+            if s.health.state == SiteState.PROBING:  # one probe at a time
+                room[k] = min(room[k], 1 - s.jobs)
         one = len(sites) == 1 and not self.sites[sites[0]].downtimes
+        groups = len(use) > 1
         while cands:
-            *_, i, j = heapq.heappop(cands)
+            entry = heapq.heappop(cands)
+            *_, i, j = entry
             dag = self.dags[i]
+            if groups:  # lazy: another run of the group took cores since this entry was keyed
+                cur = use[dag.group] / dag.share
+                if cur > entry[1]:
+                    heapq.heappush(cands, (entry[0], cur, entry[2], i, j))
+                    continue
             k = self._place(dag, j, sites, room, batches, one)
             if k is None:
                 continue  # this run waits for room (its lower jobs too)
@@ -194,25 +243,26 @@ class Dispatcher:
             room[k] -= 1
             batches.setdefault(k, []).append((dag, launch))
             self.assigned += 1
+            if several:
+                use[dag.group] += cores
             top = dag.top()
             if top is not None:
-                if several:
-                    use[i] += cores
-                heapq.heappush(cands, (-dag.priority, use[i] / dag.share, -top[0], i, top[1]))
+                heapq.heappush(cands, (-dag.priority, use.get(dag.group, 0.0) / dag.share, -top[0], i, top[1]))
         return batches
 
     def _place(self, dag: RunDag, j: int, sites: list[int], room: dict[int, int],
                batches: dict[int, list[tuple[RunDag, Launch]]], one: bool) -> int | None:
         want, mem = dag.demand(j)
+        allowed = dag.sites
         if one:  # the common case, kept cheap: one run, one site
             k = sites[0]
-            if room[k] <= 0:
+            if room[k] <= 0 or (allowed is not None and self.sites[k].name not in allowed):
                 return None
             site = self.sites[k]
             if site.fits(min(want, site.cores), mem) or (site.jobs == 0 and k not in batches):
                 return k
             return None
-        best, best_load, spare, spare_load = None, 2.0, None, 2.0
+        best, best_load, spare, spare_load = None, float("inf"), None, float("inf")
         res = dag.resources(j)
         walltime = res.request_walltime
         # kills on preemptible resources are not the job's fault, but a job that was preempted (or
@@ -222,6 +272,9 @@ class Dispatcher:
         skips = self.skips
         for k in sites:
             site = self.sites[k]
+            if allowed is not None and site.name not in allowed:
+                skips[(site.name, "excluded")] += 1
+                continue
             if room[k] <= 0 or not site.fits(min(want, site.cores), mem):
                 skips[(site.name, "capacity")] += 1
                 continue
@@ -229,6 +282,7 @@ class Dispatcher:
                 skips[(site.name, "downtime")] += 1
                 continue
             load = site.used_cores / site.cores if site.cores < BIG else site.jobs / max(site.max_jobs, 1)
+            load = (load + 1e-9) / (site.weight * site.health.weight())
             if avoid and site.opportunistic:
                 if load < spare_load:
                     spare, spare_load = k, load
@@ -243,6 +297,7 @@ class Dispatcher:
             for k in sites:
                 site = self.sites[k]
                 if (room[k] > 0 and site.jobs == 0 and k not in batches
+                        and (allowed is None or site.name in allowed)
                         and not (site.downtimes and site.crosses_downtime(now, walltime))):
                     return k
         return best
@@ -257,13 +312,16 @@ class Dispatcher:
             try:
                 handles = site.backend.start(launches)
             except SiteUnavailable as exc:
+                site.health.submitted(False, self.clock.time(), exc.reason)
                 self._site_down(site, exc.reason)
                 for dag, launch in batch:
                     site.release(launch.cores, launch.memory)
                     dag.not_started(launch, str(exc))
                 continue
+            site.health.submitted(True, self.clock.time())
             self._site_up(site)
             now = self.clock.time()
+            site.started_total += len(batch)
             for (dag, launch), handle in zip(batch, handles, strict=True):
                 dag.started(launch, handle, site.name, now)
 
@@ -292,11 +350,21 @@ class Dispatcher:
             return False
         held = self.by_name[a.site]
         held.release(a.cores, a.memory)
-        if (e.fclass or classify(e.exit_code, e.signal)) == FailureClass.KILLED:
-            held.preempted += 1
+        ok = dag.status[e.job] == JobState.SUCCEEDED
+        # (exit 0 without its manifest is the payload's failure: the run says user_error)
+        fclass = None if ok else (e.fclass or classify(e.exit_code, e.signal) or FailureClass.USER_ERROR)
+        held.ended_total += 1
+        if fclass is not None:
+            held.failed_total += 1
+            if fclass == FailureClass.KILLED:
+                held.preempted += 1
+            if self.on_failed is not None and dag.status[e.job] == JobState.FAILED:
+                self.on_failed(dag, e.job)
+        held.health.ended(fclass, e.reason, held.opportunistic, self.clock.time())
         return True
 
     def _site_down(self, site: Site, reason: str) -> None:
+        site.health.unanswered(self.clock.time(), reason)
         was_up = site.down_reason is None
         site.down_until = self.clock.monotonic() + RETRY_SITE
         site.down_reason = reason
@@ -304,10 +372,53 @@ class Dispatcher:
             self.on_site(site, reason)
 
     def _site_up(self, site: Site) -> None:
+        site.health.answered()
         if site.down_reason is not None:
             site.down_reason = None
             if self.on_site is not None:
                 self.on_site(site, None)
+
+    def check_health(self) -> None:
+        """Evaluate every site's evidence; act on a change (a site down: its work in flight is
+        re-dispatched or held, per run) and report it."""
+        now = self.clock.time()
+        for site in self.sites:
+            h = site.health
+            in_force = soon = None
+            if site.downtimes:
+                nxt = site.next_downtime(now)
+                if nxt is not None and nxt[0] <= now:
+                    in_force = f"until {_when(nxt[1])}"
+                elif nxt is not None and nxt[0] - now <= h.policy.drain_horizon:
+                    soon = f"at {_when(nxt[0])}"
+            h.evaluate(now, in_force, soon)
+            if not h.take_change():
+                continue
+            if h.state == SiteState.DOWN:
+                self.redispatch(site, f"site {site.name} down: {h.evidence}")
+            if self.on_state is not None:
+                self.on_state(site)
+
+    def redispatch(self, site: Site, why: str) -> int:
+        """Work in flight on a site declared down goes back to the ready set of its run (budget kept)
+        for other sites, unless its run holds it (``on_site_down = "hold"``). The attempt left behind,
+        if it still runs, can never publish: its replacement fences it off. Returns how many moved."""
+        moved = 0
+        handles = []
+        for dag in self.dags:
+            if dag.on_site_down != "redispatch":
+                continue
+            gone = [a for a in dag.active.values() if a.site == site.name]
+            for a in gone:
+                dag.abandon(a.job, f"{why}; re-dispatched (budget kept)")
+                site.release(a.cores, a.memory)
+                handles.append(a.handle)
+            moved += len(gone)
+        if handles:
+            # best effort: the site may not answer at all, and its refusal changes nothing here
+            with contextlib.suppress(Exception):
+                site.backend.kill_many(handles, FailureClass.INFRASTRUCTURE, why)
+        return moved
 
     def check_walltime(self) -> None:
         now = self.clock.time()
@@ -332,9 +443,16 @@ class Dispatcher:
         self._last_flush = now
 
     def retire(self) -> None:
-        """Runs with nothing left to do end (after their final job, if one is due)."""
+        """Runs with nothing left to do end (after their final job, if one is due); a run being
+        cancelled ends when its last attempt did."""
         for dag in list(self.dags):
-            if dag.idle() and dag.finish_or_final():
+            if dag.stopping and not dag.active:
+                dag.cancel_rest(f"cancelled ({dag.stopping})")
+                dag.flush()
+                self.results[dag.key] = RunState.CANCELLED
+                self.dags.remove(dag)
+                del self.by_key[dag.key]
+            elif dag.idle() and dag.finish_or_final():
                 dag.flush()
                 self.results[dag.key] = dag.outcome()
                 self.dags.remove(dag)
@@ -347,6 +465,7 @@ class Dispatcher:
             self.start(batches)
         ended = self.collect()
         self.check_walltime()
+        self.check_health()
         self.flush()
         self.retire()
         if self.on_tick is not None:
@@ -399,6 +518,18 @@ class Dispatcher:
         later = [t for t in times if t > now]
         self.clock.sleep((min(later) if later else now + self.poll_interval) - now)
 
+    def cancel(self, dag: RunDag, why: str) -> None:
+        """Stop one run (its campaign was cancelled): its attempts are killed, their ends recorded as
+        they come; it retires as CANCELLED when the last one ended. Others go on."""
+        dag.stopping = why
+        for site in self.sites:
+            handles = [a.handle for a in dag.active.values() if a.site == site.name]
+            if handles:
+                try:
+                    site.backend.kill_many(handles, FailureClass.CANCELLED, f"cancelled ({why})")
+                except SiteUnavailable as exc:
+                    self._site_down(site, exc.reason)
+
     def cancel_all(self, why: str) -> None:
         """Stop every attempt of every run (whole process groups / scheduler jobs); what ends in
         the meantime is recorded; everything unfinished becomes CANCELLED."""
@@ -433,3 +564,9 @@ class Dispatcher:
             self.results[dag.key] = RunState.CANCELLED
         self.dags.clear()
         self.by_key.clear()
+
+
+def _when(t: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 #: every revision this batchprod knows, oldest first
-REVISIONS = ("0001", "0002", "0003")
+REVISIONS = ("0001", "0002", "0003", "0004")
 #: PostgreSQL advisory lock key serializing schema changes ("bprd")
 _PG_LOCK = 0x62707264
 

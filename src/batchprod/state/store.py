@@ -34,7 +34,7 @@ from batchprod.execution.states import JobState, RunState
 from batchprod.state.database import parse_url, public_url
 
 #: Alembic revision of the schema below (a test checks it is the head of state/migrations)
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 _md = sa.MetaData()
 
@@ -166,6 +166,104 @@ event_t = sa.Table(
     sa.Column("message", sa.String),
     sa.PrimaryKeyConstraint("id", name="pk_event"),
     sa.Index("ix_event_run_id_id", "run_id", "id"),
+)
+
+# -- workload management (revision 0004): campaigns, their steps and runs, sites, operator events -----
+_ID = sa.BigInteger().with_variant(sa.Integer, "sqlite")
+
+campaign_t = sa.Table(
+    "campaign",  # a named, owned, prioritized set of runs in steps
+    _md,
+    sa.Column("id", sa.Integer, nullable=False),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("owner", sa.String, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("share", sa.Float, nullable=False),  # fair-share target among campaigns of equal priority
+    sa.Column("state", sa.String, nullable=False),  # planned running paused done failed cancelled
+    sa.Column("spec", sa.Text, nullable=False),  # JSON: the campaign file as validated
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("message", sa.String),
+    sa.PrimaryKeyConstraint("id", name="pk_campaign"),
+    sa.UniqueConstraint("name", name="uq_campaign_name"),
+)
+
+step_t = sa.Table(
+    "campaign_step",
+    _md,
+    sa.Column("id", sa.Integer, nullable=False),
+    sa.Column("campaign_id", sa.Integer, nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("state", sa.String, nullable=False),  # waiting gated running done failed cancelled
+    sa.Column("released", sa.Float),  # when an operator released its gate
+    sa.Column("started", sa.Float),
+    sa.Column("ended", sa.Float),
+    sa.Column("message", sa.String),
+    sa.PrimaryKeyConstraint("id", name="pk_campaign_step"),
+    sa.UniqueConstraint("campaign_id", "name", name="uq_campaign_step_name"),
+)
+
+campaign_run_t = sa.Table(
+    "campaign_run",  # one submit config of a step: prepared (a run) when its step starts
+    _md,
+    sa.Column("id", sa.Integer, nullable=False),
+    sa.Column("campaign_id", sa.Integer, nullable=False),
+    sa.Column("step_id", sa.Integer, nullable=False),
+    sa.Column("config", sa.String, nullable=False),
+    sa.Column("submit_dir", sa.String),
+    sa.Column("state", sa.String, nullable=False),  # planned, a RunState, or failed to prepare
+    sa.Column("n_jobs", sa.Integer),
+    sa.Column("done", sa.Integer),
+    sa.Column("failed", sa.Integer),
+    sa.Column("message", sa.String),
+    sa.Column("updated", sa.Float),
+    sa.PrimaryKeyConstraint("id", name="pk_campaign_run"),
+    sa.Index("ix_campaign_run_step", "step_id"),
+)
+
+site_state_t = sa.Table(
+    "site_state",  # what the dispatcher believes of each site, with the evidence for it
+    _md,
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("state", sa.String, nullable=False),  # online degraded draining down probing
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("evidence", sa.String),
+    sa.Column("stats", sa.Text),  # JSON: running, queued, preempted, failure rate, skips by reason
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.PrimaryKeyConstraint("name", name="pk_site_state"),
+)
+
+ops_event_t = sa.Table(
+    "ops_event",  # append-only: every campaign, step, run, site and incident state change
+    _md,
+    sa.Column("id", _ID, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("kind", sa.String, nullable=False),  # campaign step run site incident
+    sa.Column("subject", sa.String, nullable=False),
+    sa.Column("state", sa.String, nullable=False),
+    sa.Column("message", sa.String),
+    sa.PrimaryKeyConstraint("id", name="pk_ops_event"),
+)
+
+incident_t = sa.Table(
+    "incident",  # grouped by (kind, signature, campaign): 5,000 identical failures are one incident
+    _md,
+    sa.Column("id", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String, nullable=False),  # job_failed site_down site_degraded step_stuck
+    sa.Column("signature", sa.String, nullable=False),
+    sa.Column("campaign", sa.String, nullable=False),  # '' when none
+    sa.Column("site", sa.String),
+    sa.Column("state", sa.String, nullable=False),  # open resolved
+    sa.Column("first", sa.Float, nullable=False),
+    sa.Column("last", sa.Float, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("evidence", sa.Text),
+    sa.Column("affected", sa.Text),  # JSON: a sample of affected jobs / runs
+    sa.Column("delivered", sa.Integer, nullable=False, default=0),  # hook deliveries that succeeded
+    sa.Column("hook_error", sa.String),
+    sa.PrimaryKeyConstraint("id", name="pk_incident"),
+    sa.UniqueConstraint("kind", "signature", "campaign", name="uq_incident_group"),
 )
 
 #: the Alembic version table, as Alembic itself creates it (fresh stores are created, then stamped)
