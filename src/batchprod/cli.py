@@ -565,3 +565,16 @@ def sites_add_downtime(catalog: Path, site: str, start: str, end: str, reason: s
 
 if __name__ == "__main__":
     main()
+
+
+def _workload_commands() -> None:
+    """The workload-management commands live in ``cli_campaign.py`` (imported last: they use this
+    module's options and error handling)."""
+    from batchprod import cli_campaign
+
+    main.add_command(cli_campaign.campaign)
+    main.add_command(cli_campaign.incidents)
+    sites.add_command(cli_campaign.sites_status)
+
+
+_workload_commands()

@@ -396,6 +396,7 @@ class RunDag:
                           else f"{fclass}: exit code {e.exit_code}")
         row.update(status=JobState.CANCELLED if fclass == FailureClass.CANCELLED else JobState.FAILED,
                    message=what, error_line=self._cause(fclass, a.launch, what, reason))
+        self.extra[j]["cause"] = row["error_line"]  # (incidents group failed jobs by it)
         self._attempt_rows.append(row)
         if fclass == FailureClass.CANCELLED:
             self._set(j, JobState.CANCELLED, failure_class=fclass, exit_code=e.exit_code, message=what)

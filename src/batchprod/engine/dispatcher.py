@@ -480,10 +480,10 @@ class Dispatcher:
                 self.cancel_all(reason)
                 break
             if not self.tick():
-                self._wait()
+                self.wait()
         return self.results
 
-    def _wait(self) -> None:
+    def wait(self) -> None:
         if isinstance(self.clock, VirtualClock):
             self._jump()
             return

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from batchprod.engine.dag import Progress, RunDag, classify
 from batchprod.engine.dispatcher import Clock, Dispatcher, Site
+from batchprod.engine.health import HealthPolicy
 from batchprod.engine.ingest import ingest_outputs
 from batchprod.engine.lock import run_lock
 from batchprod.errors import RunError
@@ -52,61 +53,107 @@ def disk_trouble(exc: BaseException, state_dir: Path) -> str | None:
 
 
 class Engine:
-    """Drives several prepared runs to their end on several sites, in one dispatcher loop."""
+    """Drives several prepared runs to their end on several sites, in one dispatcher loop. Runs can
+    be given all at once (:meth:`execute`) or joined and retired one by one (:meth:`open_run`,
+    :meth:`close_run`: what the campaign dispatcher does as steps start and end)."""
 
-    def __init__(self, sites: Sequence[Site], clock: Clock | None = None, poll: float = 0.005) -> None:
+    def __init__(self, sites: Sequence[Site], clock: Clock | None = None, poll: float = 0.005,
+                 policy: HealthPolicy | None = None) -> None:
         self.sites = list(sites)
         self.clock = clock or Clock()
         self.host = socket.gethostname()
-        self.dispatcher = Dispatcher(self.sites, self.clock, poll)
+        self.dispatcher = Dispatcher(self.sites, self.clock, poll, policy=policy)
         self.dispatcher.on_site = self._on_site
         self.dags: list[RunDag] = []
         self._stop: str | None = None
+        self._locks: dict[str, contextlib.ExitStack] = {}
+        self._sessions: dict[str, int] = {}
 
     def execute(self, runs: Sequence[Run], progress: Progress | None = None) -> dict[str, RunState]:
         """Every run to its end; returns each run's state by its key (submit directory). A run driven
         by another engine is refused before anything is touched (RunError naming it)."""
-        with contextlib.ExitStack() as locks:
+        try:
             for run in runs:  # one engine per run: locks first, before recovery looks at anything
-                locks.enter_context(run_lock(run.submit_dir, run.name))
+                self.lock_run(run)
             return self._execute(runs, progress)
+        finally:
+            self.release_all()
+
+    def lock_run(self, run: Run) -> None:
+        """Take the run's lock (held until :meth:`close_run`): RunError if another engine drives it."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(run_lock(run.submit_dir, run.name))
+        self._locks[str(run.submit_dir)] = stack
+
+    def release_all(self) -> None:
+        for stack in self._locks.values():
+            stack.close()
+        self._locks.clear()
+
+    def open_run(self, run: Run, progress: Progress | None = None) -> RunDag:
+        """Join a run to the loop: lock (if not yet held), recovery of what a lost engine left, the run
+        marked RUNNING in a new execution session, its ready set; returns its DAG for the caller to
+        set priority, share, group and sites on."""
+        if str(run.submit_dir) not in self._locks:
+            self.lock_run(run)
+        me = os.getpid()
+        dag = RunDag(run, progress, self.host, self.clock.time, self.clock.monotonic)
+        dag.load()
+        dag.recover([s.backend for s in self.sites])
+        run.store.set_run(status=RunState.RUNNING, orchestrator_pid=me, orchestrator_host=self.host,
+                          orchestrator_start=process_start(me))
+        self._sessions[dag.key] = run.store.begin_execution(self.host, me)
+        self.dags.append(dag)
+        dag.prepare_queue()
+        self.dispatcher.add(dag)
+        return dag
+
+    def close_run(self, run: Run, state: RunState) -> str | None:
+        """After the dispatcher retired the run: ingest its outputs, end its session, record its
+        state, release its lock. Returns the run's message."""
+        key = str(run.submit_dir)
+        message = self._ingest(run) if state != RunState.CANCELLED else None
+        session = self._sessions.pop(key, None)
+        if session is not None:
+            run.store.end_execution(session)
+        run.store.set_run(status=state, orchestrator_pid=None, message=message)
+        self.dags = [d for d in self.dags if d.key != key]
+        stack = self._locks.pop(key, None)
+        if stack is not None:
+            stack.close()
+        return message
 
     def _execute(self, runs: Sequence[Run], progress: Progress | None) -> dict[str, RunState]:
-        me = os.getpid()
-        backends = [s.backend for s in self.sites]
-        sessions = []
         for run in runs:
-            dag = RunDag(run, progress, self.host, self.clock.time, self.clock.monotonic)
-            dag.load()
-            dag.recover(backends)
-            run.store.set_run(status=RunState.RUNNING, orchestrator_pid=me, orchestrator_host=self.host,
-                              orchestrator_start=process_start(me))
-            sessions.append(run.store.begin_execution(self.host, me))
-            self.dags.append(dag)
+            self.open_run(run, progress)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            for dag in self.dags:
-                dag.prepare_queue()
-                self.dispatcher.add(dag)
             results = self.dispatcher.run(lambda: self._stop)
         except (OSError, DBAPIError) as exc:
-            where = disk_trouble(exc, runs[0].submit_dir)
-            if where is None:
-                raise
-            self._stop_on_disk_trouble()
-            again = " ".join(f"'batchprod restart {r.submit_dir}'" for r in runs)
-            raise RunError(f"{where}: the run stopped cleanly; free space (or make it writable) and "
-                           f"{again} (nothing is lost)") from None
+            self.disk_stop(exc, runs)
+            raise  # (disk_stop raises RunError when it is the disk)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            for b in backends:
-                b.close()
-        for run, session in zip(runs, sessions, strict=True):
-            message = self._ingest(run)
-            run.store.end_execution(session)
-            run.store.set_run(status=results[str(run.submit_dir)], orchestrator_pid=None, message=message)
+            self.close_backends()
+        for run in runs:
+            self.close_run(run, results[str(run.submit_dir)])
         return results
+
+    def disk_stop(self, exc: BaseException, runs: Sequence[Run]) -> None:
+        """A full or read-only disk under the engine: stop cleanly and raise RunError saying what to do;
+        any other error: return (the caller re-raises it)."""
+        where = disk_trouble(exc, runs[0].submit_dir if runs else Path("."))
+        if where is None:
+            return
+        self._stop_on_disk_trouble()
+        again = " ".join(f"'batchprod restart {r.submit_dir}'" for r in runs)
+        raise RunError(f"{where}: the run stopped cleanly; free space (or make it writable) and "
+                       f"{again} (nothing is lost)") from None
+
+    def close_backends(self) -> None:
+        for s in self.sites:
+            s.backend.close()
 
     def _stop_on_disk_trouble(self) -> None:
         """Disk full or read-only under the engine: stop every attempt (they would fail for the same
