@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ class CampaignRunner:
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, forever: bool = False, stop: Callable[[], str | None] = lambda: None) -> None:
         """Dispatch until no campaign has work left (``forever``: until stopped)."""
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        main = threading.current_thread() is threading.main_thread()  # (signals only there: serve, tests)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
         d = self.engine.dispatcher
         last = -float("inf")
         try:
