@@ -307,3 +307,37 @@ def drain_ends(backend: Any, n: int, timeout: float = 60.0, interval: float = 0.
 
     wait_for(more, timeout=timeout, interval=interval)
     return out
+
+
+# -- the dev Slurm cluster (scripts/dev-slurm.sh) -------------------------------------------------------
+SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/slurm-ci/slurm.conf")
+
+
+def slurm_up() -> bool:
+    """The dev cluster answers and its nodes can take jobs."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None or not os.path.exists(SLURM_CONF):
+        return False
+    env = dict(os.environ, SLURM_CONF=SLURM_CONF)
+    p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env, timeout=20)
+    states = p.stdout.split()
+    return p.returncode == 0 and bool(states) and all(st.rstrip("*~#!%$@^-").startswith(("idle", "mix", "alloc", "comp"))
+                                                      for st in states)
+
+
+def dead_slurm_conf(directory: str | Path) -> str:
+    """The dev cluster's config with the controller on a port nobody listens on: what clients see when
+    the controller is gone (nothing shared is stopped). Returns its path."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free now; nobody listens once closed
+    lines = [ln for ln in Path(SLURM_CONF).read_text().splitlines()
+             if not ln.startswith(("SlurmctldPort=", "MessageTimeout="))]
+    conf = Path(directory) / "dead" / "slurm.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text("\n".join([*lines, f"SlurmctldPort={port}", "MessageTimeout=2"]) + "\n")
+    return str(conf)

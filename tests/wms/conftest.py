@@ -7,7 +7,6 @@ Slurm runs when a cluster answers (``scripts/dev-slurm.sh up``; ``.ci/run`` star
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -16,19 +15,8 @@ from typing import Any
 
 import pytest
 
-from batchprod.testing import wait_for
-
-SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/slurm-ci/slurm.conf")
-
-
-def _slurm_up() -> bool:
-    if shutil.which("sinfo") is None or not os.path.exists(SLURM_CONF):
-        return False
-    env = dict(os.environ, SLURM_CONF=SLURM_CONF)
-    p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env, timeout=20)
-    states = p.stdout.split()
-    return p.returncode == 0 and bool(states) and all(st.rstrip("*~#!%$@^-").startswith(("idle", "mix", "alloc", "comp"))
-                                                      for st in states)
+from batchprod.testing import SLURM_CONF, wait_for
+from batchprod.testing import slurm_up as _slurm_up
 
 
 @dataclass

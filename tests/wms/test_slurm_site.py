@@ -4,8 +4,6 @@ not answer is SiteUnavailable (from poll, start and cleanup), never an empty pol
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,25 +11,15 @@ from types import SimpleNamespace
 import pytest
 
 from batchprod.execution.states import FailureClass
-from batchprod.testing import drain_ends, shell_launch, wait_for
+from batchprod.testing import SLURM_CONF, dead_slurm_conf, drain_ends, shell_launch, slurm_up, wait_for
 from batchprod.wms import slurm as slurm_mod
 from batchprod.wms.base import SiteUnavailable
 from batchprod.wms.slurm import VANISHED_AFTER, SlurmBackend, SlurmSettings, run_prefix
 
-SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/slurm-ci/slurm.conf")
-
-
-def _slurm_up() -> bool:
-    if shutil.which("sinfo") is None or not os.path.exists(SLURM_CONF):
-        return False
-    p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20,
-                       env=dict(os.environ, SLURM_CONF=SLURM_CONF))
-    return p.returncode == 0 and bool(p.stdout.split())
-
 
 @pytest.fixture
 def live(monkeypatch: pytest.MonkeyPatch) -> str:
-    if not _slurm_up():
+    if not slurm_up():
         if os.environ.get("BATCHPROD_REQUIRE_ENGINES") == "1":
             pytest.fail("Slurm is required here (BATCHPROD_REQUIRE_ENGINES=1) but does not answer")
         pytest.skip("no Slurm cluster (start one with scripts/dev-slurm.sh up)")
@@ -41,17 +29,7 @@ def live(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def dead(tmp_path: Path) -> str:
-    """The dev cluster's config with the controller on a port nobody listens on (nothing shared is
-    stopped)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # free now; nobody listens once closed
-    lines = [ln for ln in Path(SLURM_CONF).read_text().splitlines()
-             if not ln.startswith(("SlurmctldPort=", "MessageTimeout="))]
-    conf = tmp_path / "dead" / "slurm.conf"
-    conf.parent.mkdir()
-    conf.write_text("\n".join([*lines, f"SlurmctldPort={port}", "MessageTimeout=2"]) + "\n")
-    return str(conf)
+    return dead_slurm_conf(tmp_path)
 
 
 def site(**keys) -> SlurmBackend:
