@@ -502,7 +502,13 @@ class Dispatcher:
         now = self.clock.monotonic()
         wall_now = self.clock.time()
         times = [s.down_until for s in self.sites if s.down_until > now]
-        times += [now + end - wall_now for s in self.sites for _, end in s.downtimes if end > wall_now]
+        times += [now + t - wall_now for s in self.sites for w in s.downtimes for t in w if t > wall_now]
+        for s in self.sites:  # a probe is due, a silent scheduler's grace ends
+            h = s.health
+            if h.state == SiteState.DOWN and not h.scheduled:
+                times.append(now + h.probe_at - wall_now)
+            if h.unanswered_since is not None:
+                times.append(now + h.unanswered_since + h.policy.unanswered_for - wall_now)
         for s in self.sites:
             nxt = getattr(s.backend, "next_end", None)
             if s.jobs and nxt is not None and (t := nxt()) is not None:
