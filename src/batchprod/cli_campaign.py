@@ -233,3 +233,47 @@ def sites_status(as_json: bool) -> None:
         t.add_row(r["name"], r["state"], _iso(r["since"]), str(st.get("running", 0)), f"{st.get('started', 0):,}",
                   f"{st.get('failed', 0):,}", f"{st.get('preempted', 0):,}", skips, r["evidence"] or "")
     console.print(t)
+
+
+@campaign.command("simulate")
+@click.argument("campaign_file", type=click.Path(path_type=Path))
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.option("--history", "history", multiple=True, metavar="RUN",
+              help="Job durations and failure rates per label from this finished run (submit dir or name).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG: utilization per site and queued jobs by priority over time.")
+@click.option("--json", "as_json", is_flag=True, help="The whole report, machine-readable.")
+@DB_OPTION
+@_user_errors
+def campaign_simulate(campaign_file: Path, catalog: Path, history: tuple[str, ...], plot_path: Path | None,
+                      as_json: bool) -> None:
+    """Run the real dispatcher on simulated sites in virtual time: makespan, utilization, priorities."""
+    from batchprod.campaign.simulate import plot, simulate
+    from batchprod.campaign.sites import load_catalog
+    from batchprod.campaign.spec import load_campaign
+    from batchprod.state.run import find_run
+
+    spec = load_campaign(campaign_file)
+    cat = load_catalog(catalog)
+    runs = [find_run(h) for h in history]
+    result = simulate(spec, cat, str(campaign_file), history=runs)
+    if plot_path is not None:
+        plot(result, plot_path)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+        return
+    console.print(f"simulated {result.jobs:,} jobs ({result.assignments:,} attempts) in {result.wall_seconds:.1f} s: "
+                  f"makespan {_dur(result.makespan)}")
+    t = Table("campaign", "priority", "state", "finished after", box=None)
+    for c in result.campaigns:
+        t.add_row(c["campaign"], str(c["priority"]), c["state"], _dur(c["finished_s"]))
+    console.print(t)
+    t = Table("site", "cores", "attempts", "failed", "preempted", "mean use", box=None)
+    for s in result.sites:
+        t.add_row(s["site"], str(s["cores"] or "-"), f"{s['started']:,}", f"{s['failed']:,}", f"{s['preempted']:,}",
+                  f"{s['mean_utilization']:.0%}")
+    console.print(t)
+    for e in result.site_events:
+        console.print(f"  {_dur(e['t'])}: site {e['site']} {e['state']} ({e['evidence']})")
+    if plot_path is not None:
+        console.print(f"plot: {plot_path}")

@@ -176,6 +176,21 @@ class CampaignDB:
                 sa.select(campaign_run_t).where(campaign_run_t.c.campaign_id == cid)
                 .order_by(campaign_run_t.c.id)).mappings()]
 
+    def steps_and_runs(self, cids: list[int]) -> tuple[dict[int, list[dict[str, Any]]], dict[int, list[dict[str, Any]]]]:
+        """Steps and runs of several campaigns in two queries (the dispatcher's control round)."""
+        steps: dict[int, list[dict[str, Any]]] = {c: [] for c in cids}
+        runs: dict[int, list[dict[str, Any]]] = {c: [] for c in cids}
+        if not cids:
+            return steps, runs
+        with self.engine.connect() as conn:
+            for r in conn.execute(sa.select(step_t).where(step_t.c.campaign_id.in_(cids))
+                                  .order_by(step_t.c.campaign_id, step_t.c.position)).mappings():
+                steps[r["campaign_id"]].append(dict(r))
+            for r in conn.execute(sa.select(campaign_run_t).where(campaign_run_t.c.campaign_id.in_(cids))
+                                  .order_by(campaign_run_t.c.id)).mappings():
+                runs[r["campaign_id"]].append(dict(r))
+        return steps, runs
+
     def set_step(self, step: Mapping[str, Any], campaign: str, now: float, **fields: Any) -> None:
         with self.engine.begin() as conn:
             conn.execute(step_t.update().where(step_t.c.id == step["id"]).values(**fields))

@@ -89,6 +89,8 @@ class CampaignRunner:
         self.live: dict[str, Live] = {}
         self._failed: dict[tuple[str, str], list[str]] = defaultdict(list)  # (campaign, signature) -> jobs
         self._stuck: dict[int, _Stuck] = {}
+        self._settled: set[int] = set()  # cancelled campaigns whose steps and runs are recorded so
+        self._specs: dict[int, tuple[str, CampaignSpec]] = {}
         self._stop: str | None = None
         self._site_names = [s.name for s in self.sites]
         self.stats: Counter[str] = Counter()
@@ -141,12 +143,18 @@ class CampaignRunner:
         """One control round; True while any campaign is running or paused."""
         now = self.clock.time()
         busy = False
-        for c in self.db.campaigns(states=(cdb.RUNNING, cdb.PAUSED, cdb.CANCELLED)):
-            if c["state"] == cdb.CANCELLED:
+        active = self.db.campaigns(states=(cdb.RUNNING, cdb.PAUSED, cdb.CANCELLED))
+        cancelled = [c for c in active if c["state"] == cdb.CANCELLED]
+        # (a cancelled campaign is listed until its runs are closed: only those with live runs matter)
+        live = {lv.cid for lv in self.live.values()}
+        steps, runs = self.db.steps_and_runs([c["id"] for c in active if c["state"] != cdb.CANCELLED])
+        for c in cancelled:
+            if c["id"] in live or c["id"] not in self._settled:
                 self._cancel(c)
-                continue
-            busy = True
-            self._drive(c, now)
+        for c in active:
+            if c["state"] != cdb.CANCELLED:
+                busy = True
+                self._drive(c, now, steps[c["id"]], runs[c["id"]])
         self._flush_failures()
         self._write_sites(now)
         return busy
@@ -157,6 +165,7 @@ class CampaignRunner:
                 self.engine.dispatcher.cancel(lv.dag, f"campaign {c['name']} cancelled")
         if any(lv.cid == c["id"] for lv in self.live.values()):
             return
+        self._settled.add(c["id"])
         now = self.clock.time()
         for st in self.db.steps(c["id"]):
             if st["state"] not in (cdb.DONE, cdb.FAILED, cdb.CANCELLED):
@@ -165,11 +174,9 @@ class CampaignRunner:
                 for r in self.db.runs(c["id"]) if r["state"] not in FINAL_RUN]
         self.db.set_runs(rows, now)
 
-    def _drive(self, c: dict[str, Any], now: float) -> None:
-        spec = parse(c["spec"])
+    def _drive(self, c: dict[str, Any], now: float, steps: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
+        spec = self._spec(c)
         paused = c["state"] == cdb.PAUSED
-        steps = self.db.steps(c["id"])
-        runs = self.db.runs(c["id"])
         by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for r in runs:
             by_step[r["step_id"]].append(r)
@@ -204,6 +211,12 @@ class CampaignRunner:
                 elif self._deps_met(spec.steps[i].fraction, deps, by_step):
                     self._start_step(c, spec, i, st, mine, now)
         self._campaign_end(c, steps, now)
+
+    def _spec(self, c: dict[str, Any]) -> CampaignSpec:
+        known = self._specs.get(c["id"])
+        if known is None or known[0] != c["spec"]:
+            known = self._specs[c["id"]] = (c["spec"], parse(c["spec"]))
+        return known[1]
 
     @staticmethod
     def _deps_met(fraction: float, deps: list[dict[str, Any]], by_step: dict[int, list[dict[str, Any]]]) -> bool:

@@ -172,6 +172,9 @@ class Dispatcher:
         self.skips: Counter[tuple[str, str]] = Counter()
         self.results: dict[str, RunState] = {}
         self.assigned = 0  # attempts placed, for the benchmarks
+        self._weight: list[float] = []
+        #: commit every run before a batch starts (crash safety); a simulation turns it off
+        self.commit_before_start = True
         self._last_flush = -1e18
         self.on_tick: Callable[[], None] | None = None
         #: called with (site, reason) when a site stops answering, and (site, None) when it answers again
@@ -223,6 +226,8 @@ class Dispatcher:
                 room[k] = min(room[k], 1 - s.jobs)
         one = len(sites) == 1 and not self.sites[sites[0]].downtimes
         groups = len(use) > 1
+        # placement weight: the catalog's, times the observed health (once per round, not per job)
+        self._weight = [s.weight * s.health.weight() for s in self.sites]
         while cands:
             entry = heapq.heappop(cands)
             *_, i, j = entry
@@ -270,6 +275,7 @@ class Dispatcher:
         avoid = dag.preemptions(j) >= PREFER_DEDICATED_AFTER or res.priority >= HIGH_PRIORITY
         now = self.clock.time()
         skips = self.skips
+        weight = self._weight
         for k in sites:
             site = self.sites[k]
             if allowed is not None and site.name not in allowed:
@@ -282,7 +288,7 @@ class Dispatcher:
                 skips[(site.name, "downtime")] += 1
                 continue
             load = site.used_cores / site.cores if site.cores < BIG else site.jobs / max(site.max_jobs, 1)
-            load = (load + 1e-9) / (site.weight * site.health.weight())
+            load = (load + 1e-9) / weight[k]
             if avoid and site.opportunistic:
                 if load < spare_load:
                     spare, spare_load = k, load
@@ -305,7 +311,7 @@ class Dispatcher:
     def start(self, batches: dict[int, list[tuple[RunDag, Launch]]]) -> None:
         """Commit every run that changed (the attempts are durable before any starts), then start
         each site's batch in one call."""
-        self.flush(force=True)
+        self.flush(force=self.commit_before_start)
         for k, batch in batches.items():
             site = self.sites[k]
             launches = [launch for _, launch in batch]

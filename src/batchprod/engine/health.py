@@ -76,7 +76,7 @@ class Health:
     changed: bool = False  # since the last time someone looked (``take_change``)
 
     def fault_rate(self) -> float:
-        return sum(self.recent) / len(self.recent) if self.recent else 0.0
+        return self.recent.count(True) / len(self.recent) if self.recent else 0.0
 
     def weight(self) -> float:
         """Placement weight from observed failures: 1 for a healthy site, towards 0.05."""
