@@ -7,6 +7,7 @@ store, graph, workflow, config) lead outside its directory through a symlink is 
 cannot open a file elsewhere on the machine. A damaged run is listed as DAMAGED with its one-line
 error instead of failing the listing for every run; asked for by name it is an error JSON (500).
 Changing things (cancel, restart) stays with the CLI until the service has authentication.
+``/metrics`` gives operators' Prometheus metrics of the central database (:mod:`.metrics`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from batchprod.errors import BatchprodError, GraphError, RunError, WorkflowError
 from batchprod.execution.paths import OutsideRunError, check_in
@@ -26,6 +28,7 @@ from batchprod.report import summarize
 from batchprod.report.failures import failures, job_history
 from batchprod.report.progress import duration, words
 from batchprod.report.report import DAMAGED, damaged_summary, iso
+from batchprod.service.metrics import metrics_registry
 from batchprod.state.database import DB_FILE
 from batchprod.state.run import Run, list_runs
 from batchprod.state.store import STATE_FILE, DamagedStateError
@@ -64,9 +67,11 @@ def _open(d: Path) -> Run:
     return Run(d)
 
 
-def create_app(root: str | Path) -> FastAPI:
-    """The API for the runs under ``root`` (a submit root, as for ``batchprod runs --root``)."""
+def create_app(root: str | Path, db: str | None = None) -> FastAPI:
+    """The API for the runs under ``root`` (a submit root, as for ``batchprod runs --root``); ``/metrics``
+    reads the central database ``db`` (default: the one of ``--db`` / ``$BATCHPROD_DB`` at each scrape)."""
     base = Path(root).resolve()
+    registry = metrics_registry(db)
     app = FastAPI(title="batchprod", summary="Runs, jobs, failures and provenance (read-only)")
 
     def open_run(name: str) -> Run:
@@ -124,6 +129,11 @@ def create_app(root: str | Path) -> FastAPI:
     def run(name: str) -> dict[str, Any]:
         """One run: status, per-label job and quantum counts."""
         return _iso_times({**summarize(open_run(name)), "name": name})
+
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics of the central database (jobs, attempts, sites, incidents, campaigns)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     def dashboard() -> str:
