@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,7 @@ class _SimRunner(CampaignRunner):
         # simulated attempts need no crash safety: run states are committed once per control round
         d.commit_before_start = False
         d.flush_interval = self.control_interval
+        d.virtual_quantum = 1.0  # ends within a virtual second are one tick, as a real poll would see them
         self.engine._ingest = lambda _run: None  # type: ignore[method-assign] (nothing is produced)
 
     def control(self) -> bool:
@@ -180,7 +182,8 @@ class _SimRunner(CampaignRunner):
 
 def simulate(spec: CampaignSpec, catalog: SiteCatalog, where: str = "campaign", history: list[Run] | None = None,
              workdir: Path | None = None, extra: list[CampaignSpec] | None = None,
-             control_interval: float | None = None) -> SimResult:
+             control_interval: float | None = None,
+             instrument: Callable[[CampaignRunner], None] | None = None) -> SimResult:
     """Run the campaign (and ``extra`` ones sharing the sites) in virtual time; see the module doc."""
     settings = sim_settings(spec, where)
     if history:
@@ -210,6 +213,8 @@ def simulate(spec: CampaignSpec, catalog: SiteCatalog, where: str = "campaign", 
         runner = _SimRunner(db, sites, clock=clock, control_interval=control_interval or settings.sample,
                             policy=HealthPolicy(), prepare=prepare)
         runner.outages, runner.samples, runner.t0 = settings.outages, [], clock.time()
+        if instrument is not None:
+            instrument(runner)
         t = time.perf_counter()
         runner.run()
         wall = time.perf_counter() - t

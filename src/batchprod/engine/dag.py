@@ -84,12 +84,16 @@ class RunDag:
         self.paused = False  # no new attempts (its campaign is paused); those running go on
         self.sites: frozenset[str] | None = None  # sites it may use (a campaign step's pins), None: any
         self.on_site_down = "hold"  # or "redispatch": its work in flight on a site declared down
+        self.held = 0  # cores its attempts hold on sites (taken and not ended): fair share without a scan
         self._ran = False  # a job (not the final one) was launched in this execution
         self._final_again = False
         n = len(self.wf)
         self.n = n
         self.final_id = n if self.wf.final is not None else None
         self.group_res: list[Resources] = [g.resources for g in self.wf.groups]
+        #: some job has a walltime (else the dispatcher never scans this run's attempts for one)
+        self.has_walltime = any(r.request_walltime for r in self.group_res) or bool(
+            self.wf.final is not None and self.wf.final.resources.request_walltime)
         self.job_group = self.wf.job_group.tolist()
         ptr, idx = self.wf.children_csr()
         self.child_ptr, self.child_idx = ptr.tolist(), idx.tolist()
@@ -290,17 +294,17 @@ class RunDag:
         # the paths of Run.attempt_paths, as strings first: ~1 µs each instead of ~7 (Path joins)
         base = f"{self._log_root}/{label}/{name}.{attempt}"
         out, err = base + ".out", base + ".err"
-        result = Path(base + ".result.json")
+        result = base + ".result.json"
         spec = functools.partial(self._launch_spec, j, attempt, mem, result)  # built if a backend asks
-        launch = Launch(j, name, label, attempt, cores, mem, res.request_walltime, spec, Path(out), Path(err),
-                        result, self.key)
+        launch = Launch(j, name, label, attempt, cores, mem, res.request_walltime, spec, out, err, result, self.key)
+        self.held += cores
         self._set(j, JobState.QUEUED, message=None)
         self._attempt_rows.append({
             "job_id": j, "number": attempt, "status": JobState.QUEUED, "request_memory": mem,
             "start": self.wall(), "stdout": out, "stderr": err,
         })
         if label not in self._log_dirs:
-            result.parent.mkdir(parents=True, exist_ok=True)
+            Path(result).parent.mkdir(parents=True, exist_ok=True)
             self._log_dirs.add(label)
         return launch
 
@@ -311,17 +315,18 @@ class RunDag:
         self._attempt_rows.append({
             "job_id": j, "number": launch.attempt, "status": JobState.RUNNING, "request_memory": launch.memory,
             "handle": handle, "pid": int(handle) if handle.isdigit() else None, "start": now,
-            "stdout": str(launch.stdout), "stderr": str(launch.stderr), "site": site,
+            "stdout": str(launch.out), "stderr": str(launch.err), "site": site,
         })
 
     def not_started(self, launch: Launch, reason: str) -> None:
         """A site refused the attempt (it is unavailable): recorded as infrastructure, budget kept,
         the job ready again for any site."""
         j = launch.job
+        self.held -= launch.cores
         self._attempt_rows.append({
             "job_id": j, "number": launch.attempt, "status": JobState.FAILED, "request_memory": launch.memory,
             "failure_class": FailureClass.INFRASTRUCTURE, "message": f"not started: {reason} (budget kept)",
-            "end": self.wall(), "stdout": str(launch.stdout), "stderr": str(launch.stderr),
+            "end": self.wall(), "stdout": str(launch.out), "stderr": str(launch.err),
         })
         self._set(j, JobState.PENDING, failure_class=FailureClass.INFRASTRUCTURE, message=f"not started: {reason}")
         self.push(j)
@@ -331,16 +336,17 @@ class RunDag:
         budget kept, the job ready again for another site. The attempt, if it still runs somewhere,
         is superseded: the next attempt fences it off from publishing."""
         a = self.active.pop(j)
+        self.held -= a.cores
         self._attempt_rows.append({
             "job_id": j, "number": a.attempt, "status": JobState.FAILED, "request_memory": a.memory,
             "failure_class": FailureClass.INFRASTRUCTURE, "message": reason, "end": self.wall(),
-            "handle": a.handle, "site": a.site, "stdout": str(a.launch.stdout), "stderr": str(a.launch.stderr),
+            "handle": a.handle, "site": a.site, "stdout": str(a.launch.out), "stderr": str(a.launch.err),
         })
         self._set(j, JobState.PENDING, failure_class=FailureClass.INFRASTRUCTURE, message=reason)
         self.push(j)
         return a
 
-    def _launch_spec(self, j: int, attempt: int, mem: int, result: Path) -> dict[str, Any]:
+    def _launch_spec(self, j: int, attempt: int, mem: int, result: str | Path) -> dict[str, Any]:
         if j == self.final_id:
             spec = self.wf.final_spec()
             assert spec is not None
@@ -359,6 +365,7 @@ class RunDag:
         if a is None or a.attempt != e.attempt:
             return None  # a stale report (e.g. of an attempt abandoned at recovery)
         del self.active[e.job]
+        self.held -= a.cores
         j = e.job
         end = self.wall()
         outputs = e.outputs
@@ -375,8 +382,8 @@ class RunDag:
         row: dict[str, Any] = {
             "job_id": j, "number": a.attempt, "request_memory": a.memory, "host": e.host or self.host,
             "handle": a.handle, "pid": int(a.handle) if a.handle.isdigit() else None,
-            "start": a.start, "end": end, "wall_s": end - a.start, "stdout": str(a.launch.stdout),
-            "stderr": str(a.launch.stderr), "exit_code": e.exit_code, "signal": e.signal, "failure_class": fclass,
+            "start": a.start, "end": end, "wall_s": end - a.start, "stdout": str(a.launch.out),
+            "stderr": str(a.launch.err), "exit_code": e.exit_code, "signal": e.signal, "failure_class": fclass,
             "peak_rss_mb": e.peak_rss_mb, "cpu_s": e.cpu_s, "context": e.context or self.context, "site": a.site,
         }
         if e.context and e.context_record and e.context not in self._known_contexts:

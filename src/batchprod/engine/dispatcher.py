@@ -173,6 +173,10 @@ class Dispatcher:
         self.results: dict[str, RunState] = {}
         self.assigned = 0  # attempts placed, for the benchmarks
         self._weight: list[float] = []
+        self._last_wall_check = -1e18
+        #: virtual time: the smallest jump (ends closer than this are handled in one tick, as real
+        #: polling would); 0 = to the next event exactly
+        self.virtual_quantum = 0.0
         #: commit every run before a batch starts (crash safety); a simulation turns it off
         self.commit_before_start = True
         self._last_flush = -1e18
@@ -202,7 +206,7 @@ class Dispatcher:
         several = len(self.dags) > 1
         for dag in self.dags:
             if several and not dag.stopping:
-                use[dag.group] = use.get(dag.group, 0.0) + sum(a.cores for a in dag.active.values())
+                use[dag.group] = use.get(dag.group, 0.0) + dag.held
         for i, dag in enumerate(self.dags):
             if dag.stopping or dag.paused:
                 continue
@@ -249,7 +253,7 @@ class Dispatcher:
             batches.setdefault(k, []).append((dag, launch))
             self.assigned += 1
             if several:
-                use[dag.group] += cores
+                use[dag.group] += cores  # (dag.held grew by as much in take())
             top = dag.top()
             if top is not None:
                 heapq.heappush(cands, (-dag.priority, use.get(dag.group, 0.0) / dag.share, -top[0], i, top[1]))
@@ -427,8 +431,16 @@ class Dispatcher:
         return moved
 
     def check_walltime(self) -> None:
+        """Kill attempts past their walltime; a scan of the runs that have walltimes, at most once a
+        second (a walltime is coarse; a tick is not)."""
+        mono = self.clock.monotonic()
+        if mono - self._last_wall_check < 1.0:
+            return
+        self._last_wall_check = mono
         now = self.clock.time()
         for dag in self.dags:
+            if not dag.has_walltime:
+                continue
             for a in dag.active.values():
                 wall = a.launch.walltime
                 if not wall or a.killing:
@@ -522,13 +534,16 @@ class Dispatcher:
         for dag in self.dags:
             if dag.delayed:
                 times.append(dag.delayed[0][0])
+            if not dag.has_walltime:
+                continue
             for a in dag.active.values():
                 if a.launch.walltime and not a.killing:
                     since = self.by_name[a.site].backend.running_since(a.handle)
                     # (just past it: a walltime is exceeded when more than it has passed)
                     times.append(now + (since if since is not None else wall_now) + a.launch.walltime - wall_now + 1e-3)
         later = [t for t in times if t > now]
-        self.clock.sleep((min(later) if later else now + self.poll_interval) - now)
+        nxt = min(later) if later else now + self.poll_interval
+        self.clock.sleep(max(nxt, now + self.virtual_quantum) - now)
 
     def cancel(self, dag: RunDag, why: str) -> None:
         """Stop one run (its campaign was cancelled): its attempts are killed, their ends recorded as

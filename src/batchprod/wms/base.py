@@ -62,14 +62,26 @@ class Launch:
     memory: int  # MB
     walltime: int  # seconds, 0 = none
     make_spec: Callable[[], dict[str, Any]] | dict[str, Any]  # the job wrapper's input, or how to build it
-    stdout: Path
-    stderr: Path
-    result: Path
+    out: str | Path  # its stdout file (``stdout``, as a Path, is made only if asked for: ~2.6 µs each)
+    err: str | Path  # its stderr file
+    res: str | Path  # its result manifest
     run: str = ""  # the run's submit directory: whose attempt this is
 
     @cached_property
     def spec(self) -> dict[str, Any]:
         return self.make_spec() if callable(self.make_spec) else self.make_spec
+
+    @cached_property
+    def stdout(self) -> Path:
+        return Path(self.out)
+
+    @cached_property
+    def stderr(self) -> Path:
+        return Path(self.err)
+
+    @cached_property
+    def result(self) -> Path:
+        return Path(self.res)
 
     @property
     def key(self) -> tuple[str, int, int]:
