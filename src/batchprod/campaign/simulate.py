@@ -118,10 +118,23 @@ def history_settings(settings: SimSettings, runs: list[Run]) -> SimSettings:
                                        "failure_rate": {**rates, **settings.failure_rate}})
 
 
-def _u(*parts: object) -> float:
-    """A deterministic uniform [0, 1) from the parts (same campaign, same simulation)."""
-    h = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64
+_SALTS: dict[str, int] = {}
+
+
+def _u(run: str, job: int, attempt: int, what: int) -> float:
+    """A deterministic uniform [0, 1) for (run, job, attempt, what): the same simulation gives the same
+    result. A per-run salt (hashed once) and an integer mix per call (called for every attempt)."""
+    salt = _SALTS.get(run)
+    if salt is None:
+        salt = _SALTS[run] = int.from_bytes(hashlib.blake2b(run.encode(), digest_size=8).digest(), "big")
+    x = (salt ^ (job * 0x9E3779B97F4A7C15) ^ (attempt * 0xC2B2AE3D27D4EB4F) ^ (what * 0x165667B19E3779F9)) \
+        & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 33
+    return x / 2**64
 
 
 @dataclass
@@ -148,6 +161,7 @@ class _SimRunner(CampaignRunner):
     outages: list[Outage]
     samples: list[dict[str, Any]]
     t0: float
+    quantum: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,7 +169,8 @@ class _SimRunner(CampaignRunner):
         # simulated attempts need no crash safety: run states are committed once per control round
         d.commit_before_start = False
         d.flush_interval = self.control_interval
-        d.virtual_quantum = 1.0  # ends within a virtual second are one tick, as a real poll would see them
+        # ends within 1 % of a job's duration are one tick, as a real poll would see them
+        d.virtual_quantum = self.quantum
         self.engine._ingest = lambda _run: None  # type: ignore[method-assign] (nothing is produced)
 
     def control(self) -> bool:
@@ -210,6 +225,7 @@ def simulate(spec: CampaignSpec, catalog: SiteCatalog, where: str = "campaign", 
 
             return real_prepare(config, {"submitPath": str(root / "runs" / f"{counter[0]}")}, existing="extend")
 
+        _SimRunner.quantum = max(0.01, min([settings.default_duration, *settings.durations.values()]) / 100)
         runner = _SimRunner(db, sites, clock=clock, control_interval=control_interval or settings.sample,
                             policy=HealthPolicy(), prepare=prepare)
         runner.outages, runner.samples, runner.t0 = settings.outages, [], clock.time()
@@ -228,14 +244,14 @@ def _site(clock: VirtualClock, cs: Any, settings: SimSettings) -> Site:
 
     def duration(launch: Launch) -> float:
         base = settings.durations.get(launch.label, settings.default_duration)
-        return base * (1 + jitter * (2 * _u(launch.run, launch.job, launch.attempt, "d") - 1))
+        return base * (1 + jitter * (2 * _u(launch.run, launch.job, launch.attempt, 1) - 1))
 
     def outcome(launch: Launch) -> FakeEnd | None:
         if cs.opportunistic and settings.preemption_rate and \
-                _u(launch.run, launch.job, launch.attempt, "p") < settings.preemption_rate:
+                _u(launch.run, launch.job, launch.attempt, 2) < settings.preemption_rate:
             return FakeEnd(exit_code=None, signal=9, fclass=FailureClass.KILLED, reason="preempted (simulated)")
         rate = rates.get(launch.label, rates.get("*", 0.0))
-        if rate and _u(launch.run, launch.job, launch.attempt, "f") < rate:
+        if rate and _u(launch.run, launch.job, launch.attempt, 3) < rate:
             return FakeEnd(exit_code=1, reason=f"simulated failure of {launch.label}")
         return None
 
@@ -248,30 +264,66 @@ def _site(clock: VirtualClock, cs: Any, settings: SimSettings) -> Site:
     return site
 
 
-def synthetic_run(submit_dir: Path, n_jobs: int, name: str) -> Run:
-    """A run of about ``n_jobs`` jobs of the synthetic DRP shape (one job per quantum), with its own
-    state store: for simulations and benchmarks, not for execution."""
-    from batchprod.execution.rundir import QGRAPH_FILE, WORKFLOW_FILE
-    from batchprod.graph.synthetic import synthetic_graph
-    from batchprod.state.store import STATE_FILE, StateStore
-    from batchprod.workflow import Resources, cluster_quanta
+class MemoryStore:
+    """The state of a simulated run: its RunDag keeps it in memory, nothing is written (``discards``).
+    What the engine asks of a store at open and close is answered; there is nothing to recover."""
 
-    submit_dir.mkdir(parents=True)
-    qg = synthetic_graph(n_jobs, detectors=min(189, max(1, n_jobs // 4)))
-    wf = cluster_quanta(qg, [], lambda label, cluster: Resources(), run={"repo": str(submit_dir), "output_run": name})
-    qg.save(submit_dir / QGRAPH_FILE)
-    wf.save(submit_dir / WORKFLOW_FILE)
-    (submit_dir / "config.yaml").write_text("computeSite: simulated\n")
-    (submit_dir / "logs").mkdir()
-    names = wf.job_names()
-    labels = [g.name for g in wf.groups]
-    group = wf.job_group.tolist()
-    store = StateStore(submit_dir / STATE_FILE, create=True)
-    store.init_run(name, str(submit_dir), "fake", ({"id": j, "name": names[j], "label": labels[group[j]],
-                                                     "n_quanta": 1, "priority": 0, "request_memory": 2048}
-                                                    for j in range(len(wf))))
-    store.close()
-    return Run(submit_dir)
+    discards = True
+
+    def __init__(self, name: str, submit_dir: str, n_jobs: int, request_memory: int = 2048) -> None:
+        self.info: dict[str, Any] = {"name": name, "submit_dir": submit_dir, "wms": "fake", "n_jobs": n_jobs,
+                                     "status": "PENDING", "message": None}
+        self.n_jobs, self.request_memory = n_jobs, request_memory
+        self.where = f"(simulated run {name})"
+
+    def job_columns(self, *cols: str) -> list[tuple[Any, ...]]:
+        value = {"status": "PENDING", "attempts": 0, "request_memory": self.request_memory}
+        return [tuple(j if c == "id" else value[c] for c in cols) for j in range(self.n_jobs)]
+
+    def attempts(self, *_args: Any, **_kw: Any) -> list[dict[str, Any]]:
+        return []
+
+    def write(self, *_args: Any) -> None:
+        return None
+
+    def drop_outputs(self, _job: int) -> None:
+        return None
+
+    def set_run(self, **fields: Any) -> None:
+        self.info.update(fields)
+
+    def run_info(self) -> dict[str, Any]:
+        return self.info
+
+    def begin_execution(self, *_args: Any) -> int:
+        return 1
+
+    def end_execution(self, _session: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class SimRun(Run):
+    """A simulated run: a synthetic graph and workflow in memory, a :class:`MemoryStore`."""
+
+    def __init__(self, submit_dir: Path, n_jobs: int, name: str) -> None:  # (no super().__init__: no files)
+        from batchprod.graph.synthetic import synthetic_graph
+        from batchprod.workflow import Resources, cluster_quanta
+
+        submit_dir.mkdir(parents=True)
+        self.submit_dir = submit_dir.resolve()
+        qg = synthetic_graph(n_jobs, detectors=min(189, max(1, n_jobs // 4)))
+        wf = cluster_quanta(qg, [], lambda label, cluster: Resources(),
+                            run={"repo": str(submit_dir), "output_run": name})
+        self.__dict__.update(qgraph=qg, workflow=wf, config={"computeSite": "simulated"})
+        self.store = MemoryStore(name, str(self.submit_dir), len(wf))  # type: ignore[assignment]
+
+
+def synthetic_run(submit_dir: Path, n_jobs: int, name: str) -> Run:
+    """A simulated run of about ``n_jobs`` jobs of the synthetic DRP shape (one job per quantum)."""
+    return SimRun(submit_dir, n_jobs, name)
 
 
 def _report(db: CampaignDB, runner: _SimRunner, sites: list[Site], wall: float, specs: list[CampaignSpec]) -> SimResult:

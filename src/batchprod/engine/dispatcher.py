@@ -229,10 +229,18 @@ class Dispatcher:
             if s.health.state == SiteState.PROBING:  # one probe at a time
                 room[k] = min(room[k], 1 - s.jobs)
         one = len(sites) == 1 and not self.sites[sites[0]].downtimes
+        # sites with room now; a site leaves the list when it fills up, and placement ends when none is
+        # left (not one futile pass over every site for every waiting run: 100 runs x 10 full sites)
+        full = [k for k in sites if not self._has_room(k, room)]
+        sites = [k for k in sites if k not in full]
         groups = len(use) > 1
         # placement weight: the catalog's, times the observed health (once per round, not per job)
         self._weight = [s.weight * s.health.weight() for s in self.sites]
         while cands:
+            if not sites:
+                for k in full:
+                    self.skips[(self.sites[k].name, "capacity")] += len(cands)
+                break
             entry = heapq.heappop(cands)
             *_, i, j = entry
             dag = self.dags[i]
@@ -250,6 +258,9 @@ class Dispatcher:
             launch = dag.take(j, cores)
             site.hold(cores, mem)
             room[k] -= 1
+            if not self._has_room(k, room):
+                sites.remove(k)
+                full.append(k)
             batches.setdefault(k, []).append((dag, launch))
             self.assigned += 1
             if several:
@@ -258,6 +269,10 @@ class Dispatcher:
             if top is not None:
                 heapq.heappush(cands, (-dag.priority, use.get(dag.group, 0.0) / dag.share, -top[0], i, top[1]))
         return batches
+
+    def _has_room(self, k: int, room: dict[int, int]) -> bool:
+        s = self.sites[k]
+        return room[k] > 0 and s.used_cores < s.cores and s.used_memory < s.memory
 
     def _place(self, dag: RunDag, j: int, sites: list[int], room: dict[int, int],
                batches: dict[int, list[tuple[RunDag, Launch]]], one: bool) -> int | None:

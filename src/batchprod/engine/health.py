@@ -69,6 +69,7 @@ class Health:
     unanswered_reason: str = ""
     submit_failed: int = 0  # in a row
     recent: deque[bool] = field(default_factory=deque)  # last `window` ends: True = the site's fault
+    faults: int = 0  # True values in `recent`
     lost: deque[float] = field(default_factory=deque)  # times of vanished attempts in the window
     probe_at: float = 0.0
     backoff: float = 0.0
@@ -76,7 +77,7 @@ class Health:
     changed: bool = False  # since the last time someone looked (``take_change``)
 
     def fault_rate(self) -> float:
-        return self.recent.count(True) / len(self.recent) if self.recent else 0.0
+        return self.faults / len(self.recent) if self.recent else 0.0
 
     def weight(self) -> float:
         """Placement weight from observed failures: 1 for a healthy site, towards 0.05."""
@@ -108,8 +109,9 @@ class Health:
             return  # a preemption: expected there, counted apart
         fault = fclass is not None
         self.recent.append(fault)
+        self.faults += fault
         while len(self.recent) > self.policy.window:
-            self.recent.popleft()
+            self.faults -= self.recent.popleft()
         if fault and reason and ("lost" in reason or "vanish" in reason or "NODE_FAIL" in reason):
             self.lost.append(now)
         if self.state == SiteState.PROBING:
@@ -117,6 +119,7 @@ class Health:
                 self._down(now, f"probe failed: {reason or fclass}")
             else:
                 self.recent.clear()
+                self.faults = 0
                 self.lost.clear()
                 self._set(SiteState.ONLINE, now, "probe job succeeded")
                 self.backoff = 0.0
@@ -154,12 +157,12 @@ class Health:
             return
         rate = self.fault_rate()
         if len(self.recent) >= p.min_samples and rate >= p.down_rate:
-            self._down(now, f"{sum(self.recent)} of the last {len(self.recent)} attempts failed on the site "
+            self._down(now, f"{self.faults} of the last {len(self.recent)} attempts failed on the site "
                             f"(lost, killed or infrastructure)")
             return
         if len(self.recent) >= p.min_samples and rate >= p.degrade_rate:
             if self.state != SiteState.DEGRADED:
-                self._set(SiteState.DEGRADED, now, f"{sum(self.recent)} of the last {len(self.recent)} attempts "
+                self._set(SiteState.DEGRADED, now, f"{self.faults} of the last {len(self.recent)} attempts "
                                                    "failed on the site")
             return
         if self.state == SiteState.DEGRADED and rate < p.degrade_rate / 2:
@@ -177,6 +180,7 @@ class Health:
         self.submit_failed = 0
         self.unanswered_since = None
         self.recent.clear()
+        self.faults = 0
         self.lost.clear()
         self._set(SiteState.DOWN, now, why)
 
