@@ -9,39 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 
+from batchprod import cli_campaign
+from batchprod.cli_common import DB_OPTION, F, _user_errors, console, err_console
 from batchprod.errors import BatchprodError
-
-F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
-err_console = Console(stderr=True)
-
-ROOT_OPTION = click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="BATCHPROD_SUBMIT_ROOT",
-    default=None,
-    help="Directory holding run submit directories (default ./submit).",
-)
-
-
-def _user_errors(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BatchprodError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -51,18 +26,14 @@ def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
     return parse_overrides(pairs)
 
 
-def _select_db(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-    if value:
-        from batchprod.state.database import select_db
-
-        select_db(value)
-
-
-DB_OPTION = click.option(
-    "--db", metavar="URL", expose_value=False, callback=_select_db,
-    help="Central state database for many runs (sqlite:///PATH or postgresql+psycopg://USER@HOST/DB); "
-         "default $BATCHPROD_DB, else each run's own state.db. A password in it is never written anywhere.",
+ROOT_OPTION = click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="BATCHPROD_SUBMIT_ROOT",
+    default=None,
+    help="Directory holding run submit directories (default ./submit).",
 )
+
 
 OVERRIDE_OPTION = click.option(
     "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE", help="Set a config key (dotted path)."
@@ -434,9 +405,13 @@ def cancel(run_ref: str, root: Path | None) -> None:
 @ROOT_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--dispatch", "catalog", type=click.Path(path_type=Path), default=None, metavar="SITES.yaml",
+              help="Also dispatch the running campaigns over this site catalog (as 'campaign run --forever').")
+@DB_OPTION
 @_user_errors
-def serve(root: Path | None, host: str, port: int) -> None:
-    """Read-only REST API (/api/runs/...) and dashboard (/) over the runs under the submit root.
+def serve(root: Path | None, host: str, port: int, catalog: Path | None) -> None:
+    """Read-only REST API (/api/runs/..., /api/campaigns/..., /api/incidents, /api/sites), Prometheus
+    /metrics and dashboard (/) over the runs under the submit root and the central database.
 
     Needs the extra: pip install 'batchprod[service]'."""
     try:
@@ -445,7 +420,19 @@ def serve(root: Path | None, host: str, port: int) -> None:
         from batchprod.service.app import create_app
     except ImportError:
         raise click.ClickException("the service needs its extra: pip install 'batchprod[service]'") from None
-    uvicorn.run(create_app(root or Path.cwd() / "submit"), host=host, port=port, log_level="warning")
+    from batchprod.state.database import selected_db
+
+    stop = None
+    if catalog is not None:
+        from batchprod.cli_campaign import start_dispatcher
+
+        stop = start_dispatcher(catalog)
+    try:
+        uvicorn.run(create_app(root or Path.cwd() / "submit", selected_db()), host=host, port=port,
+                    log_level="warning")
+    finally:
+        if stop is not None:
+            stop()
 
 
 @main.command()
@@ -563,18 +550,11 @@ def sites_add_downtime(catalog: Path, site: str, start: str, end: str, reason: s
     console.print(f"{catalog}: site {site}: downtime {window.describe()} added")
 
 
+# the workload-management commands live in cli_campaign.py
+main.add_command(cli_campaign.campaign)
+main.add_command(cli_campaign.incidents)
+sites.add_command(cli_campaign.sites_status)
+
+
 if __name__ == "__main__":
     main()
-
-
-def _workload_commands() -> None:
-    """The workload-management commands live in ``cli_campaign.py`` (imported last: they use this
-    module's options and error handling)."""
-    from batchprod import cli_campaign
-
-    main.add_command(cli_campaign.campaign)
-    main.add_command(cli_campaign.incidents)
-    sites.add_command(cli_campaign.sites_status)
-
-
-_workload_commands()

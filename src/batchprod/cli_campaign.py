@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from batchprod.cli import DB_OPTION, _user_errors, console, err_console
+from batchprod.cli_common import DB_OPTION, _user_errors, console, err_console
 
 
 def _db() -> Any:
@@ -189,6 +189,30 @@ def campaign_run(catalog: Path, forever: bool, events: Path | None, hook_urls: t
     runner.run(forever=forever)
     left = [c["name"] for c in db.campaigns(states=("running", "paused"))]
     err_console.print("no campaign has work left" if not left else f"stopped; still running: {', '.join(left)}")
+
+
+def start_dispatcher(catalog: Path) -> Any:
+    """The campaign dispatcher in a thread of this process (``serve --dispatch``); returns a function
+    that stops it (its attempts are stopped, its campaigns go on at the next start)."""
+    import threading
+
+    from batchprod.campaign.runner import CampaignRunner
+    from batchprod.campaign.sites import engine_sites, load_catalog
+
+    cat = load_catalog(catalog)
+    runner = CampaignRunner(_db(), engine_sites(cat),
+                            log=lambda line: err_console.print(f"{_iso(time.time())} {line}", highlight=False))
+    reason: list[str] = []
+    thread = threading.Thread(target=runner.run, kwargs={"forever": True, "stop": lambda: reason[0] if reason else None},
+                              name="batchprod-dispatcher", daemon=True)
+    thread.start()
+    err_console.print(f"dispatching campaigns over {len(runner.sites)} sites ({', '.join(runner._site_names)})")
+
+    def stop() -> None:
+        reason.append("service stopped")
+        thread.join(60)
+
+    return stop
 
 
 @click.command("incidents")

@@ -42,7 +42,7 @@ from batchprod.engine.orchestrator import Engine
 from batchprod.errors import BatchprodError
 from batchprod.execution.logs import signature
 from batchprod.execution.states import JobState, RunState
-from batchprod.state.database import select_db
+from batchprod.state.database import using_db
 from batchprod.state.run import Run
 
 FINAL_RUN = (RunState.SUCCEEDED.value, RunState.FAILED.value, RunState.CANCELLED.value, cdb.NOT_PREPARED)
@@ -81,7 +81,6 @@ class CampaignRunner:
     log: Callable[[str], None] = lambda _line: None
 
     def __post_init__(self) -> None:
-        select_db(self.db.url)  # runs prepared here go into the campaigns' database
         self.engine = Engine(self.sites, self.clock, self.poll, self.policy)
         d = self.engine.dispatcher
         d.on_state = self._on_state
@@ -98,6 +97,10 @@ class CampaignRunner:
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, forever: bool = False, stop: Callable[[], str | None] = lambda: None) -> None:
         """Dispatch until no campaign has work left (``forever``: until stopped)."""
+        with using_db(self.db.url):  # runs prepared here go into the campaigns' database
+            self._run(forever, stop)
+
+    def _run(self, forever: bool, stop: Callable[[], str | None]) -> None:
         main = threading.current_thread() is threading.main_thread()  # (signals only there: serve, tests)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
         d = self.engine.dispatcher
@@ -295,7 +298,7 @@ class CampaignRunner:
             bad = [r for r in rows if r["state"] != RunState.SUCCEEDED.value]
             msg = None if ok else f"{len(bad)} of {len(rows)} runs {bad[0]['state']}: {bad[0]['message'] or ''}".strip()
             self.db.set_step(st, c["name"], now, state=cdb.DONE if ok else cdb.FAILED, ended=now, message=msg)
-            st["state"] = cdb.DONE if ok else cdb.FAILED
+            st["state"], st["message"] = cdb.DONE if ok else cdb.FAILED, msg
             self._stuck.pop(st["id"], None)
             return
         done = sum(r["done"] or 0 for r in rows)

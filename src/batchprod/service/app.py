@@ -130,6 +130,35 @@ def create_app(root: str | Path, db: str | None = None) -> FastAPI:
         """One run: status, per-label job and quantum counts."""
         return _iso_times({**summarize(open_run(name)), "name": name})
 
+    def campaigns_db() -> Any:
+        from batchprod.campaign.db import CampaignDB
+
+        return CampaignDB(db)
+
+    @app.get("/api/campaigns")
+    def campaigns() -> list[dict[str, Any]]:
+        """Every campaign of the central database: state, owner, priority, share."""
+        return _iso_times([{k: v for k, v in c.items() if k != "spec"} for c in campaigns_db().campaigns()])
+
+    @app.get("/api/campaigns/{name}")
+    def campaign(name: str) -> dict[str, Any]:
+        """One campaign per step and per site: done, running, queued, failed, throughput, ETA."""
+        from batchprod.campaign.status import campaign_status
+
+        return _iso_times(campaign_status(campaigns_db(), name))
+
+    @app.get("/api/incidents")
+    def incidents(state: str | None = Query(None, pattern="^(open|resolved)$"),
+                  campaign: str | None = None) -> list[dict[str, Any]]:
+        """Incidents (failed jobs grouped by signature, sites down or degraded, steps stuck)."""
+        rows = campaigns_db().incidents(state=state, campaign=campaign)
+        return _iso_times([{**r, "start": r["first"], "end": r["last"]} for r in rows])
+
+    @app.get("/api/sites")
+    def sites() -> list[dict[str, Any]]:
+        """What the dispatcher last believed of each site, with the evidence and its counters."""
+        return _iso_times(list(campaigns_db().site_states().values()))
+
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
         """Prometheus metrics of the central database (jobs, attempts, sites, incidents, campaigns)."""

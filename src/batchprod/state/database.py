@@ -11,8 +11,10 @@ is refused with one line saying what to give.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,19 @@ def select_db(url: str | None) -> None:
     """Select the central database for this process (the CLI's ``--db``); None: ``$BATCHPROD_DB``."""
     global _selected
     _selected = url or None
+
+
+@contextlib.contextmanager
+def using_db(url: str | None) -> Iterator[None]:
+    """Select ``url`` for the duration (a campaign dispatcher preparing runs into its database), then
+    restore what was selected before."""
+    global _selected
+    before = _selected
+    _selected = url or None
+    try:
+        yield
+    finally:
+        _selected = before
 
 
 def selected_db() -> str | None:

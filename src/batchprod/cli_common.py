@@ -1,0 +1,43 @@
+"""What every ``batchprod`` command module shares: the consoles, the one-line user errors (exit 2), the
+``--db`` option."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from batchprod.errors import BatchprodError
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+err_console = Console(stderr=True)
+
+def _user_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BatchprodError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _select_db(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        from batchprod.state.database import select_db
+
+        select_db(value)
+
+
+DB_OPTION = click.option(
+    "--db", metavar="URL", expose_value=False, callback=_select_db,
+    help="Central state database for many runs (sqlite:///PATH or postgresql+psycopg://USER@HOST/DB); "
+         "default $BATCHPROD_DB, else each run's own state.db. A password in it is never written anywhere.",
+)

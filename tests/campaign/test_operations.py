@@ -1,0 +1,163 @@
+"""What operators get: failed jobs grouped into one incident sent to a real HTTP hook, the event log,
+status, the service dispatching campaigns (a real HTTP server, /api and /metrics), and the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchprod.campaign.db import CampaignDB
+from batchprod.campaign.events import EventLog
+from batchprod.campaign.hooks import IncidentHooks
+from batchprod.campaign.testing import Toy, create, runner
+from batchprod.testing import wait_for
+
+
+class Hook:
+    """A real HTTP server recording the JSON bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        seen = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                n = int(self.headers.get("Content-Length", 0))
+                seen.append(json.loads(self.rfile.read(n)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/incidents"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_identical_failures_are_one_incident_sent_to_the_hook(central: str, toy: Toy, tmp_path: Path, cli) -> None:
+    bad = toy.config("bad", "echo reading refcat; echo saturated reference star catalog near visit {visit} "
+                            "detector {detector} >&2; exit 5", numberOfRetries=0)
+    cat = toy.sites({"one": {"cores": 4}})
+    create(central, toy.campaign("f", [{"name": "s", "submit": [bad]}, {"name": "t", "submit": [toy.config("b")]}]))
+    hook = Hook()
+    db = CampaignDB(central)
+    db.event_sink = EventLog(tmp_path / "events.jsonl")
+    try:
+        r = runner(central, cat, hooks=IncidentHooks(db, urls=[hook.url], backoff=0.05))
+        r.db = db
+        r.run()
+    finally:
+        hook.close()
+    (inc,) = [i for i in db.incidents() if i["kind"] == "job_failed"]
+    assert inc["count"] == 16 and inc["campaign"] == "f" and "saturated reference star catalog" in inc["signature"]
+    assert len(inc["affected"]) == 16 and inc["delivered"] == 1
+    posted = [b for b in hook.bodies if b["kind"] == "job_failed"]
+    assert len(posted) == 1 and posted[0]["signature"] == inc["signature"] and posted[0]["source"] == "batchprod"
+    assert db.get("f")["state"] == "failed" and "step s failed" in db.get("f")["message"]
+    steps = {s["name"]: s["state"] for s in db.steps(db.get("f")["id"])}
+    assert steps == {"s": "failed", "t": "cancelled"}  # never started on a failed step
+    lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert ("campaign", "f", "failed") in {(e["kind"], e["subject"], e["state"]) for e in lines}
+    assert any(e["kind"] == "incident" and e["state"] == "open" for e in lines)
+    r = cli("incidents")
+    assert r.exit_code == 0 and "saturated reference star catalog" in r.output and "16" in r.output, r.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (our own local server)
+        body = resp.read().decode()
+    return json.loads(body) if body.startswith(("{", "[")) else body
+
+
+def test_serve_dispatches_campaigns_and_reports_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("uvicorn")
+    toy = Toy(tmp_path / "t", visits=2)
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    cat = toy.sites({"here": {"cores": 2}})
+    path = toy.campaign("svc", [{"name": "s", "submit": [toy.config("a")]}])
+    env = dict(os.environ, BATCHPROD_DB=url)
+    cmd = [sys.executable, "-m", "batchprod.cli"]
+    assert subprocess.run([*cmd, "campaign", "create", str(path), "--start"], env=env, capture_output=True).returncode == 0
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    srv = subprocess.Popen([*cmd, "serve", "--port", str(port), "--root", str(toy.root / "submit"), "--dispatch",
+                            str(cat)], env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def done() -> bool:
+            try:
+                return _get(f"{base}/api/campaigns/svc")["state"] == "done"
+            except OSError:
+                return False
+
+        wait_for(done, timeout=90, interval=0.3)
+        status = _get(f"{base}/api/campaigns/svc")
+        assert status["steps"][0]["done"] == 8 and status["sites"][0]["site"] == "here"
+        assert [c["name"] for c in _get(f"{base}/api/campaigns")] == ["svc"]
+        assert _get(f"{base}/api/sites")[0]["state"] == "online"
+        metrics = _get(f"{base}/metrics")
+        assert 'batchprod_campaigns{state="done"} 1.0' in metrics
+        assert 'batchprod_site_state{site="here",state="online"} 1.0' in metrics
+        assert 'batchprod_jobs{campaign="svc",state="SUCCEEDED"} 8.0' in metrics
+    finally:
+        srv.terminate()
+        srv.wait(30)
+        log.close()
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def test_simulation_reports_makespan_priorities_and_outages(tmp_path: Path, cli) -> None:
+    toy = Toy(tmp_path / "t", visits=2)
+    cat = toy.sites({"big": {"cores": 8}, "small": {"cores": 2, "opportunistic": True}})
+    sim = {"defaultDuration": 100, "jobs": {"s": 400}, "sample": 60, "preemptionRate": 0.1,
+           "outages": [{"site": "big", "start": 300, "end": 1500}]}
+    path = toy.campaign("sim", [{"name": "s", "submit": [toy.config("a")]}], simulation=sim)
+    t = time.monotonic()
+    r = cli("campaign", "simulate", path, cat, "--json", "--plot", tmp_path / "sim.png")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert time.monotonic() - t < 60
+    assert out["campaigns"][0]["state"] == "done" and out["makespan_s"] > 0
+    sites = {s["site"]: s for s in out["sites"]}
+    assert sites["small"]["preempted"] > 0 and sites["big"]["started"] > 0
+    assert max(s["peak_cores"] for s in out["sites"]) <= 8
+    states = [(e["site"], e["state"]) for e in out["site_events"]]
+    assert ("big", "down") in states and ("big", "online") in states  # noticed on its own, and back
+    assert (tmp_path / "sim.png").stat().st_size > 10_000
+    assert not (toy.root / "submit").exists()  # nothing of the campaign's was touched
+
+
+def test_simulation_shows_priorities(tmp_path: Path) -> None:
+    from batchprod.campaign.simulate import simulate
+    from batchprod.campaign.sites import load_catalog
+    from batchprod.campaign.spec import CampaignSpec
+
+    toy = Toy(tmp_path / "t", visits=1)
+    cat = load_catalog(toy.sites({"only": {"cores": 10}}))
+    specs = [CampaignSpec.model_validate({"campaign": f"p{p}", "priority": p, "steps": [
+        {"name": "s", "submit": [f"x{p}.yaml"]}], "simulation": {"defaultDuration": 10, "jobs": {"s": 200}, "sample": 5}})
+        for p in (1, 5)]
+    res = simulate(specs[0], cat, extra=specs[1:])
+    done = {c["campaign"]: c["finished_s"] for c in res.campaigns}
+    assert done["p5"] < done["p1"]  # the higher priority finishes first on shared sites
