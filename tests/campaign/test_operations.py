@@ -161,3 +161,33 @@ def test_simulation_shows_priorities(tmp_path: Path) -> None:
     res = simulate(specs[0], cat, extra=specs[1:])
     done = {c["campaign"]: c["finished_s"] for c in res.campaigns}
     assert done["p5"] < done["p1"]  # the higher priority finishes first on shared sites
+
+
+def test_a_step_without_progress_is_a_stuck_incident(tmp_path: Path) -> None:
+    toy = Toy(tmp_path / "t", visits=1, detectors=2)
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    cat = toy.sites({"one": {"cores": 2}})
+    create(url, toy.campaign("slow", [{"name": "s", "submit": [toy.config("a", "sleep 2.5; cat {inputs.raw} > "
+                                                                               "{outputs.calexp}")]}],
+                             stuckAfter="1s"))
+    runner(url, cat).run()
+    db = CampaignDB(url)
+    (inc,) = [i for i in db.incidents() if i["kind"] == "step_stuck"]
+    assert inc["campaign"] == "slow" and "no job of step s finished" in inc["evidence"]
+    assert db.get("slow")["state"] == "done"  # an incident, not a failure
+
+
+def test_simulation_learns_durations_and_failures_from_a_finished_run(tmp_path: Path) -> None:
+    from batchprod.campaign.simulate import history_settings, sim_settings
+    from batchprod.campaign.spec import CampaignSpec
+    from batchprod.engine.control import LocalExecutor
+    from batchprod.engine.prepare import prepare
+
+    toy = Toy(tmp_path / "t", visits=1, detectors=4)
+    run = prepare(toy.config("h", "sleep 0.3; test {detector} != 3 || exit 4; cat {inputs.raw} > {outputs.calexp}",
+                             numberOfRetries=0))
+    LocalExecutor(run).execute()
+    spec = CampaignSpec.model_validate({"campaign": "h", "steps": [{"name": "s", "submit": ["x"]}],
+                                        "simulation": {"defaultDuration": 99}})
+    s = history_settings(sim_settings(spec, "h.yaml"), [run])
+    assert 0.3 <= s.durations["work"] < 5 and s.failure_rate["work"] == pytest.approx(0.25)
