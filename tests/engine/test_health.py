@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from batchprod.engine.dag import RunDag
 from batchprod.engine.dispatcher import Dispatcher, Site, VirtualClock
 from batchprod.engine.health import Health, HealthPolicy, SiteState
@@ -130,3 +132,23 @@ def test_a_site_that_stops_answering_is_declared_down_its_work_moves_and_it_is_p
     assert all(j["status"] == "SUCCEEDED" and j["retries"] == 0 for j in jobs)
     # the stranded attempts reported late (the backend still knew them): ignored, not counted twice
     assert len(dag.run.store.outputs()) == len({o["path"] for o in dag.run.store.outputs()})
+
+
+def test_placement_weights_follow_queues_and_faults(tmp_path: Path) -> None:
+    """A site whose attempts sit in its queue, or whose recent ends were its own fault, weighs less in
+    placement (its load is divided by its weight)."""
+    clock = VirtualClock()
+    slow, fast = (Site.of(n, FakeBackend(clock, duration=30.0, name=n, queue_time=q,
+                                         capacity=Capacity(cores=20, memory_mb=10**6)))
+                  for n, q in (("slow", 1000.0), ("fast", 0.0)))
+    d = Dispatcher([slow, fast], clock)
+    d.add(_dag(tmp_path, clock, [slow, fast]))
+    d.tick()
+    clock.sleep(1.0)
+    assert slow.backend.queued() == slow.jobs > 0 and fast.backend.queued() == 0
+    d.assign()
+    assert d._weight[0] == pytest.approx(0.1) and d._weight[1] == 1.0  # its queue does not move
+    fast.health.recent.extend([True] * 5 + [False] * 5)  # half of its recent ends were its fault
+    fast.health.faults = 5
+    d.assign()
+    assert d._weight[1] == pytest.approx(0.5)

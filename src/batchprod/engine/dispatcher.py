@@ -223,19 +223,23 @@ class Dispatcher:
         if not sites:
             return batches
         room = {}
+        # placement weight: the catalog's, times the observed health (1 - recent fault rate), times the
+        # share of its attempts actually running (a site whose queue does not move is preferred less)
+        self._weight = weight = [s.weight * s.health.weight() for s in self.sites]
         for k in sites:
             s = self.sites[k]
-            room[k] = min(s.max_jobs - s.jobs, s.max_queued - s.backend.queued())
+            queued = s.backend.queued()
+            room[k] = min(s.max_jobs - s.jobs, s.max_queued - queued)
             if s.health.state == SiteState.PROBING:  # one probe at a time
                 room[k] = min(room[k], 1 - s.jobs)
+            if queued and s.jobs:
+                weight[k] *= max(0.1, 1.0 - queued / s.jobs)
         one = len(sites) == 1 and not self.sites[sites[0]].downtimes
         # sites with room now; a site leaves the list when it fills up, and placement ends when none is
         # left (not one futile pass over every site for every waiting run: 100 runs x 10 full sites)
         full = [k for k in sites if not self._has_room(k, room)]
         sites = [k for k in sites if k not in full]
         groups = len(use) > 1
-        # placement weight: the catalog's, times the observed health (once per round, not per job)
-        self._weight = [s.weight * s.health.weight() for s in self.sites]
         while cands:
             if not sites:
                 for k in full:
