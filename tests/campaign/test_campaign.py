@@ -188,3 +188,23 @@ def test_preemption_on_an_opportunistic_site_spends_no_retries(central: str, tmp
         assert last["site"] == "ded"  # after a preemption: the dedicated site
     sites = CampaignDB(central).site_states()
     assert sites["opp"]["stats"]["preempted"] >= len(killed) and sites["opp"]["state"] == "online"
+
+
+def test_a_stopped_dispatcher_leaves_campaigns_running_and_the_next_one_resumes(central: str, toy: Toy) -> None:
+    a = toy.config("a", "sleep 0.5; cat {inputs.raw} > {outputs.calexp}")
+    cat = toy.sites({"one": {"cores": 2}})
+    create(central, toy.campaign("r", [{"name": "s", "submit": [a]}, {"name": "t", "submit": [toy.config("b")]}]))
+    db = CampaignDB(central)
+    bg = Background(runner(central, cat))
+    wait_for(lambda: (toy.root / "submit" / "a").exists()
+             and sum(x["status"] == "SUCCEEDED" for x in attempts(toy, "a")) >= 3, timeout=60)
+    bg.stop()  # Ctrl-C: attempts stopped, the campaign kept
+    assert db.get("r")["state"] == "running"
+    assert Run(toy.root / "submit" / "a").store.run_info()["status"] == "INTERRUPTED"
+    runner(central, cat).run()
+    assert db.get("r")["state"] == "done"
+    for name in ("a", "b"):
+        run = Run(toy.root / "submit" / name)
+        assert all(j["status"] == "SUCCEEDED" for j in run.store.jobs())
+        outs = run.store.outputs()
+        assert len(outs) == 16 and len({o["path"] for o in outs}) == 16
