@@ -85,6 +85,8 @@ class RunDag:
         self.sites: frozenset[str] | None = None  # sites it may use (a campaign step's pins), None: any
         self.on_site_down = "hold"  # or "redispatch": its work in flight on a site declared down
         self.held = 0  # cores its attempts hold on sites (taken and not ended): fair share without a scan
+        #: attempt rows are kept for the store (a simulated run's store discards them: none are built)
+        self.record = not getattr(run.store, "discards", False)
         self._ran = False  # a job (not the final one) was launched in this execution
         self._final_again = False
         n = len(self.wf)
@@ -299,10 +301,11 @@ class RunDag:
         launch = Launch(j, name, label, attempt, cores, mem, res.request_walltime, spec, out, err, result, self.key)
         self.held += cores
         self._set(j, JobState.QUEUED, message=None)
-        self._attempt_rows.append({
-            "job_id": j, "number": attempt, "status": JobState.QUEUED, "request_memory": mem,
-            "start": self.wall(), "stdout": out, "stderr": err,
-        })
+        if self.record:
+            self._attempt_rows.append({
+                "job_id": j, "number": attempt, "status": JobState.QUEUED, "request_memory": mem,
+                "start": self.wall(), "stdout": out, "stderr": err,
+            })
         if label not in self._log_dirs:
             Path(result).parent.mkdir(parents=True, exist_ok=True)
             self._log_dirs.add(label)
@@ -312,11 +315,12 @@ class RunDag:
         j = launch.job
         self.active[j] = Active(j, launch.attempt, handle, now, launch.cores, launch.memory, launch, site)
         self._set(j, JobState.RUNNING)
-        self._attempt_rows.append({
-            "job_id": j, "number": launch.attempt, "status": JobState.RUNNING, "request_memory": launch.memory,
-            "handle": handle, "pid": int(handle) if handle.isdigit() else None, "start": now,
-            "stdout": str(launch.out), "stderr": str(launch.err), "site": site,
-        })
+        if self.record:
+            self._attempt_rows.append({
+                "job_id": j, "number": launch.attempt, "status": JobState.RUNNING, "request_memory": launch.memory,
+                "handle": handle, "pid": int(handle) if handle.isdigit() else None, "start": now,
+                "stdout": str(launch.out), "stderr": str(launch.err), "site": site,
+            })
 
     def not_started(self, launch: Launch, reason: str) -> None:
         """A site refused the attempt (it is unavailable): recorded as infrastructure, budget kept,
@@ -379,6 +383,9 @@ class RunDag:
             outputs = self.protocol.outputs(a.launch.result)
             if outputs is None:
                 fclass, reason = FailureClass.USER_ERROR, "exit 0 without a committed result manifest"
+        if fclass is None and not self.record:  # a simulated success: nothing to keep but the state
+            self._succeeded(j)
+            return a
         row: dict[str, Any] = {
             "job_id": j, "number": a.attempt, "request_memory": a.memory, "host": e.host or self.host,
             "handle": a.handle, "pid": int(a.handle) if a.handle.isdigit() else None,
@@ -392,12 +399,7 @@ class RunDag:
             row["status"] = JobState.SUCCEEDED
             self._attempt_rows.append(row)
             self._add_outputs(j, outputs or [])
-            self._set(j, JobState.SUCCEEDED, exit_code=0, failure_class=None, message=None)
-            if j != self.final_id:
-                for c in self.child_idx[self.child_ptr[j] : self.child_ptr[j + 1]]:
-                    self.remaining[c] -= 1
-                    if self.remaining[c] == 0 and self.status[c] == JobState.PENDING:
-                        self.push(c)
+            self._succeeded(j)
             return a
         what = reason or (f"{fclass}: killed by {signal.Signals(e.signal).name}" if e.signal
                           else f"{fclass}: exit code {e.exit_code}")
@@ -420,6 +422,14 @@ class RunDag:
         self._set(j, JobState.FAILED, failure_class=fclass, exit_code=e.exit_code, message=f"{what}; {d.reason}")
         self._mark_unready(j)
         return a
+
+    def _succeeded(self, j: int) -> None:
+        self._set(j, JobState.SUCCEEDED, exit_code=0, failure_class=None, message=None)
+        if j != self.final_id:
+            for c in self.child_idx[self.child_ptr[j] : self.child_ptr[j + 1]]:
+                self.remaining[c] -= 1
+                if self.remaining[c] == 0 and self.status[c] == JobState.PENDING:
+                    self.push(c)
 
     @staticmethod
     def _cause(fclass: FailureClass, launch: Launch, what: str, reason: str | None) -> str:
