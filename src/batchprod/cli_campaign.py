@@ -272,11 +272,13 @@ def sites_status(as_json: bool) -> None:
 def campaign_simulate(campaign_file: Path, catalog: Path, history: tuple[str, ...], plot_path: Path | None,
                       as_json: bool) -> None:
     """Run the real dispatcher on simulated sites in virtual time: makespan, utilization, priorities."""
-    from batchprod.campaign.simulate import plot, simulate
+    from batchprod.campaign.simulate import check_plotting, plot, simulate
     from batchprod.campaign.sites import load_catalog
     from batchprod.campaign.spec import load_campaign
     from batchprod.state.run import find_run
 
+    if plot_path is not None:
+        check_plotting()
     spec = load_campaign(campaign_file)
     cat = load_catalog(catalog)
     runs = [find_run(h) for h in history]

@@ -349,12 +349,19 @@ def _report(db: CampaignDB, runner: _SimRunner, sites: list[Site], wall: float, 
     return SimResult(t0, last, wall, jobs, runner.engine.dispatcher.assigned, samples, campaigns, site_rows, events)
 
 
-def plot(result: SimResult, path: Path) -> None:
-    """Utilization per site over time, and queued jobs by campaign priority over time."""
+def check_plotting() -> None:
+    """Before a long simulation: say at once if the plot cannot be drawn."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError("--plot needs matplotlib: pip install 'batchprod[plot]'") from None
+
+
+def plot(result: SimResult, path: Path) -> None:
+    """Utilization per site over time, and queued jobs by campaign priority over time."""
+    check_plotting()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
