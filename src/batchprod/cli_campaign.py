@@ -4,6 +4,7 @@ commands of workload management (the run commands are in ``cli.py``)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,10 @@ def _db() -> Any:
 
 def _iso(t: float | None) -> str:
     return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds") if t else "-"
+
+
+def _n(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _dur(s: float | None) -> str:
@@ -50,7 +55,7 @@ def campaign_create(campaign_file: Path, start_now: bool) -> None:
     db = _db()
     db.create(spec)
     runs = sum(len(s.submit) for s in spec.steps)
-    console.print(f"campaign {spec.name}: {len(spec.steps)} steps, {runs} runs, priority {spec.priority} "
+    console.print(f"campaign {spec.name}: {_n(len(spec.steps), 'step')}, {_n(runs, 'run')}, priority {spec.priority} "
                   f"(owner {spec.owner}) in {db.where}")
     if start_now:
         db.command(spec.name, "start")
@@ -73,7 +78,7 @@ _verb("resume", "Undo pause.")
 _verb("cancel", "Stop the campaign: its running jobs are killed, nothing more starts.")
 
 
-@campaign.command("reprioritize")
+@campaign.command("reprioritize", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("priority", type=int)
 @click.option("--share", type=click.FloatRange(min=0.0, min_open=True), default=None,
@@ -129,12 +134,12 @@ def campaign_status(name: str | None, as_json: bool) -> None:
         return
     console.print(f"campaign {s['campaign']} ({s['owner']}): {s['state']}, priority {s['priority']}, "
                   f"share {s['share']:g}" + (f" — {s['message']}" if s["message"] else ""))
-    t = Table("step", "state", "runs", "jobs", "done", "running", "queued", "waiting", "failed", "per hour", "ETA",
-              box=None)
+    t = Table("step", "state", "runs", "jobs", "done", "running", "queued", "waiting", "failed", "cancelled",
+              "per hour", "ETA", box=None)
     for st in s["steps"]:
         t.add_row(st["step"], st["state"], str(st["runs"]), f"{st['jobs']:,}", f"{st['done']:,}", f"{st['running']:,}",
-                  f"{st['queued']:,}", f"{st['waiting']:,}", f"{st['failed']:,}", f"{st['rate_per_h']:,.0f}",
-                  _dur(st["eta_s"]))
+                  f"{st['queued']:,}", f"{st['waiting']:,}", f"{st['failed']:,}", f"{st['cancelled']:,}",
+                  f"{st['rate_per_h']:,.0f}", _dur(st["eta_s"]))
     console.print(t)
     for st in s["steps"]:
         if st["message"]:
@@ -175,8 +180,6 @@ def campaign_run(catalog: Path, forever: bool, events: Path | None, hook_urls: t
 
     cat = load_catalog(catalog)
     db = _db()
-    if events is not None:
-        db.event_sink = EventLog(events)
     hooks = None
     if hook_urls or hook_commands:
         from batchprod.campaign.hooks import IncidentHooks
@@ -184,6 +187,7 @@ def campaign_run(catalog: Path, forever: bool, events: Path | None, hook_urls: t
         hooks = IncidentHooks(db, commands=list(hook_commands), urls=list(hook_urls))
     policy = HealthPolicy(unanswered_for=down_after, probe_after=probe_after)
     runner = CampaignRunner(db, engine_sites(cat), control_interval=control_interval, policy=policy, hooks=hooks,
+                            events=EventLog(events) if events is not None else None,
                             log=lambda line: err_console.print(f"{_iso(time.time())} {line}", highlight=False))
     err_console.print(f"dispatching over {len(runner.sites)} sites ({', '.join(runner._site_names)}) from {db.where}")
     runner.run(forever=forever)
@@ -218,14 +222,22 @@ def start_dispatcher(catalog: Path) -> Any:
 @click.command("incidents")
 @click.option("--campaign", "campaign_name", default=None, help="Only this campaign's.")
 @click.option("--all", "show_all", is_flag=True, help="Resolved ones too.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--resolve", "resolve_ids", multiple=True, type=int, metavar="ID",
+              help="Mark this incident resolved (an operator dealt with it); it opens again if it recurs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (times in ISO 8601).")
 @DB_OPTION
 @_user_errors
-def incidents(campaign_name: str | None, show_all: bool, as_json: bool) -> None:
+def incidents(campaign_name: str | None, show_all: bool, resolve_ids: tuple[int, ...], as_json: bool) -> None:
     """Incidents: jobs failed for good (grouped by failure signature), sites down or degraded, steps stuck."""
-    rows = _db().incidents(state=None if show_all else "open", campaign=campaign_name)
+    db = _db()
+    for iid in resolve_ids:
+        db.resolve_incident(iid)
+        console.print(f"incident {iid}: resolved")
+    if resolve_ids:
+        return
+    rows = db.incidents(state=None if show_all else "open", campaign=campaign_name)
     if as_json:
-        click.echo(json.dumps(rows, indent=1))
+        click.echo(json.dumps([{**r, "first": _iso(r["first"]), "last": _iso(r["last"])} for r in rows], indent=1))
         return
     if not rows:
         console.print("no open incidents" if not show_all else "no incidents")
@@ -278,7 +290,7 @@ def campaign_simulate(campaign_file: Path, catalog: Path, history: tuple[str, ..
     from batchprod.state.run import find_run
 
     if plot_path is not None:
-        check_plotting()
+        check_plotting(plot_path)
     spec = load_campaign(campaign_file)
     cat = load_catalog(catalog)
     runs = [find_run(h) for h in history]
@@ -287,7 +299,7 @@ def campaign_simulate(campaign_file: Path, catalog: Path, history: tuple[str, ..
         plot(result, plot_path)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
-        return
+        sys.exit(0 if all(c["state"] == "done" for c in result.campaigns) else 1)
     console.print(f"simulated {result.jobs:,} jobs ({result.assignments:,} attempts) in {result.wall_seconds:.1f} s: "
                   f"makespan {_dur(result.makespan)}")
     t = Table("campaign", "priority", "state", "finished after", box=None)
@@ -303,3 +315,5 @@ def campaign_simulate(campaign_file: Path, catalog: Path, history: tuple[str, ..
         console.print(f"  {_dur(e['t'])}: site {e['site']} {e['state']} ({e['evidence']})")
     if plot_path is not None:
         console.print(f"plot: {plot_path}")
+    if any(c["state"] != "done" for c in result.campaigns):
+        sys.exit(1)

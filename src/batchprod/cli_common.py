@@ -39,5 +39,6 @@ def _select_db(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 DB_OPTION = click.option(
     "--db", metavar="URL", expose_value=False, callback=_select_db,
     help="Central state database for many runs (sqlite:///PATH or postgresql+psycopg://USER@HOST/DB); "
-         "default $BATCHPROD_DB, else each run's own state.db. A password in it is never written anywhere.",
+         "default $BATCHPROD_DB, else each run's own state.db (campaigns: ~/.local/share/batchprod/batchprod.db). "
+         "A password in it is never written anywhere.",
 )

@@ -53,13 +53,13 @@ def test_identical_failures_are_one_incident_sent_to_the_hook(central: str, toy:
     bad = toy.config("bad", "echo reading refcat; echo saturated reference star catalog near visit {visit} "
                             "detector {detector} >&2; exit 5", numberOfRetries=0)
     cat = toy.sites({"one": {"cores": 4}})
-    create(central, toy.campaign("f", [{"name": "s", "submit": [bad]}, {"name": "t", "submit": [toy.config("b")]}]))
+    create(central, toy.campaign("f", [{"name": "s", "submit": [bad]},
+                                       {"name": "t", "gate": True, "submit": [toy.config("b")]}]))
     hook = Hook()
     db = CampaignDB(central)
-    db.event_sink = EventLog(tmp_path / "events.jsonl")
     try:
-        r = runner(central, cat, hooks=IncidentHooks(db, urls=[hook.url], backoff=0.05))
-        r.db = db
+        r = runner(central, cat, hooks=IncidentHooks(db, urls=[hook.url], backoff=0.05),
+                   events=EventLog(tmp_path / "events.jsonl"))
         r.run()
     finally:
         hook.close()
@@ -70,12 +70,19 @@ def test_identical_failures_are_one_incident_sent_to_the_hook(central: str, toy:
     assert len(posted) == 1 and posted[0]["signature"] == inc["signature"] and posted[0]["source"] == "batchprod"
     assert db.get("f")["state"] == "failed" and "step s failed" in db.get("f")["message"]
     steps = {s["name"]: s["state"] for s in db.steps(db.get("f")["id"])}
-    assert steps == {"s": "failed", "t": "cancelled"}  # never started on a failed step
+    assert steps == {"s": "failed", "t": "cancelled"}  # never started on a failed step, gate or not
     lines = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert ("campaign", "f", "failed") in {(e["kind"], e["subject"], e["state"]) for e in lines}
+    assert [e["id"] for e in lines] == [e["id"] for e in db.events()]  # every row once, in order
+    seen = [(e["kind"], e["subject"], e["state"]) for e in lines]
+    assert seen[:2] == [("campaign", "f", "planned"), ("campaign", "f", "running")]  # made by the commands
+    assert ("campaign", "f", "failed") in seen
     assert any(e["kind"] == "incident" and e["state"] == "open" for e in lines)
     r = cli("incidents")
     assert r.exit_code == 0 and "saturated reference star catalog" in r.output and "16" in r.output, r.output
+    assert cli("incidents", "--resolve", inc["id"]).exit_code == 0
+    assert db.incident(inc["id"])["state"] == "resolved"
+    r = cli("incidents", "--resolve", inc["id"])
+    assert r.exit_code == 2 and "already resolved" in r.output
 
 
 def _free_port() -> int:
@@ -146,6 +153,8 @@ def test_simulation_reports_makespan_priorities_and_outages(tmp_path: Path, cli)
     assert ("big", "down") in states and ("big", "online") in states  # noticed on its own, and back
     assert (tmp_path / "sim.png").stat().st_size > 10_000
     assert not (toy.root / "submit").exists()  # nothing of the campaign's was touched
+    r = cli("campaign", "simulate", path, cat, "--plot", tmp_path / "nowhere" / "sim.png")
+    assert r.exit_code == 2 and "no such directory" in r.output and "Traceback" not in r.output
 
 
 def test_simulation_shows_priorities(tmp_path: Path) -> None:
@@ -156,11 +165,15 @@ def test_simulation_shows_priorities(tmp_path: Path) -> None:
     toy = Toy(tmp_path / "t", visits=1)
     cat = load_catalog(toy.sites({"only": {"cores": 10}}))
     specs = [CampaignSpec.model_validate({"campaign": f"p{p}", "priority": p, "steps": [
-        {"name": "s", "submit": [f"x{p}.yaml"]}], "simulation": {"defaultDuration": 10, "jobs": {"s": 200}, "sample": 5}})
+        {"name": "s", "submit": [f"x{p}.yaml"]}, {"name": "g", "gate": True, "submit": [f"y{p}.yaml"]}],
+        "simulation": {"defaultDuration": 10, "jobs": {"s": 200, "g": 20}, "sample": 5, "failureRate": 0.05}})
         for p in (1, 5)]
     res = simulate(specs[0], cat, extra=specs[1:])
     done = {c["campaign"]: c["finished_s"] for c in res.campaigns}
     assert done["p5"] < done["p1"]  # the higher priority finishes first on shared sites
+    again = simulate(specs[0], cat, extra=specs[1:])  # (gates open themselves in a simulation)
+    assert again.to_json()["campaigns"] == res.to_json()["campaigns"]  # the same simulation, the same result
+    assert [s["started"] for s in again.sites] == [s["started"] for s in res.sites]
 
 
 def test_a_step_without_progress_is_a_stuck_incident(tmp_path: Path) -> None:

@@ -107,6 +107,8 @@ def test_commands_on_unknown_campaigns_and_steps(tmp_path: Path, cli, monkeypatc
     assert r.exit_code == 2 and "no step 'ism' (did you mean 'isr'?)" in r.output
     r = cli("campaign", "status")
     assert r.exit_code == 0 and "drp-2026" in r.output and "planned" in r.output
+    r = cli("campaign", "reprioritize", "drp-2026", "-3")
+    assert r.exit_code == 0 and "priority -3" in r.output, r.output
     assert cli("campaign", "cancel", "drp-2026").exit_code == 0
     r = cli("campaign", "reprioritize", "drp-2026", "5")
     assert r.exit_code == 2 and "cancelled: nothing to reprioritize" in r.output

@@ -68,7 +68,6 @@ class CampaignDB:
         self.store = StateStore(self.url, create=True)  # the schema, made or migrated
         self.engine = self.store.engine
         self.where = self.store.where
-        self.event_sink: Any = None  # an events.EventLog: every ops_event row also goes there
 
     def close(self) -> None:
         self.store.close()
@@ -235,8 +234,6 @@ class CampaignDB:
     def _event(self, conn: sa.Connection, now: float, kind: str, subject: str, state: str,
                message: str | None) -> None:
         conn.execute(ops_event_t.insert().values(time=now, kind=kind, subject=subject, state=state, message=message))
-        if self.event_sink is not None:
-            self.event_sink.write(now, kind, subject, state, message)
 
     def event(self, kind: str, subject: str, state: str, message: str | None = None, now: float | None = None) -> None:
         with self.engine.begin() as conn:
@@ -280,6 +277,19 @@ class CampaignDB:
             for iid in ids:
                 conn.execute(incident_t.update().where(c.id == iid).values(state="resolved", last=now))
                 self._event(conn, now, "incident", f"{kind}:{iid}", "resolved", why)
+
+    def resolve_incident(self, iid: int, now: float | None = None) -> None:
+        """An operator's resolution (it opens again if the same thing happens again)."""
+        now = now or time.time()
+        c = incident_t.c
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(c.kind, c.state).where(c.id == iid)).first()
+            if row is None:
+                raise RunError(f"{self.where}: no incident {iid}")
+            if row.state == "resolved":
+                raise RunError(f"incident {iid} is already resolved")
+            conn.execute(incident_t.update().where(c.id == iid).values(state="resolved", last=now))
+            self._event(conn, now, "incident", f"{row.kind}:{iid}", "resolved", f"by {_who()}")
 
     def incidents(self, state: str | None = None, campaign: str | None = None) -> list[dict[str, Any]]:
         q = sa.select(incident_t).order_by(incident_t.c.last.desc())

@@ -1,16 +1,21 @@
 """The operators' event log: one JSON object per line for every campaign, step, run, site and incident
-state change (the ``ops_event`` table holds the same rows; the file is for log shippers and ``tail -f``).
+state change. The rows are those of the ``ops_event`` table (whoever made the change: an operator's
+command in another process, the dispatcher), exported in order by the dispatcher at each control
+round; each line carries the row's ``id``, and a dispatcher started again goes on after the file's
+last one (no line twice, none missed).
 
 Lines are appended with one ``write`` each on an ``O_APPEND`` descriptor, so two writers never interleave
-inside a line, and flushed at once: a crash loses no event already reported elsewhere.
+inside a line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 
 class EventLog:
@@ -21,10 +26,27 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
-    def write(self, now: float, kind: str, subject: str, state: str, message: str | None) -> None:
+    def last_id(self) -> int:
+        """The id of the last event in the file (0: none)."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - 65536))
+                lines = fh.read().splitlines()
+        except OSError:
+            return 0
+        for line in reversed(lines):
+            try:
+                return int(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        now = row["time"]
         line = json.dumps({
-            "time": datetime.fromtimestamp(now).astimezone().isoformat(timespec="milliseconds"),
-            "epoch": round(now, 3), "kind": kind, "subject": subject, "state": state, "message": message,
+            "id": row["id"], "time": datetime.fromtimestamp(now).astimezone().isoformat(timespec="milliseconds"),
+            "epoch": round(now, 3), "kind": row["kind"], "subject": row["subject"], "state": row["state"],
+            "message": row["message"],
         }, ensure_ascii=False)
         os.write(self._fd, (line + "\n").encode())
 

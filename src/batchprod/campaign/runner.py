@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError
 from batchprod.campaign import db as cdb
 from batchprod.campaign.db import CampaignDB
 from batchprod.campaign.spec import CampaignSpec, parse
+from batchprod.config.safe_yaml import one_line
 from batchprod.engine.dag import RunDag
 from batchprod.engine.dispatcher import Clock, Site
 from batchprod.engine.health import HealthPolicy, SiteState
@@ -76,6 +77,7 @@ class CampaignRunner:
     control_interval: float = 1.0
     policy: HealthPolicy | None = None
     hooks: Any = None  # where incidents go: ``notify(id)``, ``close(timeout)`` (campaign.hooks.IncidentHooks)
+    events: Any = None  # an events.EventLog: the ops_event rows are exported there, in order
     #: prepare(config path) -> Run; the real one by default (the simulator gives its own)
     prepare: Callable[[str], Run] | None = None
     log: Callable[[str], None] = lambda _line: None
@@ -88,6 +90,7 @@ class CampaignRunner:
         self.live: dict[str, Live] = {}
         self._failed: dict[tuple[str, str], list[str]] = defaultdict(list)  # (campaign, signature) -> jobs
         self._stuck: dict[int, _Stuck] = {}
+        self._event_id: int | None = None  # the last event exported to the events file
         self._settled: set[int] = set()  # cancelled campaigns whose steps and runs are recorded so
         self._specs: dict[int, tuple[str, CampaignSpec]] = {}
         self._stop: str | None = None
@@ -133,6 +136,7 @@ class CampaignRunner:
                 signal.signal(s, h)
             self._flush_failures()
             self._write_sites(self.clock.time())
+            self._export_events()
             self.engine.close_backends()
             self.engine.release_all()
             if self.hooks is not None:
@@ -160,7 +164,18 @@ class CampaignRunner:
                 self._drive(c, now, steps[c["id"]], runs[c["id"]])
         self._flush_failures()
         self._write_sites(now)
+        self._export_events()
         return busy
+
+    def _export_events(self) -> None:
+        if self.events is None:
+            return
+        if self._event_id is None:
+            self._event_id = self.events.last_id()
+        while rows := self.db.events(since_id=self._event_id, limit=5000):
+            for row in rows:
+                self.events.write(row)
+            self._event_id = rows[-1]["id"]
 
     def _cancel(self, c: dict[str, Any]) -> None:
         for lv in self.live.values():
@@ -204,14 +219,15 @@ class CampaignRunner:
             mine = by_step[st["id"]]
             if st["state"] == cdb.RUNNING:
                 self._step_progress(c, spec, st, mine, now)
-            elif st["state"] == cdb.WAITING and not paused:
+            elif st["state"] in (cdb.WAITING, cdb.GATED):
                 deps = [state[d] for d in spec.after(i)]
                 blocked = [d["name"] for d in deps if d["state"] in (cdb.FAILED, cdb.CANCELLED)]
-                if blocked:
+                if blocked:  # (a gate waiting on a failed step would wait for ever)
                     self.db.set_step(st, c["name"], now, state=cdb.CANCELLED, ended=now,
                                      message=f"not started: step {blocked[0]} {state[blocked[0]]['state']}")
                     st["state"] = cdb.CANCELLED
-                elif self._deps_met(spec.steps[i].fraction, deps, by_step):
+                elif st["state"] == cdb.WAITING and not paused and self._deps_met(spec.steps[i].fraction, deps,
+                                                                                 by_step):
                     self._start_step(c, spec, i, st, mine, now)
         self._campaign_end(c, steps, now)
 
@@ -265,13 +281,13 @@ class CampaignRunner:
                 self.db.set_runs([{"id": r["id"], "state": cdb.NOT_PREPARED, "message": msg,
                                    "event": (f"{c['name']}/{st['name']}/{r['config']}", cdb.NOT_PREPARED)}], now)
                 r["state"] = cdb.NOT_PREPARED
-                self._incident("step_failed", f"run not prepared: {signature(msg)}", c["name"], None, msg,
+                self._incident("step_failed", f"run not prepared: {one_line(msg, 300)}", c["name"], None, msg,
                                [r["config"]], now)
                 continue
             r["submit_dir"] = str(run.submit_dir)
             self.db.set_runs([{"id": r["id"], "submit_dir": r["submit_dir"], "state": RunState.RUNNING.value,
                                "n_jobs": len(run.workflow) + (1 if run.workflow.final else 0), "done": 0, "failed": 0,
-                               "event": (self._run_name(c, r), RunState.RUNNING.value)}], now)
+                               "event": (f"{c['name']}/{run.name}", RunState.RUNNING.value)}], now)
             self._join(c, spec, i, r, run)
 
     def _reopen(self, c: dict[str, Any], spec: CampaignSpec, steps: list[dict[str, Any]], r: dict[str, Any]) -> None:
@@ -341,7 +357,7 @@ class CampaignRunner:
             counts = lv.dag.counts()
             failed = counts.get(JobState.FAILED.value, 0)
             msg = message if state == RunState.SUCCEEDED else (
-                f"{failed} jobs failed" if failed else f"{state.value.lower()}")
+                f"{failed:,} job{'s' if failed != 1 else ''} failed" if failed else f"{state.value.lower()}")
             rows.append({"id": lv.row, "state": state.value, "message": msg,
                          "done": counts.get(JobState.SUCCEEDED.value, 0), "failed": failed,
                          "event": (f"{lv.campaign}/{lv.run.name}", state.value)})

@@ -125,8 +125,9 @@ def _u(run: str, job: int, attempt: int, what: int) -> float:
     """A deterministic uniform [0, 1) for (run, job, attempt, what): the same simulation gives the same
     result. A per-run salt (hashed once) and an integer mix per call (called for every attempt)."""
     salt = _SALTS.get(run)
-    if salt is None:
-        salt = _SALTS[run] = int.from_bytes(hashlib.blake2b(run.encode(), digest_size=8).digest(), "big")
+    if salt is None:  # (a run's key is its scratch submit directory: only its place under it is stable)
+        stable = run.rsplit("/runs/", 1)[-1]
+        salt = _SALTS[run] = int.from_bytes(hashlib.blake2b(stable.encode(), digest_size=8).digest(), "big")
     x = (salt ^ (job * 0x9E3779B97F4A7C15) ^ (attempt * 0xC2B2AE3D27D4EB4F) ^ (what * 0x165667B19E3779F9)) \
         & 0xFFFFFFFFFFFFFFFF
     x ^= x >> 33
@@ -212,6 +213,9 @@ def simulate(spec: CampaignSpec, catalog: SiteCatalog, where: str = "campaign", 
         for sp in specs:
             db.create(sp, clock.time())
             db.command(sp.name, "start", clock.time())
+            for step in sp.steps:  # nobody would release a gate in virtual time: they are open
+                if step.gate:
+                    db.release_gate(sp.name, step.name)
         sites = [_site(clock, cs, settings) for cs in catalog.sites.values()]
         counter = [0]
 
@@ -349,12 +353,14 @@ def _report(db: CampaignDB, runner: _SimRunner, sites: list[Site], wall: float, 
     return SimResult(t0, last, wall, jobs, runner.engine.dispatcher.assigned, samples, campaigns, site_rows, events)
 
 
-def check_plotting() -> None:
-    """Before a long simulation: say at once if the plot cannot be drawn."""
+def check_plotting(path: Path | None = None) -> None:
+    """Before a long simulation: say at once if the plot cannot be drawn (or written)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError("--plot needs matplotlib: pip install 'batchprod[plot]'") from None
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise ConfigError(f"--plot {path}: no such directory {Path(path).resolve().parent}")
 
 
 def plot(result: SimResult, path: Path) -> None:

@@ -51,6 +51,7 @@ def campaign_status(db: CampaignDB, name: str, now: float | None = None) -> dict
         ended = conn.execute(sa.select(a.site, a.status, sa.func.count()).where(
             a.run_id.in_(rid), a.status.in_([JobState.SUCCEEDED.value, JobState.FAILED.value]))
             .group_by(a.site, a.status)).all() if rid else []
+        # throughput over the last WINDOW seconds, or since the step started if that is more recent
         recent = conn.execute(sa.select(a.run_id, a.site, sa.func.count()).where(
             a.run_id.in_(rid), a.status == JobState.SUCCEEDED.value, a.end >= now - WINDOW)
             .group_by(a.run_id, a.site)).all() if rid else []
@@ -59,9 +60,12 @@ def campaign_status(db: CampaignDB, name: str, now: float | None = None) -> dict
         per_run[run_id][_BUCKET.get(status, "waiting")] += n
     rate_run: dict[int, float] = defaultdict(float)
     sites: dict[str, dict[str, Any]] = defaultdict(lambda: {**_blank(), "rate_per_h": 0.0})
+    since = {ids[r["submit_dir"]]: next(s["started"] for s in steps if s["id"] == r["step_id"])
+             for r in runs if r["submit_dir"] in ids}
     for run_id, site, n in recent:
-        rate_run[run_id] += n / WINDOW
-        sites[site or "?"]["rate_per_h"] += n / WINDOW * 3600
+        window = max(1.0, min(WINDOW, now - (since.get(run_id) or now - WINDOW)))
+        rate_run[run_id] += n / window
+        sites[site or "?"]["rate_per_h"] += n / window * 3600
     for site, status, n in active:
         sites[site or "?"]["running" if status == JobState.RUNNING.value else "queued"] += n
     for site, status, n in ended:

@@ -383,7 +383,7 @@ class Dispatcher:
         # (exit 0 without its manifest is the payload's failure: the run says user_error)
         fclass = None if ok else (e.fclass or classify(e.exit_code, e.signal) or FailureClass.USER_ERROR)
         held.ended_total += 1
-        if fclass is not None:
+        if fclass is not None and fclass != FailureClass.CANCELLED:  # (a cancellation is nobody's failure)
             held.failed_total += 1
             if fclass == FailureClass.KILLED:
                 held.preempted += 1
