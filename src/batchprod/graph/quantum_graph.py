@@ -3,6 +3,12 @@
 Quanta are integer indices, grouped by task in topological order. Data IDs live in one int64 column
 block per task; dependencies are a CSR adjacency (predecessor pointers + indices). No Python object
 per node or edge, so 10^6 quanta cost tens of MB and traverse in well under a second.
+
+Dimension values are integers, or strings through a **vocabulary** per dimension (``vocab``: the
+sorted distinct values; the column holds their codes), so that ``instrument='Cam'`` costs 8 bytes a
+quantum and codes sort as the strings do. A graph converted from another system keeps that system's
+node ids (``external_ids``: 16 bytes per quantum, e.g. Rubin's quantum UUIDs), found again by binary
+search over a sorted permutation (O(log n)).
 """
 
 from __future__ import annotations
@@ -96,8 +102,13 @@ class QuantumGraph:
         ext_idx: np.ndarray,
         ext_datasets: Sequence[tuple[str, str, str, str | None]],
         metadata: dict[str, Any] | None = None,
+        vocab: dict[str, Sequence[str]] | None = None,
+        external_ids: np.ndarray | None = None,
     ) -> None:
         self.tasks = list(tasks)
+        #: string dimensions: dimension -> sorted distinct values (the data ID columns hold codes)
+        self.vocab = {d: list(v) for d, v in (vocab or {}).items()}
+        #: the quanta's ids in the system the graph came from (n x 16 bytes), or None
         self.task_offsets = np.asarray(task_offsets, dtype=np.int64)
         self.data_ids = [np.asarray(a, dtype=np.int64).reshape(-1, len(t.dimensions)) for a, t in zip(data_ids, self.tasks, strict=True)]
         self.pred_ptr = np.asarray(pred_ptr, dtype=np.int64)
@@ -111,6 +122,12 @@ class QuantumGraph:
         n = int(self.task_offsets[-1])
         if len(self.pred_ptr) != n + 1 or len(self.ext_ptr) != n + 1:
             raise GraphError("quantum graph arrays are inconsistent (corrupt file?)")
+        self.external_ids = None if external_ids is None else np.ascontiguousarray(external_ids, dtype=np.uint8)
+        if self.external_ids is not None and self.external_ids.shape != (n, 16):
+            raise GraphError("quantum graph: external ids are not 16 bytes per quantum")
+        #: per task, (column, vocabulary) of its string dimensions
+        self._decode = [[(i, self.vocab[d]) for i, d in enumerate(t.dimensions) if d in self.vocab]
+                        for t in self.tasks]
 
     # -- sizes and lookups --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -142,7 +159,40 @@ class QuantumGraph:
     def data_id(self, q: int) -> dict[str, Any]:
         t = int(self.task_of[q])
         row = self.data_ids[t][q - int(self.task_offsets[t])].tolist()  # Python ints at once, not per value
+        for i, words in self._decode[t]:
+            row[i] = words[row[i]]
         return dict(zip(self.tasks[t].dimensions, row, strict=True))
+
+    def decode(self, dim: str, codes: list[int]) -> list[Any]:
+        """Values of one dimension's column entries (strings for a vocabulary dimension)."""
+        words = self.vocab.get(dim)
+        return codes if words is None else [words[c] for c in codes]
+
+    # -- ids of another system ----------------------------------------------------------------------
+    @cached_property
+    def _ext_sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.external_ids is not None
+        keys = self.external_ids.view(np.dtype((np.void, 16))).ravel()
+        order = np.argsort(keys, kind="stable")
+        return keys[order], order
+
+    def external_id(self, q: int) -> str | None:
+        """The quantum's id in the system the graph came from (a UUID, as its 32 hex digits)."""
+        return None if self.external_ids is None else self.external_ids[q].tobytes().hex()
+
+    def quantum_of(self, external_id: str | bytes) -> int:
+        """The quantum with that external id (UUID string, hex or 16 bytes); GraphError if none."""
+        if self.external_ids is None:
+            raise GraphError("this quantum graph has no external node ids")
+        raw = external_id if isinstance(external_id, bytes) else bytes.fromhex(str(external_id).replace("-", ""))
+        if len(raw) != 16:
+            raise GraphError(f"not a 16-byte node id: {external_id!r}")
+        keys, order = self._ext_sorted
+        key = np.frombuffer(raw, dtype=np.dtype((np.void, 16)))[0]
+        i = int(np.searchsorted(keys, key))
+        if i == len(keys) or keys[i] != key:
+            raise GraphError(f"no quantum with node id {external_id}")
+        return int(order[i])
 
     def node_id(self, q: int) -> str:
         """Stable id: hash of label + data ID, so a re-plan and a restart agree on identity."""
@@ -234,6 +284,7 @@ class QuantumGraph:
             "tasks": [t.to_json() for t in self.tasks],
             "ext_datasets": self.ext_datasets,
             "metadata": self.metadata,
+            "vocab": self.vocab,
         }
         arrays: dict[str, np.ndarray] = {
             "task_offsets": self.task_offsets,
@@ -244,6 +295,8 @@ class QuantumGraph:
         }
         for i, a in enumerate(self.data_ids):
             arrays[f"data_ids_{i}"] = a
+        if self.external_ids is not None:
+            arrays["external_ids"] = self.external_ids
         save_arrays(path, header, arrays)
 
     @classmethod
@@ -270,12 +323,37 @@ class QuantumGraph:
             if not isinstance(metadata, dict | None) or not set(map(len, ext)) <= {4}:
                 raise ArrayFileError("bad header (metadata or registry inputs)")
             data_ids = _check_arrays(tasks, arr, len(ext))
+            vocab = _check_vocab(header.get("vocab") or {}, tasks, data_ids)
         except ArrayFileError as exc:
             raise GraphError(f"{path}: damaged quantum graph: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GraphError(f"{path}: damaged quantum graph: bad header ({type(exc).__name__}: {exc})") from None
-        return cls(tasks, arr["task_offsets"], data_ids, arr["pred_ptr"], arr["pred_idx"], arr["ext_ptr"],
-                   arr["ext_idx"], ext, metadata)
+        try:
+            return cls(tasks, arr["task_offsets"], data_ids, arr["pred_ptr"], arr["pred_idx"], arr["ext_ptr"],
+                       arr["ext_idx"], ext, metadata, vocab, arr.get("external_ids"))
+        except GraphError as exc:
+            raise GraphError(f"{path}: damaged quantum graph: {exc}") from None
+
+
+def vocabulary(values: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(sorted distinct values, their codes for ``values``): a string dimension's column."""
+    words, codes = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    return words.tolist(), codes.astype(np.int64)
+
+
+def _check_vocab(vocab: Any, tasks: list[TaskNode], data_ids: list[np.ndarray]) -> dict[str, list[str]]:
+    """A file's vocabularies: strings, sorted, and every code of their columns in range."""
+    if not isinstance(vocab, dict):
+        raise ArrayFileError("bad header (vocab)")
+    for d, words in vocab.items():
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words) or words != sorted(set(words)):
+            raise ArrayFileError(f"bad header (vocab of {d!r})")
+        for t, a in zip(tasks, data_ids, strict=True):
+            if d in t.dimensions and len(a):
+                col = a[:, t.dimensions.index(d)]
+                if col.min() < 0 or col.max() >= len(words):
+                    raise ArrayFileError(f"dimension {d!r} of task {t.label!r}: code out of its vocabulary")
+    return vocab
 
 
 def _task_from_header(d: Any) -> TaskNode:

@@ -128,6 +128,8 @@ def job_data_ids(run: Run, job_ids: Sequence[int]) -> dict[int, str]:
         dims = [d for d in wf.groups[g].dimensions if d in tdims]
         cols = [list(tdims).index(d) for d in dims]
         rows = qg.data_ids[t][first_q[sel] - int(qg.task_offsets[t])][:, cols].tolist()
+        if any(d in qg.vocab for d in dims):  # string dimensions: codes -> values
+            rows = [[qg.vocab[d][v] if d in qg.vocab else v for d, v in zip(dims, row, strict=True)] for row in rows]
         for j, row in zip(ids[sel].tolist(), rows, strict=True):
             out[j] = ",".join(f"{d}={v}" for d, v in zip(dims, row, strict=True))
     return out
