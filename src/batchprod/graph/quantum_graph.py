@@ -159,8 +159,9 @@ class QuantumGraph:
     def data_id(self, q: int) -> dict[str, Any]:
         t = int(self.task_of[q])
         row = self.data_ids[t][q - int(self.task_offsets[t])].tolist()  # Python ints at once, not per value
-        for i, words in self._decode[t]:
-            row[i] = words[row[i]]
+        if self.vocab:
+            for i, words in self._decode[t]:
+                row[i] = words[row[i]]
         return dict(zip(self.tasks[t].dimensions, row, strict=True))
 
     def decode(self, dim: str, codes: list[int]) -> list[Any]:
