@@ -327,6 +327,19 @@ def slurm_up() -> bool:
                                                       for st in states)
 
 
+def use_slurm(monkeypatch: Any) -> str:
+    """For a test fixture: the dev cluster's config, selected through $SLURM_CONF; without a cluster
+    the test is skipped, or fails under $BATCHPROD_REQUIRE_ENGINES=1 (CI)."""
+    import pytest
+
+    if not slurm_up():
+        if os.environ.get("BATCHPROD_REQUIRE_ENGINES") == "1":
+            pytest.fail("Slurm is required here (BATCHPROD_REQUIRE_ENGINES=1) but does not answer")
+        pytest.skip("no Slurm cluster (start one with scripts/dev-slurm.sh up)")
+    monkeypatch.setenv("SLURM_CONF", SLURM_CONF)
+    return SLURM_CONF
+
+
 def dead_slurm_conf(directory: str | Path) -> str:
     """The dev cluster's config with the controller on a port nobody listens on: what clients see when
     the controller is gone (nothing shared is stopped). Returns its path."""

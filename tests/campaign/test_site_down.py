@@ -5,7 +5,6 @@ Slurm (zombies: the cluster itself is fine) never publish over their replacement
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -15,17 +14,12 @@ from batchprod.campaign.db import CampaignDB
 from batchprod.campaign.testing import Background, Toy, create, runner
 from batchprod.engine.health import HealthPolicy
 from batchprod.state.run import Run
-from batchprod.testing import SLURM_CONF, dead_slurm_conf, slurm_up, wait_for
+from batchprod.testing import dead_slurm_conf, use_slurm, wait_for
 
 
 @pytest.fixture
 def slurm(monkeypatch: pytest.MonkeyPatch) -> str:
-    if not slurm_up():
-        if os.environ.get("BATCHPROD_REQUIRE_ENGINES") == "1":
-            pytest.fail("Slurm is required here (BATCHPROD_REQUIRE_ENGINES=1) but does not answer")
-        pytest.skip("no Slurm cluster (start one with scripts/dev-slurm.sh up)")
-    monkeypatch.setenv("SLURM_CONF", SLURM_CONF)
-    return SLURM_CONF
+    return use_slurm(monkeypatch)
 
 
 def test_slurm_site_lost_mid_run_work_finishes_on_the_local_site(central: str, tmp_path: Path, slurm: str,

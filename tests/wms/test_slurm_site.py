@@ -3,7 +3,6 @@ not answer is SiteUnavailable (from poll, start and cleanup), never an empty pol
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from batchprod.execution.states import FailureClass
-from batchprod.testing import SLURM_CONF, dead_slurm_conf, drain_ends, shell_launch, slurm_up, wait_for
+from batchprod.testing import dead_slurm_conf, drain_ends, shell_launch, use_slurm, wait_for
 from batchprod.wms import slurm as slurm_mod
 from batchprod.wms.base import SiteUnavailable
 from batchprod.wms.slurm import VANISHED_AFTER, SlurmBackend, SlurmSettings, run_prefix
@@ -19,12 +18,7 @@ from batchprod.wms.slurm import VANISHED_AFTER, SlurmBackend, SlurmSettings, run
 
 @pytest.fixture
 def live(monkeypatch: pytest.MonkeyPatch) -> str:
-    if not slurm_up():
-        if os.environ.get("BATCHPROD_REQUIRE_ENGINES") == "1":
-            pytest.fail("Slurm is required here (BATCHPROD_REQUIRE_ENGINES=1) but does not answer")
-        pytest.skip("no Slurm cluster (start one with scripts/dev-slurm.sh up)")
-    monkeypatch.setenv("SLURM_CONF", SLURM_CONF)
-    return SLURM_CONF
+    return use_slurm(monkeypatch)
 
 
 @pytest.fixture
