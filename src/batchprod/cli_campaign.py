@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
+from batchprod._time import iso
 from batchprod.cli_common import DB_OPTION, _user_errors, console, err_console
+from batchprod.report.failures import plural
+from batchprod.report.progress import duration
 
 
 def _db() -> Any:
@@ -23,18 +25,11 @@ def _db() -> Any:
 
 
 def _iso(t: float | None) -> str:
-    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds") if t else "-"
-
-
-def _n(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
+    return iso(t) if t else "-"
 
 
 def _dur(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    return "-" if s is None else duration(s)
 
 
 @click.group()
@@ -55,7 +50,7 @@ def campaign_create(campaign_file: Path, start_now: bool) -> None:
     db = _db()
     db.create(spec)
     runs = sum(len(s.submit) for s in spec.steps)
-    console.print(f"campaign {spec.name}: {_n(len(spec.steps), 'step')}, {_n(runs, 'run')}, priority {spec.priority} "
+    console.print(f"campaign {spec.name}: {plural(len(spec.steps), 'step')}, {plural(runs, 'run')}, priority {spec.priority} "
                   f"(owner {spec.owner}) in {db.where}")
     if start_now:
         db.command(spec.name, "start")

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from batchprod._time import iso
 from batchprod.engine.dag import Progress, RunDag, classify
 from batchprod.engine.dispatcher import Clock, Dispatcher, Site
 from batchprod.engine.health import HealthPolicy
@@ -183,12 +184,10 @@ class Engine:
     def _on_site(self, site: Site, reason: str | None) -> None:
         """Say on the runs (report, runs, dashboard) that a site does not answer, and since when: the
         engine waits for it (attempts kept), it has not hung."""
-        from datetime import datetime
-
         if reason is None:
             message = None
         else:
-            since = datetime.fromtimestamp(self.clock.time()).astimezone().isoformat(timespec="seconds")
+            since = iso(self.clock.time())
             message = (f"site '{site.name}' not answering since {since}: {reason} "
                        "(attempts kept; asked again every few seconds)")
         for dag in self.dispatcher.dags:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from batchprod._time import iso
 from batchprod.engine import lock
 from batchprod.execution.process import same_process_alive
 from batchprod.execution.states import JobState, RunState
@@ -24,15 +25,6 @@ _COLUMN_OF = {
     JobState.UNREADY: "unready",
     JobState.CANCELLED: "cancelled",
 }
-
-
-def iso(ts: float | None) -> str:
-    """A time as ISO 8601 in the local zone with its offset (what the operator's clock says), or ''."""
-    if ts is None:
-        return ""
-    from datetime import datetime
-
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
 
 def column_counts(counts: dict[str, int]) -> dict[str, int]:
