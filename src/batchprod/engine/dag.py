@@ -507,7 +507,7 @@ class RunDag:
 
     def flush(self) -> None:
         """Everything changed since the last flush, in one transaction of the run's store."""
-        if getattr(self.run.store, "discards", False):  # a simulated run: its state lives here only
+        if not self.record:  # a simulated run: its state lives here only
             self._dirty.clear()
             self._attempt_rows, self._output_rows, self._contexts = [], [], {}
             if self.progress:

@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from batchprod._time import iso
 from batchprod.engine.dag import RunDag, classify
 from batchprod.engine.health import Health, HealthPolicy, SiteState
 from batchprod.execution.states import FailureClass, JobState, RunState
@@ -417,9 +418,9 @@ class Dispatcher:
             if site.downtimes:
                 nxt = site.next_downtime(now)
                 if nxt is not None and nxt[0] <= now:
-                    in_force = f"until {_when(nxt[1])}"
+                    in_force = f"until {iso(nxt[1])}"
                 elif nxt is not None and nxt[0] - now <= h.policy.drain_horizon:
-                    soon = f"at {_when(nxt[0])}"
+                    soon = f"at {iso(nxt[0])}"
             h.evaluate(now, in_force, soon)
             if not h.take_change():
                 continue
@@ -485,15 +486,15 @@ class Dispatcher:
         for dag in list(self.dags):
             if dag.stopping and not dag.active:
                 dag.cancel_rest(f"cancelled ({dag.stopping})")
-                dag.flush()
-                self.results[dag.key] = RunState.CANCELLED
-                self.dags.remove(dag)
-                del self.by_key[dag.key]
+                outcome = RunState.CANCELLED
             elif dag.idle() and dag.finish_or_final():
-                dag.flush()
-                self.results[dag.key] = dag.outcome()
-                self.dags.remove(dag)
-                del self.by_key[dag.key]
+                outcome = dag.outcome()
+            else:
+                continue
+            dag.flush()
+            self.results[dag.key] = outcome
+            self.dags.remove(dag)
+            del self.by_key[dag.key]
 
     def tick(self) -> bool:
         """One round; True if anything started or ended."""
@@ -611,8 +612,3 @@ class Dispatcher:
         self.dags.clear()
         self.by_key.clear()
 
-
-def _when(t: float) -> str:
-    from datetime import datetime
-
-    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
