@@ -122,7 +122,8 @@ def test_serve_dispatches_campaigns_and_reports_them(tmp_path: Path, monkeypatch
         status = _get(f"{base}/api/campaigns/svc")
         assert status["steps"][0]["done"] == 8 and status["sites"][0]["site"] == "here"
         assert [c["name"] for c in _get(f"{base}/api/campaigns")] == ["svc"]
-        assert _get(f"{base}/api/sites")[0]["state"] == "online"
+        (site,) = _get(f"{base}/api/sites")
+        assert site["state"] == "online" and "T" in site["since"] and "T" in site["updated"]  # ISO times, as /api/runs
         metrics = _get(f"{base}/metrics")
         assert 'batchprod_campaigns{state="done"} 1.0' in metrics
         assert 'batchprod_site_state{site="here",state="online"} 1.0' in metrics

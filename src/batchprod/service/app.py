@@ -34,7 +34,7 @@ from batchprod.state.run import Run, list_runs
 from batchprod.state.store import STATE_FILE, DamagedStateError
 
 #: keys that hold epoch seconds in the report data; the API gives them as ISO 8601 (local zone)
-_TIME_KEYS = frozenset({"created", "updated", "start", "end"})
+_TIME_KEYS = frozenset({"created", "updated", "start", "end", "since", "first", "last"})
 
 
 def _iso_times(obj: Any) -> Any:
@@ -151,8 +151,7 @@ def create_app(root: str | Path, db: str | None = None) -> FastAPI:
     def incidents(state: str | None = Query(None, pattern="^(open|resolved)$"),
                   campaign: str | None = None) -> list[dict[str, Any]]:
         """Incidents (failed jobs grouped by signature, sites down or degraded, steps stuck)."""
-        rows = campaigns_db().incidents(state=state, campaign=campaign)
-        return _iso_times([{**r, "start": r["first"], "end": r["last"]} for r in rows])
+        return _iso_times(campaigns_db().incidents(state=state, campaign=campaign))
 
     @app.get("/api/sites")
     def sites() -> list[dict[str, Any]]:
