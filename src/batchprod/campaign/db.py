@@ -298,21 +298,12 @@ class CampaignDB:
         if campaign:
             q = q.where(incident_t.c.campaign == campaign)
         with self.engine.connect() as conn:
-            out = []
-            for r in conn.execute(q).mappings():
-                d = dict(r)
-                d["affected"] = json.loads(d["affected"] or "[]")
-                out.append(d)
-        return out
+            return [_incident(r) for r in conn.execute(q).mappings()]
 
     def incident(self, iid: int) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             r = conn.execute(sa.select(incident_t).where(incident_t.c.id == iid)).mappings().first()
-        if r is None:
-            return None
-        d = dict(r)
-        d["affected"] = json.loads(d["affected"] or "[]")
-        return d
+        return None if r is None else _incident(r)
 
     def delivered(self, iid: int, ok: bool, error: str | None) -> None:
         c = incident_t.c
@@ -321,6 +312,13 @@ class CampaignDB:
             if ok:
                 values["delivered"] = c.delivered + 1
             conn.execute(incident_t.update().where(c.id == iid).values(**values))
+
+
+def _incident(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An incident row with its affected sample as a list (stored as JSON)."""
+    d = dict(row)
+    d["affected"] = json.loads(d["affected"] or "[]")
+    return d
 
 
 def _who() -> str:
