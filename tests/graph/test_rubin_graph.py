@@ -5,9 +5,6 @@ UUIDs and dependencies intact."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 import uuid
 from pathlib import Path
 
@@ -16,8 +13,6 @@ import pytest
 from batchprod.errors import GraphError
 from batchprod.graph.quantum_graph import QuantumGraph
 from batchprod.workflow import Resources, cluster_quanta
-
-MOCK = "lsst.pipe.base.tests.mocks.DynamicTestPipelineTask"
 
 
 @pytest.fixture(scope="module")
@@ -30,60 +25,13 @@ def lsst() -> None:
         pytest.skip("no Rubin middleware (pip install 'batchprod[rubin]')")
 
 
-def _repo(root: Path, detectors: int) -> Path:
-    """A Butler repo with instrument Cam, its detectors and one mock input per detector in RUN 'inputs'."""
-    from lsst.daf.butler import Butler, DatasetRef, DatasetType
-    from lsst.pipe.base.tests.mocks import MockDataset, MockStorageClass
-
-    repo = root / "repo"
-    Butler.makeRepo(str(repo))
-    with Butler.from_config(str(repo), writeable=True) as butler:
-        butler.registry.insertDimensionData("instrument", {
-            "name": "Cam", "detector_max": 100, "visit_max": 100, "exposure_max": 100, "visit_system": 0,
-            "class_name": "unused.Cam"})
-        butler.registry.insertDimensionData(
-            "detector", *[{"instrument": "Cam", "id": d, "full_name": f"D{d}"} for d in range(detectors)])
-        dims = ["instrument", "detector"]
-        dt = DatasetType("raw_in", dims, MockStorageClass.get_or_register_mock("StructuredDataDict"),
-                         universe=butler.dimensions)
-        butler.registry.registerDatasetType(dt)
-        butler.collections.register("inputs")
-        for data_id in butler.query_data_ids(dims, explain=False):
-            ref = DatasetRef(dt, butler.registry.expandDataId(data_id), run="inputs")
-            butler.put(MockDataset(dataset_id=ref.id, dataset_type=dt.to_simple(), data_id=dict(ref.dataId.mapping),
-                                   run="inputs"), ref)
-    return repo
-
-
-def _pipeline(path: Path) -> Path:
-    """a, b per (instrument, detector); c gathers every b of the instrument."""
-    def task(label: str, dims: str, inp: str, out: str, out_dims: str, multiple: bool = False) -> str:
-        body = ("from lsst.pipe.base.tests.mocks import DynamicConnectionConfig\n"
-                f"config.dimensions = {out_dims}\n"
-                f'config.inputs["input"] = DynamicConnectionConfig(dataset_type_name="{inp}", dimensions={dims}, '
-                f"multiple={multiple})\n"
-                f'config.outputs["output"] = DynamicConnectionConfig(dataset_type_name="{out}", '
-                f"dimensions={out_dims})\n")
-        return f"  {label}:\n    class: {MOCK}\n    config:\n      python: |\n" + textwrap.indent(body, " " * 8)
-
-    d = '["instrument", "detector"]'
-    path.write_text("description: mock a -> b -> c\ntasks:\n" + task("a", d, "raw_in", "a_out", d)
-                    + task("b", d, "a_out", "b_out", d) + task("c", d, "b_out", "c_out", '["instrument"]', True))
-    return path
-
-
 @pytest.fixture(scope="module")
 def rubin_qg(lsst: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("rubin")
-    repo = _repo(root, detectors=4)
-    pipetask = Path(sys.executable).parent / "pipetask"
-    qg = root / "g.qg"
-    p = subprocess.run([str(pipetask), "qgraph", "-b", str(repo), "-p", str(_pipeline(root / "pipeline.yaml")),
-                        "-i", "inputs", "-o", "u/test/out", "--output-run", "u/test/out/run1",
-                        "--qgraph-datastore-records", "--save-qgraph", str(qg)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return qg
+    from batchprod.testing_rubin import fan_in_pipeline, make_qgraph, rubin_repo
+
+    repo = rubin_repo(root, detectors=4)
+    return make_qgraph(repo, fan_in_pipeline(root / "pipeline.yaml"), root / "g.qg", output_run="u/test/out/run1")
 
 
 def test_a_real_graph_keeps_labels_data_ids_uuids_and_edges(rubin_qg: Path, tmp_path: Path) -> None:

@@ -198,6 +198,49 @@ def _when_run(v: Any) -> str:
     return s
 
 
+def _when_run_rubin(v: Any) -> str:
+    s = _str(v).upper()
+    if s not in ("ALWAYS", "SUCCESS", "NEVER"):
+        raise ValueError(f"expected ALWAYS, SUCCESS or NEVER, got {_show(v)}")
+    return s
+
+
+def _bool(v: Any) -> bool:
+    """A YAML boolean, or one of the words ctrl_bps accepts for it."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.strip().lower() in ("true", "yes", "on", "1")
+    raise ValueError(f"expected true or false, got {_show(v)}")
+
+
+def _int_list(v: Any) -> list[int]:
+    """Exit codes: one integer, a YAML list of them or a comma-separated string."""
+    items = v if isinstance(v, list) else [s for s in str(v).split(",") if s.strip()] if isinstance(v, str) else [v]
+    return [_int_in(0, 255, "an exit code (0-255)")(i) for i in items]
+
+
+def _only(*allowed: str) -> Converter:
+    """A ctrl_bps key batchprod supports with some values only: any other says so."""
+
+    def conv(v: Any) -> str:
+        s = _str(v)
+        if s.upper() not in {a.upper() for a in allowed}:
+            raise ValueError(f"batchprod supports only {' or '.join(allowed)} here, got {_show(v)}")
+        return s
+
+    return conv
+
+
+def _true_only(what: str) -> Converter:
+    def conv(v: Any) -> bool:
+        if not _bool(v):
+            raise ValueError(f"batchprod supports only true here ({what})")
+        return True
+
+    return conv
+
+
 def wms_class(v: Any) -> str:
     """A WMS: an entry-point name or 'module:Class' (whether it loads is checked by get_wms)."""
     s = _str(v)
@@ -351,3 +394,109 @@ SECTIONS: dict[str, tuple[str, Mapping[str, Converter]]] = {
 RUNTIME_VARS = frozenset(
     {"jobName", "label", "dataId", "inputs", "outputs", "attempt", "submitDir", "runName"}
 )
+
+
+# -- ctrl_bps ("Rubin") files ---------------------------------------------------------------------
+# A submit file that names a Butler (``payload.butlerConfig``) is read with ctrl_bps's meaning: its
+# search order, its defaults (``rubin_defaults.yaml``) and these keys besides ours. README maps
+# every ctrl_bps key to batchprod's.
+
+#: command keys: ``${ENV}`` and ``$ENV`` in them stay for the job's shell (never baked in at load)
+RUBIN_COMMAND_KEYS: dict[str, Converter] = {
+    k: _str for k in (
+        "runQuantumCommand", "createQuantumGraph", "updateQuantumGraph",
+        "defaultPreCmdOpts", "qgraphPreCmdOpts", "initPreCmdOpts", "runPreCmdOpts", "updateQgraphPreCmdOpts",
+        "pipetaskOutput", "pipetaskInput", "pipetaskDataQuery", "fileDistributionEndPoint",
+        "extraQgraphOptions", "extraRunQuantumOptions", "extraInitOptions", "extraUpdateQgraphOptions",
+        "extraAggregateOptions",
+    )
+}
+
+#: job values a ctrl_bps file may set wherever ctrl_bps searches them (payload, cluster, pipetask, site, top)
+RUBIN_JOB_KEYS: dict[str, Converter] = {
+    **JOB_KEYS,
+    "requestDisk": memory_mb,
+    "requestMemoryMax": memory_mb,
+    "retryUnlessExit": _int_list,
+    "preemptible": _bool,
+    "runQuantumCommand": _str,
+    "extraRunQuantumOptions": _str,
+    "runPreCmdOpts": _str,
+}
+
+RUBIN_PAYLOAD_KEYS: dict[str, Converter] = {
+    **PAYLOAD_KEYS,
+    **RUBIN_JOB_KEYS,
+    "butlerConfig": _str,
+    "output": _str,
+    "runInit": _true_only("the pipetaskInit job always runs first"),
+}
+
+#: ctrl_bps keys with no effect here that a ctrl_bps file commonly carries: accepted and ignored
+#: (each is a file-naming or debugging switch of ctrl_bps's own submit directory)
+RUBIN_IGNORED_KEYS: dict[str, Converter] = {
+    k: lambda v: v for k in (
+        "qgraphFileTemplate", "subDirTemplate", "templateDataId", "saveDot", "saveGenericWorkflow",
+        "saveClusteredQgraph", "validateClusteredQgraph", "useLazyCommands", "makeIdLink", "idLinkPath",
+        "uniqProcName",
+    )
+}
+
+RUBIN_TOP_KEYS: dict[str, Converter] = {
+    **TOP_KEYS,
+    **RUBIN_COMMAND_KEYS,
+    **RUBIN_JOB_KEYS,
+    **RUBIN_IGNORED_KEYS,
+    **{k: v for k, v in RUBIN_PAYLOAD_KEYS.items() if k not in JOB_KEYS},
+    "qgraphFile": _str,
+    "clusterAlgorithm": _only("lsst.ctrl.bps.quantum_clustering_funcs.single_quantum_clustering",
+                              "lsst.ctrl.bps.quantum_clustering_funcs.dimension_clustering"),
+    "whenSaveJobQgraph": _only("NEVER"),
+    "bpsUseShared": _true_only("jobs read the graph and the Butler on a shared filesystem"),
+}
+
+RUBIN_FINAL_JOB_KEYS: dict[str, Converter] = {
+    **{k: v for k, v in FINAL_JOB_KEYS.items() if k not in ("python", "outputs")},
+    **RUBIN_JOB_KEYS,
+    "whenRun": _when_run_rubin,
+    "retryUnlessExit": _int_list,
+    "updateOutputChain": _str,
+    "finalPreCmdOpts": _str,
+    "extraAggregateOptions": _str,
+    "whenSetup": _only("NEVER"),
+    "implementation": _only("JOB"),
+    "concurrencyLimit": _str,
+}
+
+RUBIN_CLUSTER_KEYS: dict[str, Converter] = {"pipetasks": _str_list, "dimensions": _str_list, **RUBIN_JOB_KEYS}
+
+RUBIN_SECTIONS: dict[str, tuple[str, Mapping[str, Converter]]] = {
+    "payload": ("flat", RUBIN_PAYLOAD_KEYS),
+    "variables": ("free", {}),
+    "finalJob": ("flat", RUBIN_FINAL_JOB_KEYS),
+    "pipetask": ("map", RUBIN_JOB_KEYS),
+    "cluster": ("map", RUBIN_CLUSTER_KEYS),
+    "site": ("map", SITE_KEYS),
+    "executionButler": ("flat", {"whenCreate": _only("NEVER")}),
+}
+
+#: ctrl_bps keys batchprod does not support: the message says what to do instead (never a silent ignore)
+RUBIN_UNSUPPORTED: dict[str, str] = {
+    "computeCloud": "clouds are PanDA's; give sites in a site catalog (batchprod sites) instead",
+    "profile": "HTCondor profile values do not apply; give the site's scheduler options "
+               "(e.g. site.<name>.extra_args for Slurm)",
+    "environment": "not supported yet; set the variables in the site's job environment "
+                   "(e.g. site.<name>.extra_args, or the shell that starts batchprod)",
+    "queue": "not supported; give the Slurm partition as site.<name>.partition",
+    "class": "a ctrl_bps Parsl site class; batchprod sites name their WMS with wmsServiceClass "
+             "(local, slurm, parsl) and its settings",
+    "equalDimensions": "not supported yet: name the cluster's dimensions with the same names as its tasks'",
+    "partitionDimensions": "not supported yet: cluster by dimensions without partitioning",
+    "partitionMaxClusters": "not supported yet: cluster by dimensions without partitioning",
+    "partitionMaxSize": "not supported yet: cluster by dimensions without partitioning",
+    "findDependencyMethod": "not needed: dependencies between clusters come from the graph's edges",
+    "ordering": "not supported: jobs run in the graph's order",
+}
+
+#: Variables filled per job: ``{qgraphNodeId}`` (the job's quanta) and ``{qgraphFile}`` (the run's copy)
+RUBIN_RUNTIME_VARS = frozenset({"qgraphNodeId", "qgraphId"})

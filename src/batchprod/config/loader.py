@@ -23,6 +23,12 @@ import yaml
 from batchprod.config.imports import check_python_ref, check_wms_class
 from batchprod.config.keys import (
     JOB_KEYS,
+    RUBIN_COMMAND_KEYS,
+    RUBIN_JOB_KEYS,
+    RUBIN_RUNTIME_VARS,
+    RUBIN_SECTIONS,
+    RUBIN_TOP_KEYS,
+    RUBIN_UNSUPPORTED,
     RUNTIME_VARS,
     SECTIONS,
     SHELL_KEYS,
@@ -34,7 +40,11 @@ from batchprod.config.safe_yaml import check_plain, exists, is_file, one_line, p
 from batchprod.errors import ConfigError
 
 #: ``${ENV}`` (group 1) or ``{variable}`` (group 2), in one pass: a substituted value is never rescanned.
-_SUBST = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+_SUBST = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_.]*)(?::([^{}:!]{0,20}))?\}")
+#: the same for ctrl_bps files, which also expand ``$ENV`` (group 4) as ctrl_bps's expandvars does
+_SUBST_RUBIN = re.compile(_SUBST.pattern + r"|\$([A-Za-z_][A-Za-z0-9_]*)")
+#: a variable used somewhere: ``{name}`` or ``{name:spec}`` (user top-level variables of ctrl_bps files)
+_VAR_USE = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)(?::[^{}]*)?\}")
 _MISSING = object()
 #: Variables may refer to variables this deep (a -> b -> ...); deeper is an error, not a stack overflow.
 MAX_VAR_DEPTH = 32
@@ -129,10 +139,42 @@ def _kind(value: Any) -> str:
     return "a list" if isinstance(value, list) else f"{show(value, 40)}"
 
 
-@lru_cache(maxsize=1)
-def _defaults() -> dict[str, Any]:
+@lru_cache(maxsize=2)
+def _defaults(rubin: bool = False) -> dict[str, Any]:
+    """Built-in defaults; for a ctrl_bps file, ctrl_bps's own (``rubin_defaults.yaml``) over ours."""
     text = resources.files("batchprod.config").joinpath("defaults.yaml").read_text()
-    return yaml.safe_load(text)
+    base = yaml.safe_load(text)
+    if rubin:
+        over = yaml.safe_load(resources.files("batchprod.config").joinpath("rubin_defaults.yaml").read_text())
+        _merge(base, over, {}, "<defaults>")
+    return base
+
+
+def is_rubin(data: Mapping[str, Any]) -> bool:
+    """A ctrl_bps submit file: it names a Butler (``payload.butlerConfig``, or ``butlerConfig``)."""
+    payload = data.get("payload")
+    return "butlerConfig" in data or (isinstance(payload, Mapping) and "butlerConfig" in payload)
+
+
+def _formatted(name: str, spec: str, value: str, fail: Any) -> str:
+    """``{name:spec}`` as ctrl_bps (Python's format): a number formatted as a number (``{patch:03}``)."""
+    v: Any = value
+    for conv in (int, float):
+        try:
+            v = conv(value)
+            break
+        except ValueError:
+            continue
+    try:
+        return format(v, spec)
+    except (ValueError, TypeError) as exc:
+        raise fail(f"cannot format {{{name}:{spec}}} with value {show(value, 40)}: {exc}") from None
+
+
+def _rubin_shell_key(keypath: str) -> bool:
+    """A ctrl_bps key run by the job's shell: commands and their option strings, finalJob.commandN."""
+    key = keypath.rsplit(".", 1)[-1]
+    return key in RUBIN_COMMAND_KEYS or bool(re.fullmatch(r"command\d+", key))
 
 
 @dataclass(frozen=True)
@@ -142,39 +184,54 @@ class Context:
     label: str | None = None
     cluster: str | None = None
     site: str | None = None
+    #: a section searched before everything else (ctrl_bps's final job: ``finalJob`` values first)
+    section: str | None = None
 
 
 class BpsConfig:
     """A loaded submit config with ctrl_bps-style search order and substitution.
 
     Lookup order for a key: ``pipetask.<label>`` > ``cluster.<name>`` > ``site.<computeSite>`` >
-    top level > ``payload`` > built-in defaults.
+    top level > ``payload`` > built-in defaults. A ctrl_bps file (it names a Butler: ``rubin``) is
+    searched as ctrl_bps does: ``payload`` > ``cluster.<name>`` > ``pipetask.<label>`` >
+    ``site.<computeSite>`` > top level > defaults (ctrl_bps's own), and expands ``$ENV`` too.
     """
 
     def __init__(self, data: dict[str, Any], sources: dict[str, str], path: Path | None = None) -> None:
         self.data = data
         self.sources = sources
         self.path = path
+        self.rubin = is_rubin(data)
+        self._subst = _SUBST_RUBIN if self.rubin else _SUBST
         self._cache: dict[tuple[str, Context], Any] = {}
 
     # -- lookup -------------------------------------------------------------------------------------
     def _scopes(self, ctx: Context) -> list[tuple[str, Mapping[str, Any]]]:
         d = self.data
+        dflt = _defaults(self.rubin)
         out: list[tuple[str, Mapping[str, Any]]] = []
-        if ctx.label is not None:
-            out.append((f"pipetask.{ctx.label}.", (d.get("pipetask") or {}).get(ctx.label) or {}))
-        if ctx.cluster is not None:
+        if ctx.section is not None:
+            out.append((f"{ctx.section}.", d.get(ctx.section) or {}))
+            out.append((f"<defaults>.{ctx.section}.", dflt.get(ctx.section) or {}))
+        if self.rubin:
+            out.append(("payload.", d.get("payload") or {}))
+        if ctx.cluster is not None and self.rubin:
             out.append((f"cluster.{ctx.cluster}.", (d.get("cluster") or {}).get(ctx.cluster) or {}))
-        site = ctx.site if ctx.site is not None else d.get("computeSite", _defaults()["computeSite"])
+        if ctx.label is not None:
+            out.append((f"pipetask.{ctx.label}.", (d.get("pipetask") or {}).get(ctx.label)
+                        or (dflt.get("pipetask") or {}).get(ctx.label) or {}))
+        if ctx.cluster is not None and not self.rubin:
+            out.append((f"cluster.{ctx.cluster}.", (d.get("cluster") or {}).get(ctx.cluster) or {}))
+        site = ctx.site if ctx.site is not None else d.get("computeSite", dflt["computeSite"])
         if isinstance(site, str) and site:  # anything else is reported by validate()
             sd = (d.get("site") or {}).get(site)
             if sd is None:
-                sd = (_defaults().get("site") or {}).get(site) or {}
+                sd = (dflt.get("site") or {}).get(site) or {}
             out.append((f"site.{site}.", sd))
         out.append(("", d))
         out.append(("variables.", d.get("variables") or {}))
-        out.append(("payload.", d.get("payload") or {}))
-        dflt = _defaults()
+        if not self.rubin:
+            out.append(("payload.", d.get("payload") or {}))
         out.append(("<defaults>.", dflt))
         out.append(("<defaults>.payload.", dflt.get("payload") or {}))
         return out
@@ -191,6 +248,10 @@ class BpsConfig:
             if key in scope and not isinstance(scope[key], Mapping):
                 return scope[key], prefix + key
         return _MISSING, key
+
+    def has(self, key: str, ctx: Context = Context()) -> bool:
+        """Whether the search order finds the key (defaults included)."""
+        return self.find_raw(key, ctx)[0] is not _MISSING
 
     def get(self, key: str, ctx: Context = Context(), default: Any = _MISSING) -> Any:
         """Look a key up with the search order and substitute its variables."""
@@ -223,7 +284,7 @@ class BpsConfig:
         if memo is None:
             memo = {}
         if shell is None:
-            shell = keypath in SHELL_KEYS
+            shell = keypath in SHELL_KEYS or (self.rubin and _rubin_shell_key(keypath))
         if isinstance(value, list):
             return [self._substitute(v, keypath, ctx, stack, memo, shell) for v in value]
         if not isinstance(value, str):
@@ -233,7 +294,9 @@ class BpsConfig:
             return ConfigError(f"{self.where(keypath)}: key '{keypath}': {problem}")
 
         def sub(m: re.Match[str]) -> str:
-            env, name = m.group(1), m.group(2)
+            env, name, spec = m.group(1), m.group(2), m.group(3)
+            if env is None and name is None:  # $ENV (ctrl_bps files)
+                env = m.group(4)
             if env is not None:
                 if shell:
                     return m.group(0)
@@ -242,6 +305,11 @@ class BpsConfig:
                         return _ENV_FALLBACKS[env]()
                     raise fail(f"environment variable ${{{env}}} is not set")
                 return os.environ[env]
+            if spec:
+                return _formatted(name, spec, sub_value(name), fail)
+            return sub_value(name)
+
+        def sub_value(name: str) -> str:
             if name in memo:
                 return memo[name]
             if name in stack:
@@ -251,17 +319,29 @@ class BpsConfig:
                 raise fail(f"variables nested more than {MAX_VAR_DEPTH} deep: {chain}")
             raw, sub_path = self.find_raw(name, ctx)
             if raw is _MISSING:
-                if name in RUNTIME_VARS:
-                    return m.group(0)
+                if name in RUNTIME_VARS or (self.rubin and name in RUBIN_RUNTIME_VARS):
+                    return "{" + name + "}"
                 raise fail(f"undefined variable {{{name}}}")
             resolved = self._substitute(raw, sub_path, ctx, (*stack, name), memo, shell)
             memo[name] = str(resolved)
             return memo[name]
 
-        out = _SUBST.sub(sub, value)
+        out = self._subst.sub(sub, value)
         if len(out) > MAX_VALUE_CHARS:
             raise fail(f"longer than {MAX_VALUE_CHARS} characters once its variables are filled")
         return out
+
+    def render(self, key: str, ctx: Context = Context(), curvals: Mapping[str, str] | None = None) -> str:
+        """A key's value with ``curvals`` standing for some variables (ctrl_bps's current values: the
+        run's copy of the graph as ``{qgraphFile}``, ...). Not cached."""
+        raw, keypath = self.find_raw(key, ctx)
+        if raw is _MISSING:
+            raise ConfigError(f"{self.where(key)}: required key '{key}' is not set")
+        return str(self._substitute(raw, keypath, ctx, (key,), dict(curvals or {})))
+
+    def section_keys(self, section: str) -> list[str]:
+        """Keys of a section, the file's and the defaults' (e.g. ctrl_bps's finalJob.command1)."""
+        return list(dict.fromkeys([*(self.data.get(section) or {}), *(_defaults(self.rubin).get(section) or {})]))
 
     def typed(self, key: str, conv: Converter, ctx: Context = Context(), default: Any = _MISSING) -> Any:
         """Look a key up and convert it, turning a bad value into a ConfigError naming file and key."""
@@ -276,15 +356,19 @@ class BpsConfig:
 
     def job_settings(self, ctx: Context) -> dict[str, Any]:
         """All job-level values (resources, retry policy) for one lookup context, typed."""
-        return {k: self.typed(k, conv, ctx) for k, conv in JOB_KEYS.items()}
+        table = RUBIN_JOB_KEYS if self.rubin else JOB_KEYS
+        return {k: self.typed(k, conv, ctx, default=None) if k not in JOB_KEYS else self.typed(k, conv, ctx)
+                for k, conv in table.items()}
 
     # -- validation ---------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every key and value once, before anything is written."""
         d = self.data
         check_plain(d, self._fail)
+        sections, top = (RUBIN_SECTIONS, RUBIN_TOP_KEYS) if self.rubin else (SECTIONS, TOP_KEYS)
+        used = self._used_variables() if self.rubin else frozenset()
         # Sections first: every lookup below walks them.
-        for key, (kind, _) in SECTIONS.items():
+        for key, (kind, _) in sections.items():
             if key not in d:
                 continue
             value = d[key]
@@ -302,8 +386,8 @@ class BpsConfig:
                 if not isinstance(sub, Mapping):
                     raise self._fail(path, f"expected a mapping, got {_kind(sub)}")
         for key, value in d.items():
-            if key in SECTIONS:
-                kind, table = SECTIONS[key]
+            if key in sections:
+                kind, table = sections[key]
                 if kind == "free":
                     for name, v in value.items():
                         if isinstance(v, (Mapping, list)):
@@ -313,29 +397,42 @@ class BpsConfig:
                 else:
                     for name, sub in value.items():
                         self._check_table(sub, table, f"{key}.{name}")
-            elif key not in TOP_KEYS:
+            elif key not in top:
+                if self.rubin and key in RUBIN_UNSUPPORTED:
+                    raise self._fail(key, f"ctrl_bps key not supported by batchprod: {RUBIN_UNSUPPORTED[key]}")
+                if key in used and not isinstance(value, Mapping):
+                    continue  # a user variable of a ctrl_bps file: {key} is used somewhere
                 raise ConfigError(
-                    f"{self.where(key)}: unknown key '{one_line(key, 80)}'{_suggest(key, {**TOP_KEYS, **SECTIONS})}"
+                    f"{self.where(key)}: unknown key '{one_line(key, 80)}'{_suggest(key, {**top, **sections})}"
+                    + (" (a ctrl_bps file may define its own variables, but no value uses "
+                       f"{{{one_line(key, 40)}}})" if self.rubin else "")
                 )
             else:
                 if isinstance(value, Mapping):
                     raise self._fail(key, "expected a value, got a mapping")
-                self.typed(key, TOP_KEYS[key], Context())
+                self.typed(key, top[key], Context())
         # Values reached through the search order (defaults included) must type-check in every
         # context that will be used.
+        dflt = _defaults(self.rubin)
         site = self.typed("computeSite", TOP_KEYS["computeSite"])
-        if site not in (d.get("site") or {}) and site not in (_defaults().get("site") or {}):
+        if site not in (d.get("site") or {}) and site not in (dflt.get("site") or {}):
             raise ConfigError(
                 f"{self.where('computeSite')}: key 'computeSite': site '{one_line(site, 80)}' is not defined under 'site'"
-                f"{_suggest(site, {**(d.get('site') or {}), **_defaults()['site']})}"
+                f"{_suggest(site, {**(d.get('site') or {}), **dflt['site']})}"
             )
         for label in d.get("pipetask") or {}:
             self.job_settings(Context(label=label))
         for name in d.get("cluster") or {}:
             self.job_settings(Context(cluster=name))
         self.job_settings(Context())
-        if "pipelineYaml" not in d:
-            raise ConfigError(f"{self.path}: required key 'pipelineYaml' is not set")
+        if self.rubin:
+            if "pipelineYaml" not in d and "qgraphFile" not in d:
+                raise ConfigError(f"{self.path}: required key 'qgraphFile' (a Rubin quantum graph) or 'pipelineYaml' "
+                                  "(with payload.inCollection and payload.dataQuery) is not set")
+        elif "pipelineYaml" not in d:
+            raise ConfigError(f"{self.path}: required key 'pipelineYaml' is not set"
+                              + (" (a Rubin graph, qgraphFile, needs payload.butlerConfig: the Butler the jobs "
+                                 "run against)" if "qgraphFile" in d else ""))
         # Python references name something real (imported now, as the job would).
         wms = self.typed("wmsServiceClass", TOP_KEYS["wmsServiceClass"])
         _, keypath = self.find_raw("wmsServiceClass")
@@ -345,6 +442,20 @@ class BpsConfig:
             ref = self._substitute(final["python"], "finalJob.python", Context(), ("python",))
             check_python_ref(ref, f"{self.where('finalJob.python')}: key 'finalJob.python'")
 
+    def _used_variables(self) -> frozenset[str]:
+        """Every ``{name}`` any string value of the file (and ctrl_bps's defaults) uses."""
+        names: set[str] = set()
+        stack: list[Any] = [self.data, _defaults(True)]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, Mapping):
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+            elif isinstance(v, str) and "{" in v:
+                names.update(_VAR_USE.findall(v))
+        return frozenset(names)
+
     def _fail(self, keypath: str, problem: str) -> ConfigError:
         """The error for a bad value: '<file that set it>: key '<keypath>': <problem>'."""
         return ConfigError(f"{self.where(keypath)}: key '{one_line(keypath, 120)}': {problem}")
@@ -352,6 +463,10 @@ class BpsConfig:
     def _check_table(self, table: Mapping[str, Any], allowed: Mapping[str, Converter], prefix: str) -> None:
         for k, v in table.items():
             path = f"{prefix}.{k}"
+            if self.rubin and k not in allowed and prefix == "finalJob" and re.fullmatch(r"command\d+", str(k)):
+                allowed = {**allowed, k: str}
+            if self.rubin and k not in allowed and k in RUBIN_UNSUPPORTED:
+                raise self._fail(path, f"ctrl_bps key not supported by batchprod: {RUBIN_UNSUPPORTED[k]}")
             if k not in allowed:
                 raise ConfigError(
                     f"{self.where(path)}: unknown key '{one_line(path, 120)}'{_suggest(str(k), allowed)}"

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from batchprod.errors import RunError
+from batchprod.execution.base import JobProtocol
+from batchprod.execution.butler import ButlerJobs
 from batchprod.execution.capture import context_hash, context_record
 from batchprod.execution.logs import batchprod_line, causal_line
 from batchprod.execution.policy import JobCounters, decide
@@ -73,7 +75,7 @@ class RunDag:
         self.run = run
         self.key = str(run.submit_dir)  # Launch.run / Ended.run
         self.wf = run.workflow
-        self.protocol = NativeFiles()
+        self.protocol: JobProtocol = ButlerJobs() if self.wf.run.get("protocol") == "butler" else NativeFiles()
         self.progress = progress
         self.host = host
         self.wall, self.mono = wall, mono
@@ -94,7 +96,7 @@ class RunDag:
         self.final_id = n if self.wf.final is not None else None
         self.group_res: list[Resources] = [g.resources for g in self.wf.groups]
         #: some job has a walltime (else the dispatcher never scans this run's attempts for one)
-        self.has_walltime = any(r.request_walltime for r in self.group_res) or bool(
+        self.has_walltime = any(r.request_walltime for r in self.group_res) or self.wf.job_walltime is not None or bool(
             self.wf.final is not None and self.wf.final.resources.request_walltime)
         self.job_group = self.wf.job_group.tolist()
         ptr, idx = self.wf.children_csr()
@@ -133,6 +135,13 @@ class RunDag:
             assert self.wf.final is not None
             return self.wf.final.resources
         return self.group_res[self.job_group[j]]
+
+    def walltime(self, j: int) -> int:
+        """Seconds the job may run (0: no limit): its own when its cluster sums its quanta's (ctrl_bps)."""
+        w = self.wf.job_walltime
+        if w is not None and j != self.final_id and w[j]:
+            return int(w[j])
+        return self.resources(j).request_walltime
 
     def log_paths(self, j: int, attempt: int) -> tuple[Path, Path, Path]:
         return self.run.attempt_paths(self.job_label(j), self.name(j), attempt)
@@ -284,7 +293,6 @@ class RunDag:
     def take(self, j: int, cores: int) -> Launch:
         """Pop ``j`` (the heap's top) as a new attempt, recorded QUEUED; the dispatcher starts it."""
         heapq.heappop(self.heap)
-        res = self.resources(j)
         mem = self.req_mem[j]
         attempt = self.attempts[j] + 1
         self.attempts[j] = attempt
@@ -298,7 +306,7 @@ class RunDag:
         out, err = base + ".out", base + ".err"
         result = base + ".result.json"
         spec = functools.partial(self._launch_spec, j, attempt, mem, result)  # built if a backend asks
-        launch = Launch(j, name, label, attempt, cores, mem, res.request_walltime, spec, out, err, result, self.key)
+        launch = Launch(j, name, label, attempt, cores, mem, self.walltime(j), spec, out, err, result, self.key)
         self.held += cores
         self._set(j, JobState.QUEUED, message=None)
         if self.record:
@@ -404,13 +412,14 @@ class RunDag:
         what = reason or (f"{fclass}: killed by {signal.Signals(e.signal).name}" if e.signal
                           else f"{fclass}: exit code {e.exit_code}")
         row.update(status=JobState.CANCELLED if fclass == FailureClass.CANCELLED else JobState.FAILED,
-                   message=what, error_line=self._cause(fclass, a.launch, what, reason))
+                   message=what, error_line=(fclass == FailureClass.USER_ERROR and self.protocol.cause(a.launch.result))
+                   or self._cause(fclass, a.launch, what, reason))
         self.extra[j]["cause"] = row["error_line"]  # (incidents group failed jobs by it)
         self._attempt_rows.append(row)
         if fclass == FailureClass.CANCELLED:
             self._set(j, JobState.CANCELLED, failure_class=fclass, exit_code=e.exit_code, message=what)
             return a
-        d = decide(fclass, self.resources(j), self.counters[j], self.req_mem[j], max_memory)
+        d = decide(fclass, self.resources(j), self.counters[j], self.req_mem[j], max_memory, e.exit_code)
         self.req_mem[j] = d.memory
         if d.retry and not self.stopping:
             self._set(j, JobState.PENDING, failure_class=fclass, exit_code=e.exit_code, message=f"{what}; {d.reason}")

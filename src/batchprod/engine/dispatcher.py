@@ -293,7 +293,7 @@ class Dispatcher:
             return None
         best, best_load, spare, spare_load = None, float("inf"), None, float("inf")
         res = dag.resources(j)
-        walltime = res.request_walltime
+        walltime = dag.walltime(j)
         # kills on preemptible resources are not the job's fault, but a job that was preempted (or
         # matters most) should not go back there while a dedicated site can take it
         avoid = dag.preemptions(j) >= PREFER_DEDICATED_AFTER or res.priority >= HIGH_PRIORITY
@@ -310,6 +310,9 @@ class Dispatcher:
                 continue
             if site.downtimes and site.crosses_downtime(now, walltime):
                 skips[(site.name, "downtime")] += 1
+                continue
+            if site.opportunistic and not res.preemptible:  # (ctrl_bps preemptible: false)
+                skips[(site.name, "not-preemptible")] += 1
                 continue
             load = site.used_cores / site.cores if site.cores < BIG else site.jobs / max(site.max_jobs, 1)
             load = (load + 1e-9) / weight[k]

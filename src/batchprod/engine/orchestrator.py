@@ -174,7 +174,10 @@ class Engine:
     @staticmethod
     def _ingest(run: Run) -> str | None:
         """Post-run: published outputs into the data registry. A failure here loses nothing (the state
-        store has every output; the next execute or restart ingests again) and is reported, not raised."""
+        store has every output; the next execute or restart ingests again) and is reported, not raised.
+        A Rubin run's outputs are the Butler's own (its final job, aggregate-graph, registers them)."""
+        if run.workflow.run.get("protocol") == "butler":
+            return None
         try:
             n = ingest_outputs(run)
         except Exception as exc:  # noqa: BLE001 (any registry trouble: report it on the run, keep the result)

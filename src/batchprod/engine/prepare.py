@@ -206,6 +206,10 @@ def prepare(
     timings = timings if timings is not None else []
     t0 = time.perf_counter()
     cfg = load_config(config_path, overrides)
+    if cfg.rubin:
+        from batchprod.engine.prepare_rubin import prepare_rubin
+
+        return prepare_rubin(cfg, timings, t0)
     pipeline_path = cfg.resolve_path("pipelineYaml")
     pipeline = load_pipeline(pipeline_path)
     check_config_labels(cfg, pipeline)  # pipetask.<label> / cluster pipetasks name real tasks
@@ -244,14 +248,43 @@ def prepare(
     timings.append(Timing("cluster + workflow", time.perf_counter() - t0, _peak_mb()))
 
     t0 = time.perf_counter()
-    wms = str(cfg.get("wmsServiceClass", Context()))
+    wms = _check_wms(cfg)
+    tmp = _make_tmp(cfg, submit_dir)
+    try:
+        shutil.copyfile(pipeline_path, tmp / "pipeline.yaml")  # not copy: our umask, not the source's mode
+        _write_run(cfg, tmp, output_run, wms, qg, wf, done)
+        if existing == "replace":
+            _replace_output_run(repo, output_run, tmp)
+        tmp.rename(submit_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    timings.append(Timing("write submit dir", time.perf_counter() - t0, _peak_mb()))
+    return _opened(submit_dir, qg, wf)
+
+
+def _opened(submit_dir: Path, qg: QuantumGraph, wf: GenericWorkflow) -> Run:
+    run = Run(submit_dir)
+    run.__dict__["qgraph"] = qg
+    run.__dict__["workflow"] = wf
+    return run
+
+
+def _check_wms(cfg: BpsConfig) -> str:
+    """The run's WMS: a misspelled or uninstalled one is a config error now, before anything is written."""
     from batchprod.wms.registry import get_wms
 
+    wms = str(cfg.get("wmsServiceClass", Context()))
     try:
-        get_wms(wms)  # a misspelled or uninstalled WMS is a config error now, before anything is written
+        get_wms(wms)
     except ConfigError as exc:
         _, keypath = cfg.find_raw("wmsServiceClass")
         raise ConfigError(f"{cfg.where(keypath)}: key '{keypath}': {exc}") from None
+    return wms
+
+
+def _make_tmp(cfg: BpsConfig, submit_dir: Path) -> Path:
+    """The submit directory's temporary twin, renamed into place only when complete."""
     tmp = submit_dir.with_name(f".{submit_dir.name}.preparing")
     try:
         if tmp.exists():
@@ -260,52 +293,46 @@ def prepare(
     except OSError as exc:
         raise ConfigError(f"{cfg.where(cfg.find_raw('submitPath')[1])}: key 'submitPath': cannot create "
                           f"{submit_dir}: {exc.strerror or exc}") from None
-    try:
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        shutil.copyfile(pipeline_path, tmp / "pipeline.yaml")  # not copy: our umask, not the source's mode
-        qg.save(tmp / QGRAPH_FILE)
-        wf.save(tmp / WORKFLOW_FILE)
-        (tmp / LOG_DIR).mkdir()
-        store = create_store(tmp, output_run)  # tmp/state.db, or the central database (--db)
-        names = wf.job_names()
-        prio = wf.priorities()
-        mem = [g.resources.request_memory for g in wf.groups]
-        jobs = (
-            {
-                "id": j,
-                "name": names[j],
-                "label": wf.groups[int(wf.job_group[j])].name,
-                "n_quanta": int(wf.job_qptr[j + 1] - wf.job_qptr[j]),
-                "priority": int(prio[j]),
-                "request_memory": mem[int(wf.job_group[j])],
-            }
-            for j in range(len(wf))
-        )
-        if wf.final is not None:
-            jobs = _chain(jobs, {
-                "id": len(wf), "name": FinalJob.NAME, "label": FinalJob.NAME, "n_quanta": 0,
-                "priority": wf.final.resources.priority, "request_memory": wf.final.resources.request_memory,
-            })
-        store.init_run(output_run, str(submit_dir), wms, jobs)
-        if done:
-            now = time.time()
-            store.write([{"id": j, "status": "SUCCEEDED", "attempts": 0, "retries": 0, "preemptions": 0,
-                          "infra_failures": 0, "request_memory": mem[int(wf.job_group[j])], "failure_class": None,
-                          "exit_code": None, "updated": now,
-                          "message": "not run: its outputs are already in the output run (--extend-run)"}
-                         for j in done], [], [])
-        store.close()
-        if existing == "replace":
-            _replace_output_run(repo, output_run, tmp)
-        tmp.rename(submit_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    timings.append(Timing("write submit dir", time.perf_counter() - t0, _peak_mb()))
-    run = Run(submit_dir)
-    run.__dict__["qgraph"] = qg
-    run.__dict__["workflow"] = wf
-    return run
+    return tmp
+
+
+def _write_run(cfg: BpsConfig, tmp: Path, output_run: str, wms: str, qg: QuantumGraph, wf: GenericWorkflow,
+               done: list[int]) -> None:
+    """Config, graph, workflow, log directory and the state store's jobs, into the temporary twin."""
+    submit_dir = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".preparing"))
+    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    qg.save(tmp / QGRAPH_FILE)
+    wf.save(tmp / WORKFLOW_FILE)
+    (tmp / LOG_DIR).mkdir()
+    store = create_store(tmp, output_run)  # tmp/state.db, or the central database (--db)
+    names = wf.job_names()
+    prio = wf.priorities()
+    mem = [g.resources.request_memory for g in wf.groups]
+    jobs = (
+        {
+            "id": j,
+            "name": names[j],
+            "label": wf.groups[int(wf.job_group[j])].name,
+            "n_quanta": int(wf.job_qptr[j + 1] - wf.job_qptr[j]),
+            "priority": int(prio[j]),
+            "request_memory": mem[int(wf.job_group[j])],
+        }
+        for j in range(len(wf))
+    )
+    if wf.final is not None:
+        jobs = _chain(jobs, {
+            "id": len(wf), "name": FinalJob.NAME, "label": FinalJob.NAME, "n_quanta": 0,
+            "priority": wf.final.resources.priority, "request_memory": wf.final.resources.request_memory,
+        })
+    store.init_run(output_run, str(submit_dir), wms, jobs)
+    if done:
+        now = time.time()
+        store.write([{"id": j, "status": "SUCCEEDED", "attempts": 0, "retries": 0, "preemptions": 0,
+                      "infra_failures": 0, "request_memory": mem[int(wf.job_group[j])], "failure_class": None,
+                      "exit_code": None, "updated": now,
+                      "message": "not run: its outputs are already in the output run (--extend-run)"}
+                     for j in done], [], [])
+    store.close()
 
 
 def _chain(it: Any, last: dict[str, Any]) -> Any:

@@ -1,8 +1,8 @@
 """The job-protocol interface: how the engine knows an attempt's success and outputs.
 
-Today's protocol is :class:`batchprod.execution.protocol.NativeFiles` (attempt-scoped staging,
-checksums, a committed manifest, fenced publication). Rubin's Butler jobs will be another: success
-from the exit code and ``--summary``, outputs living in the Butler.
+Two protocols: :class:`batchprod.execution.protocol.NativeFiles` (attempt-scoped staging, checksums,
+a committed manifest, fenced publication) and :class:`batchprod.execution.butler.ButlerJobs` (Rubin
+jobs: success from the exit code and ``--summary``, outputs living in the Butler).
 """
 
 from __future__ import annotations
@@ -33,3 +33,8 @@ class JobProtocol(ABC):
     def recover(self, result: Path, spec: Callable[[], dict[str, Any]]) -> list[dict[str, Any]] | None:
         """After an engine loss: roll the attempt's half-done post-job forward if its payload
         finished; its outputs if it is now committed, else None (it is run again)."""
+
+    def cause(self, result: Path) -> str | None:
+        """The payload's own account of a failed attempt, if the protocol keeps one (else the
+        engine reads the attempt's logs)."""
+        return None

@@ -376,6 +376,33 @@ def _exit_trap() -> str:
 BASH = "/bin/bash"
 
 
+def _completion_marker(spec: dict[str, Any], lines: list[str]) -> None:
+    """The commands finished well: a marker lets a restart finish post-job if the orchestrator died."""
+    if spec.get("result_path"):
+        marker = shlex.quote(spec["result_path"] + ".exit")
+        lines.append(f"_bp_what=post-job; _bp_cmd='write the completion marker'; printf 0 > {marker} "
+                     f"|| exit {EXIT_INFRASTRUCTURE}")
+
+
+def _rubin_script(spec: dict[str, Any]) -> str:
+    """A Rubin job (Butler protocol): its one command, already rendered from the config's
+    ``runQuantumCommand`` with its quanta's node ids; ``run-qbb`` also writes the attempt's summary
+    (per-quantum status), from which the protocol tells success and names a failed quantum."""
+    from batchprod.execution.butler import summary_path
+
+    cmd = spec["command"]
+    if spec["quanta"] and spec.get("result_path") and " run-qbb " in f" {cmd} ":
+        cmd = f"{cmd} --summary {shlex.quote(summary_path(spec['result_path']))}"
+    lines = ["_bp_what=job; _bp_cmd=", _exit_trap()]
+    ids = ",".join(q["node_id"] for q in spec["quanta"][:3]) + ("..." if len(spec["quanta"]) > 3 else "")
+    lines.append(f"{STRICT}; _bp_what={shlex.quote(spec['name'])}; _bp_cmd={shlex.quote(cmd)}")
+    said = f"job {spec['name']}: {len(spec['quanta'])} quanta {ids}"
+    lines.append(f"echo {shlex.quote(said)}")
+    lines.append('eval "$_bp_cmd"\n_bp_rc=$?; if [ $_bp_rc -ne 0 ]; then exit $_bp_rc; fi')
+    _completion_marker(spec, lines)
+    return "\n".join(lines) + "\n"
+
+
 #: every task command runs with these: a failed or killed part of ``a; b`` or ``a | b`` fails it
 STRICT = "set -euo pipefail"
 
@@ -389,6 +416,8 @@ def shell_script(spec: dict[str, Any], staged: dict[str, str]) -> str | None:
     in one command cannot swallow the rest of the script); a trap names the failed command, and a
     payload killed by a kill signal kills the job with it (``killed``, not ``user_error``). It must be
     run by bash (``BASH -c``, ``#!/bin/bash``)."""
+    if spec.get("protocol") == "butler" and not spec.get("final"):
+        return _rubin_script(spec)
     if spec.get("final") or any(q.get("python") or not q.get("command") for q in spec["quanta"]):
         return None
     lines = ["_bp_what=job; _bp_cmd=", _exit_trap()]
@@ -400,11 +429,7 @@ def shell_script(spec: dict[str, Any], staged: dict[str, str]) -> str | None:
         lines.append(f"echo {shlex.quote('quantum ' + what)}")
         # (a command that turned 'set -e' off still fails the job by its own exit status)
         lines.append('eval "$_bp_cmd"\n_bp_rc=$?; if [ $_bp_rc -ne 0 ]; then exit $_bp_rc; fi')
-    if spec.get("result_path"):
-        # the commands finished well: a marker lets a restart finish post-job if the orchestrator died
-        marker = shlex.quote(spec["result_path"] + ".exit")
-        lines.append(f"_bp_what=post-job; _bp_cmd='write the completion marker'; printf 0 > {marker} "
-                     f"|| exit {EXIT_INFRASTRUCTURE}")
+    _completion_marker(spec, lines)
     # every backend starts it with bash itself (local and Parsl: bash -c, Slurm: #!/bin/bash): no
     # re-exec guard, which made bash parse the script twice per job (~1 ms CPU a job)
     return "\n".join(lines) + "\n"

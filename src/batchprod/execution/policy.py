@@ -44,10 +44,13 @@ def decide(
     counters: JobCounters,
     memory: int,
     site_memory: int,
+    exit_code: int | None = None,
 ) -> Decision:
     """What to do after a failed attempt; updates ``counters`` for a retry."""
     if fclass == FailureClass.CANCELLED:
         return Decision(False, "cancelled", memory)
+    if fclass == FailureClass.USER_ERROR and exit_code is not None and exit_code in res.retry_unless_exit:
+        return Decision(False, f"exit code {exit_code} is one of retryUnlessExit; not retried", memory)
     if fclass == FailureClass.KILLED:
         if counters.preemptions < res.max_preemptions:
             counters.preemptions += 1

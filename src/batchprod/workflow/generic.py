@@ -36,6 +36,10 @@ class Resources:
     max_preemptions: int = 3
     infra_retry_delay: float = 10.0  # seconds, doubled per infrastructure failure
     max_infra_retries: int = 8
+    #: exit codes never retried (ctrl_bps ``retryUnlessExit``: a usage error will not mend itself)
+    retry_unless_exit: tuple[int, ...] = ()
+    request_disk: int = 0  # MB, 0 = not asked (ctrl_bps ``requestDisk``)
+    preemptible: bool = True  # may run on an opportunistic site (ctrl_bps ``preemptible``)
 
     @classmethod
     def from_settings(cls, s: dict[str, Any]) -> Resources:
@@ -46,16 +50,24 @@ class Resources:
             priority=s["priority"],
             number_of_retries=s["numberOfRetries"],
             memory_multiplier=s["memoryMultiplier"],
-            memory_limit=s["memoryLimit"],
             max_preemptions=s["maxPreemptions"],
             infra_retry_delay=s["infraRetryDelay"],
             max_infra_retries=s["maxInfraRetries"],
+            retry_unless_exit=tuple(s.get("retryUnlessExit") or ()),
+            request_disk=s.get("requestDisk") or 0,
+            preemptible=s.get("preemptible", True) is not False,
+            # ctrl_bps: requestMemoryMax caps the memory a retry may ask for (else memoryLimit)
+            memory_limit=s.get("requestMemoryMax") or s["memoryLimit"],
         )
 
     @staticmethod
     def combine(items: list[Resources]) -> Resources:
-        """Resources of a job running several tasks one after another: the largest of each."""
-        return Resources(*(max(getattr(r, f) for r in items) for f in Resources.__dataclass_fields__))
+        """Resources of a job running several tasks one after another: the largest of each (a job
+        is preemptible only if all its tasks are; an exit code never retried for one is for all)."""
+        out = {f: max(getattr(r, f) for r in items) for f in Resources.__dataclass_fields__}
+        out["retry_unless_exit"] = tuple(sorted({c for r in items for c in r.retry_unless_exit}))
+        out["preemptible"] = all(r.preemptible for r in items)
+        return Resources(**out)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ class JobGroup:
     labels: tuple[str, ...]
     dimensions: tuple[str, ...]
     resources: Resources
+    #: a Rubin job's command (``{qgraphNodeId}`` filled per job); "" for native jobs (their tasks' commands)
+    command: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,7 @@ class GenericWorkflow:
         final: FinalJob | None,
         qgraph: QuantumGraph,
         run: dict[str, Any],
+        job_walltime: np.ndarray | None = None,
     ) -> None:
         self.groups = groups
         self.job_group = np.asarray(job_group, dtype=np.int32)
@@ -125,8 +140,11 @@ class GenericWorkflow:
         self.dep_idx = np.asarray(dep_idx, dtype=np.int32)
         self.final = final
         self.qgraph = qgraph
-        #: run-level facts every job needs: repo, output run, submit dir, run name
+        #: run-level facts every job needs: repo, output run, submit dir, run name (and for Rubin
+        #: runs: protocol "butler", the Butler, the graph file)
         self.run = dict(run)
+        #: seconds per job where a cluster sums its quanta's walltimes (ctrl_bps); None: the groups'
+        self.job_walltime = None if job_walltime is None else np.asarray(job_walltime, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.job_group)
@@ -163,6 +181,8 @@ class GenericWorkflow:
     def job_name(self, j: int) -> str:
         """Readable and unique: group name + the job's key dimension values."""
         g = self.group(j)
+        if not g.dimensions:
+            return g.name
         did = self.qgraph.data_id(int(self.job_qidx[self.job_qptr[j]]))
         key = "_".join(f"{d}{did[d]}" for d in g.dimensions)
         return f"{g.name}_{key}" if key else g.name
@@ -180,6 +200,8 @@ class GenericWorkflow:
         """Everything the job wrapper needs to run job j (JSON-serializable)."""
         repo, run = self.run["repo"], self.run["output_run"]
         qg = self.qgraph
+        if self.run.get("protocol") == "butler":
+            return self._butler_spec(j)
         quanta = []
         for q in self.quanta(j):
             q = int(q)
@@ -198,6 +220,21 @@ class GenericWorkflow:
             )
         return {"name": self.job_name(j), "repo": repo, "output_run": run, "quanta": quanta}
 
+    def _butler_spec(self, j: int) -> dict[str, Any]:
+        """A Rubin job: one command for all its quanta (their UUIDs in ``{qgraphNodeId}``, sorted as
+        ctrl_bps does); its quanta carry no files of ours, only what provenance records."""
+        qg = self.qgraph
+        quanta = []
+        for q in self.quanta(j):
+            q = int(q)
+            task = qg.tasks[int(qg.task_of[q])]
+            quanta.append({"node_id": uuid_text(qg.external_id(q) or ""), "label": task.label,
+                           "data_id": qg.data_id(q), "inputs": [], "outputs": [], "datasets": list(task.outputs)})
+        ids = ",".join(sorted(q["node_id"] for q in quanta))
+        return {"name": self.job_name(j), "repo": self.run["repo"], "output_run": self.run["output_run"],
+                "protocol": "butler", "command": self.group(j).command.replace("{qgraphNodeId}", ids),
+                "quanta": quanta}
+
     def final_spec(self) -> dict[str, Any] | None:
         if self.final is None:
             return None
@@ -206,7 +243,8 @@ class GenericWorkflow:
             "repo": self.run["repo"],
             "output_run": self.run["output_run"],
             "final": {"python": self.final.python, "command": self.final.command,
-                      "outputs": self.final.output_refs(self.run["repo"], self.run["output_run"])},
+                      "outputs": [] if self.run.get("protocol") == "butler"
+                      else self.final.output_refs(self.run["repo"], self.run["output_run"])},
             "quanta": [],
         }
 
@@ -239,7 +277,8 @@ class GenericWorkflow:
             "format": "batchprod-workflow",
             "version": FORMAT_VERSION,
             "groups": [
-                {"name": g.name, "labels": list(g.labels), "dimensions": list(g.dimensions), "resources": asdict(g.resources)}
+                {"name": g.name, "labels": list(g.labels), "dimensions": list(g.dimensions),
+                 "resources": asdict(g.resources), **({"command": g.command} if g.command else {})}
                 for g in self.groups
             ],
             "final": None
@@ -253,17 +292,16 @@ class GenericWorkflow:
             },
             "run": self.run,
         }
-        save_arrays(
-            path,
-            header,
-            {
-                "job_group": self.job_group,
-                "job_qptr": self.job_qptr,
-                "job_qidx": self.job_qidx,
-                "dep_ptr": self.dep_ptr,
-                "dep_idx": self.dep_idx,
-            },
-        )
+        arrays = {
+            "job_group": self.job_group,
+            "job_qptr": self.job_qptr,
+            "job_qidx": self.job_qidx,
+            "dep_ptr": self.dep_ptr,
+            "dep_idx": self.dep_idx,
+        }
+        if self.job_walltime is not None:
+            arrays["job_walltime"] = self.job_walltime
+        save_arrays(path, header, arrays)
 
     @classmethod
     def load(cls, path: str | Path, qgraph: QuantumGraph) -> GenericWorkflow:
@@ -279,7 +317,8 @@ class GenericWorkflow:
             raise WorkflowError(f"{path}: not a batchprod workflow of version {FORMAT_VERSION}")
         try:
             groups = [
-                JobGroup(g["name"], tuple(g["labels"]), tuple(g["dimensions"]), _resources(g["resources"]))
+                JobGroup(g["name"], tuple(g["labels"]), tuple(g["dimensions"]), _resources(g["resources"]),
+                         g.get("command", ""))
                 for g in header["groups"]
             ]
             f = header["final"]
@@ -289,7 +328,7 @@ class GenericWorkflow:
             if not (isinstance(run, dict) and isinstance(run.get("repo"), str) and isinstance(run.get("output_run"), str)):
                 raise ArrayFileError("bad header (run)")
             for g in groups:
-                if not all(isinstance(x, str) for x in (g.name, *g.labels, *g.dimensions)):
+                if not all(isinstance(x, str) for x in (g.name, *g.labels, *g.dimensions, g.command)):
                     raise ArrayFileError(f"bad header (group {g.name!r})")
             if final is not None and (not all(isinstance(x, str | None) for x in (final.python, final.command))
                                       or final.when_run not in ("ALWAYS", "SUCCESS")
@@ -298,20 +337,44 @@ class GenericWorkflow:
             job_group = int_array(a, "job_group")
             n = len(job_group)
             check_index(job_group, len(groups), "job_group", "job groups")
-            # every job runs at least one quantum (its name and data ID come from the first)
+            # every job runs at least one quantum (its name and data ID come from the first), except
+            # a Rubin run's pipetaskInit job (a group of no task)
             check_csr(int_array(a, "job_qptr"), int_array(a, "job_qidx"), n, len(qgraph), ("job_qptr", "job_qidx"),
-                      "quanta in the graph", min_per_row=1)
+                      "quanta in the graph")
+            empty = np.flatnonzero(np.diff(a["job_qptr"]) == 0)
+            if len(empty) and any(groups[int(g)].labels for g in np.unique(job_group[empty])):
+                raise ArrayFileError(f"job {int(empty[0])} runs no quantum")
             check_csr(int_array(a, "dep_ptr"), int_array(a, "dep_idx"), n, n, ("dep_ptr", "dep_idx"), "jobs")
+            walltime = a.get("job_walltime")
+            if walltime is not None and (len(walltime) != n or walltime.dtype.kind != "i" or
+                                         (n and int(walltime.min()) < 0)):
+                raise ArrayFileError("bad job_walltime")
         except ArrayFileError as exc:
             raise WorkflowError(f"{path}: damaged workflow: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise WorkflowError(f"{path}: damaged workflow: bad header ({type(exc).__name__}: {exc})") from None
-        return cls(groups, job_group, a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, run)
+        return cls(groups, job_group, a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, run,
+                   walltime)
+
+
+def uuid_text(hex32: str) -> str:
+    """32 hex digits as a UUID's usual text (8-4-4-4-12), as pipetask and ctrl_bps write it."""
+    h = hex32
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" if len(h) == 32 else h
 
 
 def _resources(d: Any) -> Resources:
-    r = Resources(**d)
+    d = dict(d)
+    codes = d.pop("retry_unless_exit", [])
+    if not isinstance(codes, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
+        raise ArrayFileError(f"bad header (resource retry_unless_exit = {codes!r})")
+    r = Resources(**d, retry_unless_exit=tuple(codes))
     for k, v in asdict(r).items():
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if k == "retry_unless_exit":
+            continue
+        if k == "preemptible":
+            if not isinstance(v, bool):
+                raise ArrayFileError(f"bad header (resource {k} = {v!r})")
+        elif isinstance(v, bool) or not isinstance(v, int | float):
             raise ArrayFileError(f"bad header (resource {k} = {v!r})")
     return r

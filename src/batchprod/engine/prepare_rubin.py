@@ -1,0 +1,111 @@
+"""Prepare a Rubin run from a ctrl_bps submit file: the graph is a real ``.qg``, the jobs pipetask's.
+
+As ``bps prepare``: with ``qgraphFile`` the graph is that file (``pipetask update-graph-run`` first
+when its output run is not the config's ``outputRun``); without it, ``createQuantumGraph``
+(``pipetask qgraph``) builds it from ``pipelineYaml``, ``butlerConfig``, ``inCollection`` and
+``dataQuery``. The graph file is copied into the submit directory (every job reads that copy) and
+converted once into our compact graph (labels, data IDs, UUIDs, edges: the thin graph only).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from batchprod.config import BpsConfig, Context
+from batchprod.errors import ConfigError, GraphError
+from batchprod.state.run import Run
+
+#: the run's copy of the Rubin graph, in its submit directory
+RUBIN_QG = "rubin.qg"
+
+
+def _run_pipetask(cfg: BpsConfig, key: str, curvals: dict[str, str], what: str) -> None:
+    """Run a graph command of the config (createQuantumGraph / updateQuantumGraph) on this machine;
+    its failure is one line with the command's own last words."""
+    cmd = cfg.render(key, Context(), curvals)
+    try:
+        p = subprocess.run(["/bin/bash", "-c", f"set -euo pipefail\n{cmd}"], capture_output=True, text=True,
+                           check=False)
+    except OSError as exc:
+        raise ConfigError(f"{cfg.where(key)}: key '{key}': cannot run: {exc}") from None
+    if p.returncode != 0:
+        lines = [ln.strip() for ln in (p.stderr + p.stdout).splitlines() if ln.strip() and "eups" not in ln]
+        last = lines[-1][:300] if lines else "no output"
+        raise ConfigError(f"{cfg.where(key)}: key '{key}': {what} failed (exit {p.returncode}): {last}; "
+                          f"command: {shlex.join(shlex.split(cmd)[:3])} ...")
+
+
+def prepare_rubin(cfg: BpsConfig, timings: list, t0: float) -> Run:  # type: ignore[type-arg]
+    from batchprod.engine.prepare import (
+        Timing,
+        _check_budget,
+        _check_wms,
+        _make_tmp,
+        _opened,
+        _peak_mb,
+        _safe_name,
+        _submit_dir,
+        _write_run,
+    )
+    from batchprod.graph.rubin import read_rubin_qgraph
+    from batchprod.workflow.rubin import rubin_workflow
+
+    butler = cfg.resolve_path("butlerConfig")
+    output_run = _safe_name(cfg.get("outputRun"), cfg.where(cfg.find_raw("outputRun")[1]))
+    submit_dir = _submit_dir(cfg)
+    if submit_dir.exists():
+        from batchprod.errors import RunError
+
+        raise RunError(f"{submit_dir}: submit directory already exists (use 'batchprod restart' to continue that run)")
+    given = cfg.resolve_path("qgraphFile") if cfg.has("qgraphFile") else None
+    if given is None:
+        cfg.resolve_path("pipelineYaml")
+    wms = _check_wms(cfg)
+    timings.append(Timing("load config", time.perf_counter() - t0, _peak_mb()))
+    tmp = _make_tmp(cfg, submit_dir)
+    try:
+        t0 = time.perf_counter()
+        staged = tmp / RUBIN_QG
+        final = submit_dir / RUBIN_QG
+        if given is None:
+            _run_pipetask(cfg, "createQuantumGraph", {"qgraphFile": str(staged), "butlerConfig": str(butler)},
+                          "building the quantum graph (pipetask qgraph)")
+            qg = read_rubin_qgraph(staged)
+        else:
+            qg = read_rubin_qgraph(given)
+            if qg.metadata.get("output_run") != output_run:
+                # ctrl_bps: a graph made for another output run is rewritten for this one
+                _run_pipetask(cfg, "updateQuantumGraph",
+                              {"inputQgraphFile": str(given), "qgraphFile": str(staged), "outputRun": output_run,
+                               "butlerConfig": str(butler)},
+                              f"moving the graph to output run '{output_run}' (pipetask update-graph-run)")
+                qg = read_rubin_qgraph(staged)
+            else:
+                shutil.copyfile(given, staged)
+        qg.metadata["qgraph_file"] = str(final)
+        timings.append(Timing("read quantum graph", time.perf_counter() - t0, _peak_mb()))
+
+        t0 = time.perf_counter()
+        run_info = {"repo": str(butler), "output_run": output_run, "submit_dir": str(submit_dir),
+                    "name": output_run, "protocol": "butler", "qgraph_file": str(final)}
+        wf = rubin_workflow(qg, cfg, run_info, {"qgraphFile": str(final), "butlerConfig": str(butler)})
+        _check_budget(cfg, wf)
+        timings.append(Timing("cluster + workflow", time.perf_counter() - t0, _peak_mb()))
+
+        t0 = time.perf_counter()
+        if cfg.has("pipelineYaml"):
+            shutil.copyfile(cfg.resolve_path("pipelineYaml"), tmp / "pipeline.yaml")
+        _write_run(cfg, tmp, output_run, wms, qg, wf, [])
+        tmp.rename(submit_dir)
+    except GraphError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(str(exc)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    timings.append(Timing("write submit dir", time.perf_counter() - t0, _peak_mb()))
+    return _opened(Path(submit_dir), qg, wf)

@@ -1,0 +1,120 @@
+"""A Rubin run end to end, as a ctrl_bps user switches to batchprod: a real Butler repository (sqlite),
+a real pipeline of pipe_base mock tasks with a fan-in, a real ``.qg``; pipetaskInit, run-qbb jobs
+and aggregate-graph, on the local backend and on Slurm. A quantum made to fail is reported with its
+data ID and error line; after the fix, restart runs only what is left, and the outputs are in the
+Butler (``butler query-datasets``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from batchprod.state.run import Run
+from batchprod.testing import use_slurm
+
+
+@pytest.fixture
+def rubin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Repo with 4 detectors, pipeline a -> b -> c (c gathers), b fails on detector 1 until fixed."""
+    try:
+        import lsst.pipe.base  # noqa: F401
+    except ImportError:
+        if os.environ.get("BATCHPROD_REQUIRE_ENGINES") == "1":
+            pytest.fail("the Rubin middleware is required here (BATCHPROD_REQUIRE_ENGINES=1): pip install '.[rubin]'")
+        pytest.skip("no Rubin middleware (pip install 'batchprod[rubin]')")
+    from batchprod.testing_rubin import fan_in_pipeline, make_qgraph, rubin_repo, write_fixable_task
+
+    mods = tmp_path / "mods"
+    switch = write_fixable_task(mods)
+    # the jobs find pipetask/butler on PATH and the task module on PYTHONPATH, as a user's environment would
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("PYTHONPATH", f"{mods}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
+    repo = rubin_repo(tmp_path, detectors=4)
+    pipeline = fan_in_pipeline(tmp_path / "pipeline.yaml", fail="detector IN (1)")
+    qg = make_qgraph(repo, pipeline, tmp_path / "g.qg", output_run="u/test/out/run1")
+    return {"root": tmp_path, "repo": repo, "qg": qg, "switch": switch}
+
+
+def _submit_file(r: dict[str, Any], extra: dict[str, Any]) -> Path:
+    """A ctrl_bps submit file as a Rubin user writes it (plus the site to run on)."""
+    cfg = {
+        "qgraphFile": str(r["qg"]),
+        "payload": {"payloadName": "test", "butlerConfig": str(r["repo"]), "inCollection": "inputs",
+                    "output": "u/test/out", "outputRun": "u/test/out/run1"},
+        "clusterAlgorithm": "lsst.ctrl.bps.quantum_clustering_funcs.dimension_clustering",
+        # a and b of one detector in one job: one run-qbb call with both node ids
+        "cluster": {"ab": {"pipetasks": "a, b", "dimensions": "detector", "requestMemory": 512}},
+        # mock tasks: aggregate-graph needs their storage classes; 1 core / 1 GB fit any test machine
+        "finalJob": {"requestCpus": 1, "requestMemory": 1024, "extraAggregateOptions": "--mock-storage-classes"},
+        "submitPath": str(r["root"] / "submit" / "{outputRun}"),
+        **extra,
+    }
+    path = r["root"] / "bps.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _check_end_to_end(cli: Any, r: dict[str, Any], site: dict[str, Any]) -> None:
+    from batchprod.testing_rubin import query_datasets
+
+    res = cli("submit", _submit_file(r, site))
+    assert res.exit_code == 1, res.output  # a failed run
+    run = Run(r["root"] / "submit" / "u/test/out/run1")
+    wf = run.workflow
+    # pipetaskInit first, a+b clustered per detector, c, then the final job
+    assert [g.name for g in wf.groups] == ["ab", "c", "pipetaskInit"]
+    assert wf.job_names()[0] == "pipetaskInit" and len(wf) == 1 + 4 + 1
+    jobs = {j["name"]: j for j in run.store.jobs()}
+    assert jobs["pipetaskInit"]["status"] == "SUCCEEDED"
+    assert jobs["ab_detector1"]["status"] == "FAILED" and jobs["ab_detector1"]["failure_class"] == "user_error"
+    assert jobs["c_instrumentCam"]["status"] == "UNREADY"
+    assert sum(j["status"] == "SUCCEEDED" for n, j in jobs.items() if n.startswith("ab_")) == 3
+    # run-qbb exits 1 for a failed quantum: ctrl_bps's retryUnlessExit [1, 2] means no retry
+    assert jobs["ab_detector1"]["attempts"] == 1
+    # one run-qbb call per job with all its node ids (sorted), and the quantum's data ID + error in the report
+    spec = wf.job_spec(wf.job_names().index("ab_detector1"))
+    ids = [q["node_id"] for q in spec["quanta"]]
+    assert len(ids) == 2 and f"--qgraph-node-id {','.join(sorted(ids))}" in spec["command"]
+    assert " run-qbb " in spec["command"] and str(run.submit_dir / "rubin.qg") in spec["command"]
+    res = cli("report", run.submit_dir, "--failures")
+    assert "b {instrument: 'Cam', detector: 1}: ValueError: Simulated failure" in res.output.replace("\n", " ")
+    # the final job ran (whenRun ALWAYS) and brought the 3 good detectors' outputs into the registry
+    assert jobs["finalJob"]["status"] == "SUCCEEDED"
+    assert len(query_datasets(r["repo"], "b_out", "u/test/out/run1")) == 3
+    assert query_datasets(r["repo"], "c_out", "u/test/out/run1") == []
+
+    r["switch"].unlink()  # the fix
+    res = cli("restart", run.submit_dir)
+    assert res.exit_code == 0, res.output
+    attempts = run.store.attempts()
+    # only what was left: detector 1's job (2nd attempt), the gather (1st), and the final job again
+    assert sorted(a["job_id"] for a in attempts if a["number"] == 2) == [wf.job_names().index("ab_detector1"), len(wf)]
+    assert [a["number"] for a in attempts if a["job_id"] == wf.job_names().index("c_instrumentCam")] == [1]
+    assert len(attempts) == 1 + 4 + 1 + 1 + 2  # first execution: init, 4 ab, final; restart: ab1, c, final
+    assert {j["status"] for j in run.store.jobs()} == {"SUCCEEDED"}
+    assert len(query_datasets(r["repo"], "b_out", "u/test/out/run1")) == 4
+    assert len(query_datasets(r["repo"], "c_out", "u/test/out/run1")) == 1
+    assert len(query_datasets(r["repo"], "a_out", "u/test/out")) == 4  # through the output chain
+    # provenance: each quantum's node id and the dataset refs it made, from the run's own state
+    outs = run.store.outputs(wf.job_names().index("ab_detector1"))
+    assert sorted((o["dataset_type"], o["node_id"]) for o in outs) == sorted(zip(("a_out", "b_out"), ids, strict=True)) \
+        or sorted(o["node_id"] for o in outs) == sorted(ids)
+    assert {o["dataset_type"] for o in run.store.outputs()} == {"a_out", "b_out", "c_out"}
+    result = json.loads(next((run.submit_dir / "logs" / "ab").glob("ab_detector1.2.result.json")).read_text())
+    assert sorted(q["node_id"] for q in result["quanta"]) == sorted(ids)
+
+
+def test_a_ctrl_bps_run_on_the_local_backend(cli: Any, rubin: dict[str, Any]) -> None:
+    _check_end_to_end(cli, rubin, {"computeSite": "local", "site": {"local": {"cores": 2}}})
+
+
+def test_a_ctrl_bps_run_on_slurm(cli: Any, rubin: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    use_slurm(monkeypatch)
+    _check_end_to_end(cli, rubin, {"computeSite": "slurm",
+                                   "site": {"slurm": {"wmsServiceClass": "slurm", "pollInterval": 0.2}}})
