@@ -413,12 +413,17 @@ RUBIN_COMMAND_KEYS: dict[str, Converter] = {
 }
 
 #: job values a ctrl_bps file may set wherever ctrl_bps searches them (payload, cluster, pipetask, site, top)
-RUBIN_JOB_KEYS: dict[str, Converter] = {
+#: a job's resources and retry policy in a ctrl_bps file: ours and ctrl_bps's
+RUBIN_RESOURCE_KEYS: dict[str, Converter] = {
     **JOB_KEYS,
     "requestDisk": memory_mb,
     "requestMemoryMax": memory_mb,
     "retryUnlessExit": _int_list,
     "preemptible": _bool,
+}
+
+RUBIN_JOB_KEYS: dict[str, Converter] = {
+    **RUBIN_RESOURCE_KEYS,
     "runQuantumCommand": _str,
     "extraRunQuantumOptions": _str,
     "runPreCmdOpts": _str,
@@ -499,4 +504,4 @@ RUBIN_UNSUPPORTED: dict[str, str] = {
 }
 
 #: Variables filled per job: ``{qgraphNodeId}`` (the job's quanta) and ``{qgraphFile}`` (the run's copy)
-RUBIN_RUNTIME_VARS = frozenset({"qgraphNodeId", "qgraphId"})
+RUBIN_RUNTIME_VARS = frozenset({"qgraphNodeId", "qgraphId", "qgraphFile", "inputQgraphFile"})

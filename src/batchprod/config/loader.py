@@ -24,7 +24,7 @@ from batchprod.config.imports import check_python_ref, check_wms_class
 from batchprod.config.keys import (
     JOB_KEYS,
     RUBIN_COMMAND_KEYS,
-    RUBIN_JOB_KEYS,
+    RUBIN_RESOURCE_KEYS,
     RUBIN_RUNTIME_VARS,
     RUBIN_SECTIONS,
     RUBIN_TOP_KEYS,
@@ -356,7 +356,7 @@ class BpsConfig:
 
     def job_settings(self, ctx: Context) -> dict[str, Any]:
         """All job-level values (resources, retry policy) for one lookup context, typed."""
-        table = RUBIN_JOB_KEYS if self.rubin else JOB_KEYS
+        table = RUBIN_RESOURCE_KEYS if self.rubin else JOB_KEYS
         return {k: self.typed(k, conv, ctx, default=None) if k not in JOB_KEYS else self.typed(k, conv, ctx)
                 for k, conv in table.items()}
 
@@ -385,6 +385,19 @@ class BpsConfig:
                         raise self._fail(path, str(exc)) from None
                 if not isinstance(sub, Mapping):
                     raise self._fail(path, f"expected a mapping, got {_kind(sub)}")
+        for key, value in d.items():  # unknown keys first: a misspelling is the cause of what follows
+            if key in sections or key in top:
+                continue
+            if self.rubin and key in RUBIN_UNSUPPORTED:
+                raise self._fail(key, f"ctrl_bps key not supported by batchprod: {RUBIN_UNSUPPORTED[key]}")
+            if key in used and not isinstance(value, Mapping):
+                continue  # a user variable of a ctrl_bps file: {key} is used somewhere
+            known = {**top, **sections, **dict.fromkeys(used)}
+            raise ConfigError(
+                f"{self.where(key)}: unknown key '{one_line(key, 80)}'{_suggest(key, known)}"
+                + (" (a ctrl_bps file may define its own variables, but no value uses "
+                   f"{{{one_line(key, 40)}}})" if self.rubin else "")
+            )
         for key, value in d.items():
             if key in sections:
                 kind, table = sections[key]
@@ -397,17 +410,7 @@ class BpsConfig:
                 else:
                     for name, sub in value.items():
                         self._check_table(sub, table, f"{key}.{name}")
-            elif key not in top:
-                if self.rubin and key in RUBIN_UNSUPPORTED:
-                    raise self._fail(key, f"ctrl_bps key not supported by batchprod: {RUBIN_UNSUPPORTED[key]}")
-                if key in used and not isinstance(value, Mapping):
-                    continue  # a user variable of a ctrl_bps file: {key} is used somewhere
-                raise ConfigError(
-                    f"{self.where(key)}: unknown key '{one_line(key, 80)}'{_suggest(key, {**top, **sections})}"
-                    + (" (a ctrl_bps file may define its own variables, but no value uses "
-                       f"{{{one_line(key, 40)}}})" if self.rubin else "")
-                )
-            else:
+            elif key in top:
                 if isinstance(value, Mapping):
                     raise self._fail(key, "expected a value, got a mapping")
                 self.typed(key, top[key], Context())

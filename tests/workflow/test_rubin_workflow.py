@@ -1,0 +1,146 @@
+"""ctrl_bps semantics of a Rubin run's workflow, without lsst: search order, cluster values, summed
+walltime, a cluster without dimensions as one job, pipetaskInit first, the final job's commands,
+defaults of bps_defaults.yaml, variables, and keys we do not support."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from batchprod.config import Context, load_config
+from batchprod.errors import ConfigError
+from batchprod.graph.synthetic import synthetic_graph
+from batchprod.workflow.rubin import INIT, rubin_workflow
+
+DIMS = "lsst.ctrl.bps.quantum_clustering_funcs.dimension_clustering"
+CUR = {"qgraphFile": "/sub/rubin.qg", "butlerConfig": "/repo"}
+
+
+def _cfg(tmp_path: Path, extra: dict[str, Any]) -> Any:
+    data = {"qgraphFile": "g.qg", "payload": {"payloadName": "t", "butlerConfig": "/repo"}, **extra}
+    p = tmp_path / "bps.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return load_config(p)
+
+
+def _graph() -> Any:
+    qg = synthetic_graph(400, detectors=4)  # isr, calibrate per (visit, detector); coadd, measure per (tract, patch)
+    qg.external_ids = np.arange(len(qg) * 16, dtype=np.int64).astype(np.uint8).reshape(len(qg), 16)
+    return qg
+
+
+def _wf(tmp_path: Path, extra: dict[str, Any]) -> Any:
+    return rubin_workflow(_graph(), _cfg(tmp_path, extra), {"repo": "/repo", "output_run": "u/o", "protocol": "butler"},
+                          CUR)
+
+
+def test_defaults_are_ctrl_bps_own(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {})
+    s = cfg.job_settings(Context(label="isr"))
+    assert (s["numberOfRetries"], s["memoryMultiplier"], s["requestMemory"], s["retryUnlessExit"]) == (5, 2.0, 2048, [1, 2])
+    wf = _wf(tmp_path, {})
+    assert (wf.final.resources.request_cpus, wf.final.resources.request_memory) == (16, 32768)
+    assert wf.final.command.startswith("butler --long-log --log-level=VERBOSE aggregate-graph /sub/rubin.qg /repo -j 16 ")
+    assert "--register-dataset-types --update-output-chain" in wf.final.command
+    assert cfg.get("outputRun").startswith("u/") and cfg.rubin
+
+
+def test_search_order_payload_cluster_pipetask_site_top(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"requestMemory": 100, "site": {"local": {"requestMemory": 200}},
+                          "pipetask": {"isr": {"requestMemory": 300}},
+                          "cluster": {"c": {"pipetasks": "isr", "requestMemory": 400}},
+                          "clusterAlgorithm": DIMS})
+    assert cfg.get("requestMemory", Context(label="calibrate")) == 200  # site over top level
+    assert cfg.get("requestMemory", Context(label="isr")) == 300  # pipetask over site
+    assert cfg.get("requestMemory", Context(label="isr", cluster="c")) == 400  # cluster over pipetask (ctrl_bps)
+    cfg = _cfg(tmp_path, {"pipetask": {"isr": {"requestMemory": 300}}})
+    cfg.data["payload"]["requestMemory"] = 500
+    cfg._cache.clear()
+    assert cfg.get("requestMemory", Context(label="isr")) == 500  # payload first of all
+
+
+def test_a_cluster_own_values_win_and_walltime_sums_over_its_quanta(tmp_path: Path) -> None:
+    wf = _wf(tmp_path, {"clusterAlgorithm": DIMS,
+                        "pipetask": {"isr": {"requestMemory": 3000, "requestWalltime": 60},
+                                     "calibrate": {"requestMemory": 5000, "requestWalltime": 100}},
+                        "cluster": {"visit": {"pipetasks": "isr, calibrate", "dimensions": "visit"},
+                                    "own": {"pipetasks": "coadd", "dimensions": "tract, patch", "requestMemory": 700}}})
+    g = {x.name: x for x in wf.groups}
+    assert g["visit"].resources.request_memory == 5000  # the largest of its tasks
+    assert g["own"].resources.request_memory == 700  # its own value wins
+    j = wf.job_names().index("visit_visit0")
+    assert len(wf.quanta(j)) == 8  # 4 detectors x 2 tasks
+    assert wf.job_walltime[j] == 4 * 60 + 4 * 100  # the sum over the job's quanta
+    assert wf.job_walltime[wf.job_names().index("measure_tract0_patch0")] == 0  # no walltime asked
+
+
+def test_a_cluster_without_dimensions_is_one_job(tmp_path: Path) -> None:
+    wf = _wf(tmp_path, {"clusterAlgorithm": DIMS, "cluster": {"all": {"pipetasks": "coadd, measure"}}})
+    names = wf.job_names()
+    assert names.count("all") == 1
+    qg = _graph()
+    assert len(wf.quanta(names.index("all"))) == len(qg.quanta_of("coadd")) + len(qg.quanta_of("measure"))
+
+
+def test_pipetask_init_runs_first_and_each_job_runs_its_node_ids(tmp_path: Path) -> None:
+    wf = _wf(tmp_path, {"extraRunQuantumOptions": "--no-versions"})
+    assert wf.job_names()[0] == INIT and len(wf.quanta(0)) == 0
+    assert wf.group(0).command.startswith("pipetask --long-log --log-level=VERBOSE pre-exec-init-qbb /repo /sub/rubin.qg")
+    roots = [j for j in range(1, len(wf)) if list(wf.parents(j)) == [0]]
+    assert all(wf.group(j).name == "isr" for j in roots) and len(roots) == len(wf.qgraph.quanta_of("isr"))
+    order = wf.topological_order().tolist()
+    assert order[0] == 0
+    spec = wf.job_spec(1)
+    assert spec["protocol"] == "butler" and spec["command"].endswith(f"--qgraph-node-id {spec['quanta'][0]['node_id']} "
+                                                                      "--no-versions")
+    assert spec["quanta"][0]["inputs"] == [] and spec["quanta"][0]["datasets"] == ["postIsr"]
+
+
+def test_final_job_commands_and_when_run_never(tmp_path: Path) -> None:
+    wf = _wf(tmp_path, {"finalJob": {"command2": "echo {payloadName} done", "requestCpus": 2}})
+    assert wf.final.command.splitlines()[1] == "echo t done"
+    assert " -j 2 " in wf.final.command.splitlines()[0]  # {requestCpus}: the final job's own
+    assert _wf(tmp_path, {"finalJob": {"whenRun": "NEVER"}}).final is None
+
+
+def test_variables_format_specs_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BP_TEST_X", "ex")
+    cfg = _cfg(tmp_path, {"patch": 69, "dataQuery": "patch = {patch:03} AND x = '$BP_TEST_X' AND y = '${BP_TEST_X}'",
+                          "runQuantumCommand": "$BP_TEST_X/pipetask run-qbb {butlerConfig} {qgraphFile} "
+                                               "--qgraph-node-id {qgraphNodeId}"})
+    assert cfg.get("dataQuery") == "patch = 069 AND x = 'ex' AND y = 'ex'"
+    # a command keeps $ENV for the job's shell (never baked into the submit directory)
+    assert cfg.render("runQuantumCommand", Context(), CUR).startswith("$BP_TEST_X/pipetask run-qbb /repo /sub/rubin.qg")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"pacth": 3, "dataQuery": "patch = {patch}"}, "unknown key 'pacth' (did you mean 'patch'?)"),
+    ({"computeCloud": "x"}, "key 'computeCloud': ctrl_bps key not supported by batchprod: clouds are PanDA's"),
+    ({"pipetask": {"isr": {"queue": "q"}}}, "key 'pipetask.isr.queue': ctrl_bps key not supported"),
+    ({"cluster": {"c": {"pipetasks": "isr", "partitionMaxClusters": 3}}}, "'cluster.c.partitionMaxClusters'"),
+    ({"whenSaveJobQgraph": "TRANSFORM"}, "batchprod supports only NEVER here"),
+    ({"finalJob": {"whenRun": "SOMETIMES"}}, "expected ALWAYS, SUCCESS or NEVER"),
+])
+def test_keys_we_do_not_support_are_named(tmp_path: Path, extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _cfg(tmp_path, extra)
+
+
+def test_clusters_need_dimension_clustering(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="clusters apply only with clusterAlgorithm"):
+        _wf(tmp_path, {"cluster": {"c": {"pipetasks": "isr"}}})
+
+
+def test_retry_unless_exit_stops_retries_for_those_codes() -> None:
+    from batchprod.execution.policy import JobCounters, decide
+    from batchprod.execution.states import FailureClass
+    from batchprod.workflow.generic import Resources
+
+    res = Resources(number_of_retries=5, retry_unless_exit=(1, 2))
+    assert not decide(FailureClass.USER_ERROR, res, JobCounters(), 100, 1000, exit_code=1).retry
+    assert decide(FailureClass.USER_ERROR, res, JobCounters(), 100, 1000, exit_code=3).retry
