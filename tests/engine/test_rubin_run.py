@@ -7,38 +7,15 @@ Butler (``butler query-datasets``)."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from batchprod.errors import ConfigError
 from batchprod.state.run import Run
 from batchprod.testing import use_slurm
-
-
-@pytest.fixture
-def rubin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Repo with 4 detectors, pipeline a -> b -> c (c gathers), b fails on detector 1 until fixed."""
-    try:
-        import lsst.pipe.base  # noqa: F401
-    except ImportError:
-        if os.environ.get("BATCHPROD_REQUIRE_ENGINES") == "1":
-            pytest.fail("the Rubin middleware is required here (BATCHPROD_REQUIRE_ENGINES=1): pip install '.[rubin]'")
-        pytest.skip("no Rubin middleware (pip install 'batchprod[rubin]')")
-    from batchprod.testing_rubin import fan_in_pipeline, make_qgraph, rubin_repo, write_fixable_task
-
-    mods = tmp_path / "mods"
-    switch = write_fixable_task(mods)
-    # the jobs find pipetask/butler on PATH and the task module on PYTHONPATH, as a user's environment would
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("PYTHONPATH", f"{mods}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
-    repo = rubin_repo(tmp_path, detectors=4)
-    pipeline = fan_in_pipeline(tmp_path / "pipeline.yaml", fail="detector IN (1)")
-    qg = make_qgraph(repo, pipeline, tmp_path / "g.qg", output_run="u/test/out/run1")
-    return {"root": tmp_path, "repo": repo, "qg": qg, "switch": switch}
 
 
 def _submit_file(r: dict[str, Any], extra: dict[str, Any]) -> Path:
@@ -118,3 +95,37 @@ def test_a_ctrl_bps_run_on_slurm(cli: Any, rubin: dict[str, Any], monkeypatch: p
     use_slurm(monkeypatch)
     _check_end_to_end(cli, rubin, {"computeSite": "slurm",
                                    "site": {"slurm": {"wmsServiceClass": "slurm", "pollInterval": 0.2}}})
+
+
+def test_without_qgraph_file_pipetask_qgraph_builds_it(rubin: dict[str, Any], tmp_path: Path) -> None:
+    from batchprod.engine.prepare import prepare
+
+    cfg = {"pipelineYaml": str(rubin["root"] / "pipeline.yaml"),
+           "payload": {"payloadName": "q", "butlerConfig": str(rubin["repo"]), "inCollection": "inputs",
+                       "dataQuery": "detector IN (0, 2)", "output": "u/test/q", "outputRun": "u/test/q/r"},
+           "submitPath": str(tmp_path / "submit" / "{outputRun}")}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(cfg))
+    run = prepare(tmp_path / "q.yaml")
+    assert run.qgraph.counts() == {"a": 2, "b": 2, "c": 1} and run.qgraph.metadata["output_run"] == "u/test/q/r"
+    assert (run.submit_dir / "rubin.qg").is_file() and "rubin.qg" in run.workflow.group(1).command
+    # a query pipetask refuses: one line naming the key and pipetask's own words; nothing written
+    cfg["payload"].update(dataQuery="detectr = 1", outputRun="u/test/q/r2")
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"key 'createQuantumGraph': building the quantum graph \(pipetask qgraph\) "
+                                          r"failed \(exit 1\): .*detectr"):
+        prepare(tmp_path / "q.yaml")
+    assert sorted(p.name for p in (tmp_path / "submit" / "u" / "test" / "q").iterdir()) == ["r"]
+
+
+def test_a_graph_for_another_output_run_is_moved_to_the_configs(rubin: dict[str, Any], tmp_path: Path) -> None:
+    from batchprod.engine.prepare import prepare
+
+    path = _submit_file(rubin, {"submitPath": str(tmp_path / "{outputRun}")})
+    data = yaml.safe_load(path.read_text())
+    data["payload"]["outputRun"] = "u/test/out/other"
+    path.write_text(yaml.safe_dump(data))
+    run = prepare(path)  # pipetask update-graph-run, as ctrl_bps does
+    assert run.qgraph.metadata["output_run"] == "u/test/out/other"
+    from batchprod.graph.rubin import read_rubin_qgraph
+
+    assert read_rubin_qgraph(run.submit_dir / "rubin.qg").metadata["output_run"] == "u/test/out/other"
