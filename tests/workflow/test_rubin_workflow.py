@@ -144,3 +144,24 @@ def test_retry_unless_exit_stops_retries_for_those_codes() -> None:
     res = Resources(number_of_retries=5, retry_unless_exit=(1, 2))
     assert not decide(FailureClass.USER_ERROR, res, JobCounters(), 100, 1000, exit_code=1).retry
     assert decide(FailureClass.USER_ERROR, res, JobCounters(), 100, 1000, exit_code=3).retry
+
+
+def test_environment_is_exported_in_each_job(tmp_path: Path) -> None:
+    import subprocess
+
+    wf = _wf(tmp_path, {"environment": {"BP_TAG": "{payloadName}-x", "BP_HOME": "${HOME}/y", "BP_Q": 'a"b'},
+                        "pipetask": {"isr": {"environment": {"BP_TAG": "isr-only"}}},
+                        "runQuantumCommand": 'echo "$BP_TAG|$BP_HOME|$BP_Q" {qgraphNodeId}'})
+    isr = wf.job_spec(wf.job_names().index("isr_visit0_detector0"))["command"]
+    cal = wf.job_spec(wf.job_names().index("calibrate_visit0_detector0"))["command"]
+    run = lambda cmd: subprocess.run(["/bin/bash", "-c", cmd], capture_output=True, text=True,  # noqa: E731
+                                     env={"HOME": "/h", "PATH": "/usr/bin:/bin"}).stdout.split()[0]
+    assert run(isr) == "isr-only||"  # the first environment section the search finds wins, whole
+    assert run(cal) == 't-x|/h/y|a"b'  # variables filled now, ${HOME} on the node
+
+
+def test_an_environment_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key 'pipetask.isr.environment': expected a mapping"):
+        _cfg(tmp_path, {"pipetask": {"isr": {"environment": "X=1"}}})
+    with pytest.raises(ConfigError, match=r"key 'environment.1X': not a usable environment variable name"):
+        _cfg(tmp_path, {"environment": {"1X": "v"}})

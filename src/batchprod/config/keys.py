@@ -478,6 +478,7 @@ RUBIN_CLUSTER_KEYS: dict[str, Converter] = {"pipetasks": _str_list, "dimensions"
 RUBIN_SECTIONS: dict[str, tuple[str, Mapping[str, Converter]]] = {
     "payload": ("flat", RUBIN_PAYLOAD_KEYS),
     "variables": ("free", {}),
+    "environment": ("free", {}),  # NAME: value, exported in every job (also in pipetask/cluster/site/finalJob)
     "finalJob": ("flat", RUBIN_FINAL_JOB_KEYS),
     "pipetask": ("map", RUBIN_JOB_KEYS),
     "cluster": ("map", RUBIN_CLUSTER_KEYS),
@@ -490,8 +491,6 @@ RUBIN_UNSUPPORTED: dict[str, str] = {
     "computeCloud": "clouds are PanDA's; give sites in a site catalog (batchprod sites) instead",
     "profile": "HTCondor profile values do not apply; give the site's scheduler options "
                "(e.g. site.<name>.extra_args for Slurm)",
-    "environment": "not supported yet; set the variables in the site's job environment "
-                   "(e.g. site.<name>.extra_args, or the shell that starts batchprod)",
     "queue": "not supported; give the Slurm partition as site.<name>.partition",
     "class": "a ctrl_bps Parsl site class; batchprod sites name their WMS with wmsServiceClass "
              "(local, slurm, parsl) and its settings",

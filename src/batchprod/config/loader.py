@@ -401,7 +401,9 @@ class BpsConfig:
         for key, value in d.items():
             if key in sections:
                 kind, table = sections[key]
-                if kind == "free":
+                if key == "environment":
+                    self._check_environment(value, key)
+                elif kind == "free":
                     for name, v in value.items():
                         if isinstance(v, (Mapping, list)):
                             raise self._fail(f"{key}.{name}", "expected a value")
@@ -468,6 +470,9 @@ class BpsConfig:
             path = f"{prefix}.{k}"
             if self.rubin and k not in allowed and prefix == "finalJob" and re.fullmatch(r"command\d+", str(k)):
                 allowed = {**allowed, k: str}
+            if self.rubin and k == "environment":
+                self._check_environment(v, path)
+                continue
             if self.rubin and k not in allowed and k in RUBIN_UNSUPPORTED:
                 raise self._fail(path, f"ctrl_bps key not supported by batchprod: {RUBIN_UNSUPPORTED[k]}")
             if k not in allowed:
@@ -481,6 +486,28 @@ class BpsConfig:
                 allowed[k](value)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise self._fail(path, one_line(exc)) from None
+
+    def _check_environment(self, env: Any, path: str) -> None:
+        """A job environment (ctrl_bps ``environment``): variable names and plain values."""
+        if not isinstance(env, Mapping):
+            raise self._fail(path, f"expected a mapping of variable names to values, got {_kind(env)}")
+        for name, v in env.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name):
+                raise self._fail(f"{path}.{name}", "not a usable environment variable name")
+            if isinstance(v, (Mapping, list)) or v is None:
+                raise self._fail(f"{path}.{name}", f"expected a value, got {_kind(v)}")
+
+    def environment(self, ctx: Context, curvals: Mapping[str, str] | None = None) -> dict[str, str]:
+        """A job's environment (ctrl_bps ``environment``): the first ``environment`` section the search
+        order finds for the context, its values filled like a command's (``${ENV}`` left for the job's
+        shell)."""
+        for prefix, scope in self._scopes(ctx):
+            env = scope.get("environment")
+            if isinstance(env, Mapping):
+                return {str(k): str(self._substitute(str(v), f"{prefix}environment.{k}", ctx, (str(k),),
+                                                     dict(curvals or {}), shell=True))
+                        for k, v in env.items()}
+        return {}
 
     @staticmethod
     def _ctx_for(prefix: str) -> Context:

@@ -97,10 +97,13 @@ def rubin_workflow(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any], curval
             own_walltime[gi] = "request_walltime" in own
             res = Resources(**{**res.__dict__, **own})
             ctx = Context(label=g.labels[0], cluster=c.name) if len(g.labels) == 1 else Context(cluster=c.name)
-        groups.append(JobGroup(g.name, g.labels, g.dimensions, res, cfg.render("runQuantumCommand", ctx, curvals)))
+        groups.append(JobGroup(g.name, g.labels, g.dimensions, res, _with_environment(
+            cfg.environment(ctx, curvals), cfg.render("runQuantumCommand", ctx, curvals))))
     job_walltime = _summed_walltime(wf, qg, walltime_by_task, own_walltime)
     init_res = Resources.from_settings(cfg.job_settings(Context(label=INIT)))
-    init = JobGroup(INIT, (), (), init_res, cfg.render("runQuantumCommand", Context(label=INIT), curvals))
+    init_ctx = Context(label=INIT)
+    init = JobGroup(INIT, (), (), init_res, _with_environment(
+        cfg.environment(init_ctx, curvals), cfg.render("runQuantumCommand", init_ctx, curvals)))
     final = _final_job(cfg, curvals)
     return _with_init(wf, groups, init, final, job_walltime)
 
@@ -151,4 +154,16 @@ def _final_job(cfg: BpsConfig, curvals: dict[str, str]) -> FinalJob | None:
     commands = [c for c in (cfg.render(k, ctx, curvals) for k in names) if c.strip()]
     if not commands:
         raise ConfigError(f"{cfg.where('finalJob')}: key 'finalJob': no command1..N to run (or whenRun: NEVER)")
-    return FinalJob(None, "\n".join(commands), when, Resources.from_settings(cfg.job_settings(ctx)), ())
+    env = _with_environment(cfg.environment(ctx, curvals), "").strip()
+    return FinalJob(None, "\n".join([env, *commands] if env else commands), when,
+                    Resources.from_settings(cfg.job_settings(ctx)), ())
+
+
+def _with_environment(env: dict[str, str], command: str) -> str:
+    """``export NAME="value"; ...`` before the command (double quotes: ``${HOME}`` in a value is the
+    job's own, as in ctrl_bps, where environment values are expanded on the node)."""
+    parts = []
+    for name, value in env.items():
+        text = value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`")
+        parts.append(f'export {name}="{text}"; ')
+    return "".join(parts) + command
