@@ -122,7 +122,7 @@ def test_variables_format_specs_and_environment(tmp_path: Path, monkeypatch: pyt
     ({"pacth": 3, "dataQuery": "patch = {patch}"}, "unknown key 'pacth' (did you mean 'patch'?)"),
     ({"computeCloud": "x"}, "key 'computeCloud': ctrl_bps key not supported by batchprod: clouds are PanDA's"),
     ({"pipetask": {"isr": {"queue": "q"}}}, "key 'pipetask.isr.queue': ctrl_bps key not supported"),
-    ({"cluster": {"c": {"pipetasks": "isr", "partitionMaxClusters": 3}}}, "'cluster.c.partitionMaxClusters'"),
+    ({"cluster": {"c": {"pipetasks": "isr", "findDependencyMethod": "sink"}}}, "'cluster.c.findDependencyMethod'"),
     ({"whenSaveJobQgraph": "TRANSFORM"}, "batchprod supports only NEVER here"),
     ({"finalJob": {"whenRun": "SOMETIMES"}}, "expected ALWAYS, SUCCESS or NEVER"),
 ])
@@ -165,3 +165,41 @@ def test_an_environment_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None
         _cfg(tmp_path, {"pipetask": {"isr": {"environment": "X=1"}}})
     with pytest.raises(ConfigError, match=r"key 'environment.1X': not a usable environment variable name"):
         _cfg(tmp_path, {"environment": {"1X": "v"}})
+
+
+def test_partition_dimensions_cut_each_cluster_as_ctrl_bps_does(tmp_path: Path) -> None:
+    base = {"clusterAlgorithm": DIMS}
+    wf = _wf(tmp_path, {**base, "cluster": {"v": {"pipetasks": "isr, calibrate", "dimensions": "visit",
+                                                  "partitionDimensions": "detector", "partitionMaxSize": 3}}})
+    names = wf.job_names()
+    assert "v_visit0_001" in names and "v_visit0_002" in names and "v_visit0_003" not in names
+    data = [wf.qgraph.data_id(int(q))["detector"] for q in wf.quanta(names.index("v_visit0_001"))]
+    assert sorted(set(data)) == [0, 1, 2] and len(data) == 6  # detectors 0-2 of isr and calibrate
+    assert len(names) == len(set(names))
+    n_visits = len(wf.qgraph.quanta_of("isr")) // 4
+    wf = _wf(tmp_path, {**base, "cluster": {"v": {"pipetasks": "isr, calibrate", "dimensions": "visit",
+                                                  "partitionDimensions": "detector",
+                                                  "partitionMaxClusters": 2 * n_visits}}})
+    assert sum(n.startswith("v_") for n in wf.job_names()) == 2 * n_visits  # 2 parts of 2 detectors per visit
+    with pytest.raises(ConfigError, match="needs exactly one of partitionMaxClusters or partitionMaxSize"):
+        _wf(tmp_path, {**base, "cluster": {"v": {"pipetasks": "isr", "partitionDimensions": "detector"}}})
+
+
+def test_equal_dimensions_join_tasks_that_name_a_dimension_differently(tmp_path: Path) -> None:
+    import dataclasses
+
+    from batchprod.workflow.rubin import rubin_workflow
+
+    qg = _graph()
+    qg.tasks[0] = dataclasses.replace(qg.tasks[0], dimensions=("exposure", "detector"))  # isr per exposure
+    cfg = _cfg(tmp_path, {"clusterAlgorithm": DIMS, "cluster": {"v": {
+        "pipetasks": "isr, calibrate", "dimensions": "visit", "equalDimensions": "visit:exposure"}}})
+    wf = rubin_workflow(qg, cfg, {"repo": "/r", "output_run": "o", "protocol": "butler"}, CUR)
+    j = wf.job_names().index("v_visit3")
+    assert sorted(qg.label(int(q)) for q in wf.quanta(j)) == ["calibrate"] * 4 + ["isr"] * 4
+    cfg = _cfg(tmp_path, {"clusterAlgorithm": DIMS, "cluster": {"v": {"pipetasks": "isr, calibrate",
+                                                                      "dimensions": "visit"}}})
+    from batchprod.errors import WorkflowError
+
+    with pytest.raises(WorkflowError, match="task 'isr' has no dimension 'visit'"):
+        rubin_workflow(qg, cfg, {"repo": "/r", "output_run": "o", "protocol": "butler"}, CUR)

@@ -473,7 +473,11 @@ RUBIN_FINAL_JOB_KEYS: dict[str, Converter] = {
     "concurrencyLimit": _str,
 }
 
-RUBIN_CLUSTER_KEYS: dict[str, Converter] = {"pipetasks": _str_list, "dimensions": _str_list, **RUBIN_JOB_KEYS}
+RUBIN_CLUSTER_KEYS: dict[str, Converter] = {
+    "pipetasks": _str_list, "dimensions": _str_list, "equalDimensions": _str_list,
+    "partitionDimensions": _str_list, "partitionMaxClusters": _pos_int, "partitionMaxSize": _pos_int,
+    **RUBIN_JOB_KEYS,
+}
 
 RUBIN_SECTIONS: dict[str, tuple[str, Mapping[str, Converter]]] = {
     "payload": ("flat", RUBIN_PAYLOAD_KEYS),
@@ -494,10 +498,6 @@ RUBIN_UNSUPPORTED: dict[str, str] = {
     "queue": "not supported; give the Slurm partition as site.<name>.partition",
     "class": "a ctrl_bps Parsl site class; batchprod sites name their WMS with wmsServiceClass "
              "(local, slurm, parsl) and its settings",
-    "equalDimensions": "not supported yet: name the cluster's dimensions with the same names as its tasks'",
-    "partitionDimensions": "not supported yet: cluster by dimensions without partitioning",
-    "partitionMaxClusters": "not supported yet: cluster by dimensions without partitioning",
-    "partitionMaxSize": "not supported yet: cluster by dimensions without partitioning",
     "findDependencyMethod": "not needed: dependencies between clusters come from the graph's edges",
     "ordering": "not supported: jobs run in the graph's order",
 }

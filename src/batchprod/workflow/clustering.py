@@ -28,6 +28,53 @@ class ClusterSpec:
     name: str
     labels: tuple[str, ...]
     dimensions: tuple[str, ...] | None = None
+    #: ctrl_bps ``equalDimensions``: pairs (a, b) meaning a task's b value stands for a (visit:exposure)
+    equal: tuple[tuple[str, str], ...] = ()
+    #: ctrl_bps ``partitionDimensions``: split each cluster into parts by these values, at most
+    #: ``max_clusters`` jobs for the cluster in all, or at most ``max_size`` values per part
+    partition: tuple[str, ...] = ()
+    max_clusters: int = 0
+    max_size: int = 0
+
+
+def _column(qg: QuantumGraph, task: Any, d: str, equal: tuple[tuple[str, str], ...], cluster: str) -> int:
+    """The column of a task's data IDs that gives dimension ``d`` (itself, or its equal)."""
+    if d in task.dimensions:
+        return int(task.dimensions.index(d))
+    for a, b in equal:
+        other = b if a == d else a if b == d else None
+        if other is not None and other in task.dimensions:
+            if d in qg.vocab or other in qg.vocab:
+                raise WorkflowError(f"cluster '{cluster}': equalDimensions {a}:{b} is not supported for string values")
+            return int(task.dimensions.index(other))
+    raise WorkflowError(f"cluster '{cluster}': task '{task.label}' has no dimension '{d}'")
+
+
+def _partition_ids(qg: QuantumGraph, c: ClusterSpec, pkeys: np.ndarray, n_cluster_values: int) -> np.ndarray:
+    """ctrl_bps's partitioning: the distinct partition values, sorted as ctrl_bps sorts them (their
+    text joined by '=='), cut into consecutive parts; returns the part (1-based) of each row."""
+    uniq, inverse = np.unique(pkeys, axis=0, return_inverse=True)
+    text = ["==".join(str(v) for v in (qg.decode(d, [int(x)])[0] for d, x in zip(c.partition, row, strict=True)))
+            for row in uniq.tolist()]
+    order = sorted(range(len(text)), key=text.__getitem__)
+    if c.max_clusters:
+        if n_cluster_values > c.max_clusters:
+            raise WorkflowError(f"cluster '{c.name}': partitionMaxClusters ({c.max_clusters}) must be at least the "
+                                f"number of cluster dimension values ({n_cluster_values})")
+        chunks = c.max_clusters // n_cluster_values
+        size, extra = divmod(len(text), chunks)
+    else:
+        size, extra = c.max_size, 0
+    part = np.empty(len(text), dtype=np.int64)
+    pid, filled, cap, given = 0, None, size, 0
+    for u in order:
+        if filled is None or filled >= cap:
+            pid, filled, cap = pid + 1, 0, size
+            if given < extra:
+                cap, given = cap + 1, given + 1
+        part[u] = pid
+        filled += 1
+    return part[inverse.reshape(-1)]
 
 
 ResourceResolver = Callable[[str | None, str | None], Resources]
@@ -63,6 +110,7 @@ def cluster_quanta(
 
     n = len(qg)
     job_of = np.empty(n, dtype=np.int64)
+    job_part: np.ndarray | None = None  # per job, its part of a partitioned cluster (1-based)
     groups: list[JobGroup] = []
     group_of_job: list[np.ndarray] = []
     next_job = 0
@@ -86,21 +134,22 @@ def cluster_quanta(
             dims = tuple(d for d in members[0].dimensions if all(d in m.dimensions for m in members))
         else:
             dims = c.dimensions
-        for m in members:
-            missing = [d for d in dims if d not in m.dimensions]
-            if missing:
-                raise WorkflowError(f"cluster '{c.name}': task '{m.label}' has no dimension '{missing[0]}'")
+        all_dims = (*dims, *c.partition)
         idx_parts, key_parts = [], []
         for m in members:
             ti = qg.task_index(m.label)
             block = qg.data_ids[ti]
-            cols = [m.dimensions.index(d) for d in dims]
+            cols = [_column(qg, m, d, c.equal, c.name) for d in all_dims]
             key_parts.append(block[:, cols] if cols else np.zeros((len(block), 0), dtype=np.int64))
             idx_parts.append(np.arange(int(qg.task_offsets[ti]), int(qg.task_offsets[ti + 1])))
-        keys = np.concatenate(key_parts) if key_parts else np.zeros((0, len(dims)), dtype=np.int64)
+        keys = np.concatenate(key_parts) if key_parts else np.zeros((0, len(all_dims)), dtype=np.int64)
         idx = np.concatenate(idx_parts)
+        if c.partition and len(idx):
+            n_values = len(np.unique(keys[:, : len(dims)], axis=0)) if dims else 1
+            part = _partition_ids(qg, c, keys[:, len(dims):], n_values)
+            keys = np.concatenate([keys[:, : len(dims)], part[:, None]], axis=1)
         if len(idx):
-            if dims:
+            if keys.shape[1]:
                 _, inverse = np.unique(keys, axis=0, return_inverse=True)
                 inverse = inverse.reshape(-1)
             else:
@@ -108,7 +157,11 @@ def cluster_quanta(
             count = int(inverse.max()) + 1
             job_of[idx] = next_job + inverse
             res = Resources.combine([resolve(lab, c.name) for lab in c.labels])
-            groups.append(JobGroup(c.name, c.labels, dims, res))
+            groups.append(JobGroup(c.name, c.labels, dims, res, equal=c.equal))
+            if c.partition:
+                if job_part is None:
+                    job_part = np.zeros(n, dtype=np.int32)  # (jobs <= quanta)
+                job_part[next_job + inverse] = keys[:, -1]
             group_of_job.append(np.full(count, len(groups) - 1, dtype=np.int32))
             next_job += count
         done.update(c.labels)
@@ -125,7 +178,8 @@ def cluster_quanta(
     dep_child, dep_parent = pairs // max(n_jobs, 1), pairs % max(n_jobs, 1)
     dep_ptr = np.zeros(n_jobs + 1, dtype=np.int64)
     np.cumsum(np.bincount(dep_child, minlength=n_jobs), out=dep_ptr[1:])
-    wf = GenericWorkflow(groups, job_group, job_qptr, job_qidx, dep_ptr, dep_parent.astype(np.int32), final, qg, run or {})
+    wf = GenericWorkflow(groups, job_group, job_qptr, job_qidx, dep_ptr, dep_parent.astype(np.int32), final, qg, run or {},
+                         job_part=None if job_part is None else job_part[:n_jobs])
     if clusters:
         wf.topological_order()  # a cluster can only introduce a cycle when clusters exist
     return wf

@@ -80,6 +80,8 @@ class JobGroup:
     resources: Resources
     #: a Rubin job's command (``{qgraphNodeId}`` filled per job); "" for native jobs (their tasks' commands)
     command: str = ""
+    #: ctrl_bps equalDimensions: (a, b) pairs, a task's b value stands for dimension a (job names too)
+    equal: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class GenericWorkflow:
         qgraph: QuantumGraph,
         run: dict[str, Any],
         job_walltime: np.ndarray | None = None,
+        job_part: np.ndarray | None = None,
     ) -> None:
         self.groups = groups
         self.job_group = np.asarray(job_group, dtype=np.int32)
@@ -145,6 +148,8 @@ class GenericWorkflow:
         self.run = dict(run)
         #: seconds per job where a cluster sums its quanta's walltimes (ctrl_bps); None: the groups'
         self.job_walltime = None if job_walltime is None else np.asarray(job_walltime, dtype=np.int64)
+        #: per job, its part of a partitioned cluster (ctrl_bps partitionDimensions; 0: none); None: no parts
+        self.job_part = None if job_part is None else np.asarray(job_part, dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.job_group)
@@ -184,7 +189,12 @@ class GenericWorkflow:
         if not g.dimensions:
             return g.name
         did = self.qgraph.data_id(int(self.job_qidx[self.job_qptr[j]]))
+        for a, b in g.equal:  # a quantum with the equal dimension names the job by it
+            did.setdefault(a, did.get(b))
+            did.setdefault(b, did.get(a))
         key = "_".join(f"{d}{did[d]}" for d in g.dimensions)
+        if self.job_part is not None and self.job_part[j]:
+            key = f"{key}_{int(self.job_part[j]):03}" if key else f"{int(self.job_part[j]):03}"
         return f"{g.name}_{key}" if key else g.name
 
     def job_names(self) -> list[str]:
@@ -278,7 +288,8 @@ class GenericWorkflow:
             "version": FORMAT_VERSION,
             "groups": [
                 {"name": g.name, "labels": list(g.labels), "dimensions": list(g.dimensions),
-                 "resources": asdict(g.resources), **({"command": g.command} if g.command else {})}
+                 "resources": asdict(g.resources), **({"command": g.command} if g.command else {}),
+                 **({"equal": [list(p) for p in g.equal]} if g.equal else {})}
                 for g in self.groups
             ],
             "final": None
@@ -301,6 +312,8 @@ class GenericWorkflow:
         }
         if self.job_walltime is not None:
             arrays["job_walltime"] = self.job_walltime
+        if self.job_part is not None:
+            arrays["job_part"] = self.job_part
         save_arrays(path, header, arrays)
 
     @classmethod
@@ -318,7 +331,7 @@ class GenericWorkflow:
         try:
             groups = [
                 JobGroup(g["name"], tuple(g["labels"]), tuple(g["dimensions"]), _resources(g["resources"]),
-                         g.get("command", ""))
+                         g.get("command", ""), tuple((str(a), str(b)) for a, b in g.get("equal", [])))
                 for g in header["groups"]
             ]
             f = header["final"]
@@ -349,12 +362,15 @@ class GenericWorkflow:
             if walltime is not None and (len(walltime) != n or walltime.dtype.kind != "i" or
                                          (n and int(walltime.min()) < 0)):
                 raise ArrayFileError("bad job_walltime")
+            part = a.get("job_part")
+            if part is not None and (len(part) != n or part.dtype.kind != "i"):
+                raise ArrayFileError("bad job_part")
         except ArrayFileError as exc:
             raise WorkflowError(f"{path}: damaged workflow: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise WorkflowError(f"{path}: damaged workflow: bad header ({type(exc).__name__}: {exc})") from None
         return cls(groups, job_group, a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, run,
-                   walltime)
+                   walltime, part)
 
 
 def uuid_text(hex32: str) -> str:

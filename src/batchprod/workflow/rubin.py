@@ -53,7 +53,26 @@ def _clusters(cfg: BpsConfig) -> list[ClusterSpec]:
             raise ConfigError(f"{cfg.where(f'cluster.{name}')}: key 'cluster.{name}.pipetasks' is required")
         labels = tuple(cfg.typed("pipetasks", RUBIN_CLUSTER_KEYS["pipetasks"], ctx))
         dims = tuple(cfg.typed("dimensions", RUBIN_CLUSTER_KEYS["dimensions"], ctx)) if "dimensions" in sub else ()
-        out.append(ClusterSpec(name, labels, dims))
+        where = f"{cfg.where(f'cluster.{name}')}: key 'cluster.{name}"
+        equal = []
+        for pair in cfg.typed("equalDimensions", RUBIN_CLUSTER_KEYS["equalDimensions"], ctx) \
+                if "equalDimensions" in sub else []:
+            a, sep, b = pair.partition(":")
+            if not sep or not a.strip() or not b.strip():
+                raise ConfigError(f"{where}.equalDimensions': expected pairs such as 'visit:exposure', got {pair!r}")
+            equal.append((a.strip(), b.strip()))
+        part = tuple(cfg.typed("partitionDimensions", RUBIN_CLUSTER_KEYS["partitionDimensions"], ctx)) \
+            if "partitionDimensions" in sub else ()
+        max_clusters = cfg.typed("partitionMaxClusters", RUBIN_CLUSTER_KEYS["partitionMaxClusters"], ctx) \
+            if "partitionMaxClusters" in sub else 0
+        max_size = cfg.typed("partitionMaxSize", RUBIN_CLUSTER_KEYS["partitionMaxSize"], ctx) \
+            if "partitionMaxSize" in sub else 0
+        if part and bool(max_clusters) == bool(max_size):
+            raise ConfigError(f"{where}': partitionDimensions needs exactly one of partitionMaxClusters or "
+                              "partitionMaxSize")
+        if (max_clusters or max_size) and not part:
+            raise ConfigError(f"{where}': partitionMaxClusters / partitionMaxSize need partitionDimensions")
+        out.append(ClusterSpec(name, labels, dims, tuple(equal), part, max_clusters, max_size))
     return out
 
 
@@ -98,7 +117,7 @@ def rubin_workflow(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any], curval
             res = Resources(**{**res.__dict__, **own})
             ctx = Context(label=g.labels[0], cluster=c.name) if len(g.labels) == 1 else Context(cluster=c.name)
         groups.append(JobGroup(g.name, g.labels, g.dimensions, res, _with_environment(
-            cfg.environment(ctx, curvals), cfg.render("runQuantumCommand", ctx, curvals))))
+            cfg.environment(ctx, curvals), cfg.render("runQuantumCommand", ctx, curvals)), g.equal))
     job_walltime = _summed_walltime(wf, qg, walltime_by_task, own_walltime)
     init_res = Resources.from_settings(cfg.job_settings(Context(label=INIT)))
     init_ctx = Context(label=INIT)
@@ -138,8 +157,9 @@ def _with_init(wf: GenericWorkflow, groups: list[JobGroup], init: JobGroup, fina
     dep_idx[pos] = wf.dep_idx + 1
     dep_idx[dep_ptr[1:-1][roots]] = 0
     walltime = None if job_walltime is None else np.concatenate([[0], job_walltime])
+    part = None if wf.job_part is None else np.concatenate([[0], wf.job_part])
     return GenericWorkflow([*groups, init], job_group, job_qptr, wf.job_qidx, dep_ptr, dep_idx, final, wf.qgraph,
-                           wf.run, walltime)
+                           wf.run, walltime, part)
 
 
 def _final_job(cfg: BpsConfig, curvals: dict[str, str]) -> FinalJob | None:
