@@ -128,3 +128,17 @@ def query_datasets(repo: Path, dataset_type: str, collection: str) -> list[str]:
             return []
         raise RuntimeError(f"butler query-datasets failed: {p.stderr[-2000:]}")
     return [ln for ln in p.stdout.splitlines() if ln.strip() and dataset_type in ln.split()]
+
+
+def chain_pipeline(path: Path, chain: int = 5) -> Path:
+    """t1 .. t<chain> per (instrument, visit, detector), chained; t<chain+1> gathers the last per visit
+    (a 6-label pipeline over two dimensions by default: the benchmark's)."""
+    vd = ["instrument", "visit", "detector"]
+    text = "description: mock chain + per-visit gather\ntasks:\n"
+    prev = "raw_in"
+    for i in range(1, chain + 1):
+        text += task_yaml(f"t{i}", vd, prev, f"t{i}_out", vd)
+        prev = f"t{i}_out"
+    text += task_yaml(f"t{chain + 1}", vd, prev, f"t{chain + 1}_out", ["instrument", "visit"], multiple=True)
+    path.write_text(text)
+    return path

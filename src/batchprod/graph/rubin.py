@@ -14,6 +14,7 @@ the dispatcher never import it (extra ``batchprod[rubin]``).
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -35,76 +36,113 @@ def read_rubin_qgraph(path: str | Path) -> QuantumGraph:
     except ImportError:
         raise GraphError(f"{path}: reading a Rubin quantum graph needs the extra: pip install 'batchprod[rubin]'") \
             from None
+    # the reader makes ~10^6 small objects that all live until the conversion ends: the cyclic garbage
+    # collector, walking them again and again as they are made, would cost more than the reading
+    gc_was = gc.isenabled()
+    gc.disable()
     try:
-        with PredictedQuantumGraph.open(str(path), import_mode=TaskImportMode.DO_NOT_IMPORT) as reader:
-            reader.read_thin_graph()
-            rg = reader.finish()
-        xg = rg.quantum_only_xgraph
-        pipeline = rg.pipeline_graph
-        header = rg.header
-    except Exception as exc:  # noqa: BLE001 (whatever pipe_base raises for a bad file: one line)
-        raise GraphError(f"{path}: cannot read the Rubin quantum graph: {type(exc).__name__}: {exc}") from None
-    return _convert(path, xg, pipeline, header)
+        try:
+            with PredictedQuantumGraph.open(str(path), import_mode=TaskImportMode.DO_NOT_IMPORT) as reader:
+                reader.read_thin_graph()  # the thin graph only: no networkx graph, no DataCoordinate per quantum
+                thin = reader.components.thin_graph
+                pipeline = reader.components.pipeline_graph
+                header = reader.components.header
+        except Exception as exc:  # noqa: BLE001 (whatever pipe_base raises for a bad file: one line)
+            raise GraphError(f"{path}: cannot read the Rubin quantum graph: {type(exc).__name__}: {exc}") from None
+        return _convert(path, thin, pipeline, header)
+    finally:
+        if gc_was:
+            gc.enable()
 
 
-def _convert(path: Path, xg: Any, pipeline: Any, header: Any) -> QuantumGraph:
-    by_label: dict[str, list[Any]] = defaultdict(list)
-    for q, attrs in xg.nodes(data=True):
-        by_label[attrs["task_label"]].append(q)
-    labels = _task_order(xg, by_label)
-    tasks, rows_by_task = [], []
-    for label in labels:
+def _convert(path: Path, thin: Any, pipeline: Any, header: Any) -> QuantumGraph:
+    """The thin graph's quanta (per task label: UUID, data coordinate values, required ones first)
+    and edges (UUID pairs) into our arrays. Python touches each quantum and edge once (UUIDs keyed
+    by their integer: ``uuid.UUID.__hash__`` is Python code); sorting and remapping are numpy."""
+    labels_in_file = [label for label, quanta in thin.quanta.items() if quanta]
+    dims, vals, ids = {}, {}, []
+    index: dict[int, int] = {}
+    file_task = []
+    for t, label in enumerate(labels_in_file):
         node = pipeline.tasks[label]
-        dims = tuple(node.dimensions.required)
-        inputs = tuple(sorted({e.parent_dataset_type_name for e in node.inputs.values()}))
-        outputs = tuple(sorted({e.parent_dataset_type_name for e in node.outputs.values()}))
-        tasks.append(TaskNode(label, dims, inputs, outputs))
-        rows = [(q, [xg.nodes[q]["data_id"].required[d] for d in dims]) for q in by_label[label]]
-        rows.sort(key=lambda r: tuple(r[1]))  # deterministic: by data ID (each column has one type)
-        rows_by_task.append(rows)
+        dims[label] = tuple(node.dimensions.required)
+        k = len(dims[label])
+        quanta = thin.quanta[label]
+        vals[label] = [q.data_coordinate[:k] for q in quanta]
+        for q in quanta:
+            u = q.quantum_id
+            index[u.int] = len(ids)
+            ids.append(u)
+        file_task.append(np.full(len(quanta), t, dtype=np.int64))
+    n = len(ids)
+    try:
+        edges = np.array([(index[a.int], index[b.int]) for a, b in thin.edges], dtype=np.int64).reshape(-1, 2)
+    except KeyError:
+        raise GraphError(f"{path}: damaged Rubin quantum graph: an edge names a quantum that is not in it") from None
+    task_of_file = np.concatenate(file_task) if file_task else np.zeros(0, dtype=np.int64)
+    labels = _task_order(labels_in_file, task_of_file[edges[:, 0]], task_of_file[edges[:, 1]])
     # string dimensions: a vocabulary over every task's values of that dimension
     words: dict[str, set[str]] = defaultdict(set)
-    for t, rows in zip(tasks, rows_by_task, strict=True):
-        for i, d in enumerate(t.dimensions):
-            values = {r[1][i] for r in rows}
-            if any(isinstance(v, str) for v in values):
-                if not all(isinstance(v, str) for v in values):
-                    raise GraphError(f"{path}: dimension {d!r} mixes strings and numbers")
-                words[d] |= values
-            elif not all(isinstance(v, int) for v in values):
-                raise GraphError(f"{path}: dimension {d!r} has values that are neither strings nor integers")
+    blocks: dict[str, np.ndarray] = {}
+    for label in labels:
+        try:
+            blocks[label] = np.array(vals[label], dtype=np.int64).reshape(len(vals[label]), len(dims[label]))
+        except (TypeError, ValueError):  # strings (instrument='Cam'): per column below
+            blocks[label] = np.array(vals[label], dtype=object).reshape(len(vals[label]), len(dims[label]))
+            for i, d in enumerate(dims[label]):
+                col = set(blocks[label][:, i].tolist())
+                if all(isinstance(v, str) for v in col):
+                    words[d] |= col
+                elif not all(isinstance(v, int) and not isinstance(v, bool) for v in col):
+                    raise GraphError(f"{path}: dimension {d!r} mixes strings and numbers (or holds neither)") from None
     vocab = {d: sorted(v) for d, v in words.items()}
     codes = {d: {w: i for i, w in enumerate(v)} for d, v in vocab.items()}
-    order: list[Any] = []
-    data_ids = []
-    offsets = [0]
-    for t, rows in zip(tasks, rows_by_task, strict=True):
-        block = np.array([[codes[d][v] if d in codes else v for d, v in zip(t.dimensions, r[1], strict=True)]
-                          for r in rows], dtype=np.int64).reshape(len(rows), len(t.dimensions))
-        data_ids.append(block)
-        order.extend(r[0] for r in rows)
-        offsets.append(offsets[-1] + len(rows))
-    index = {u: i for i, u in enumerate(order)}
-    preds = [sorted(index[p] for p in xg.predecessors(u)) for u in order]
-    pred_ptr = np.zeros(len(order) + 1, dtype=np.int64)
-    np.cumsum([len(p) for p in preds], out=pred_ptr[1:])
-    pred_idx = np.fromiter((p for ps in preds for p in ps), dtype=np.int32, count=int(pred_ptr[-1]))
-    ext_ids = np.frombuffer(b"".join(u.bytes for u in order), dtype=np.uint8).reshape(len(order), 16)
+    tasks, data_ids, offsets = [], [], [0]
+    new_of_file = np.empty(n, dtype=np.int64)
+    first_of_label = dict(zip(labels_in_file, np.cumsum([0] + [len(vals[lab]) for lab in labels_in_file]).tolist(),
+                              strict=False))
+    for label in labels:
+        node = pipeline.tasks[label]
+        block = blocks[label]
+        if block.dtype == object:
+            for i, d in enumerate(dims[label]):
+                if d in codes:
+                    block[:, i] = [codes[d][v] for v in block[:, i]]
+                elif d in vocab:
+                    raise GraphError(f"{path}: dimension {d!r} mixes strings and numbers")
+            block = block.astype(np.int64)
+        # deterministic: by data ID (a vocabulary is sorted, so codes sort as their strings)
+        order = np.lexsort(block.T[::-1]) if block.shape[1] else np.arange(len(block))
+        data_ids.append(block[order])
+        new_of_file[first_of_label[label] + order] = offsets[-1] + np.arange(len(order))
+        offsets.append(offsets[-1] + len(order))
+        inputs = tuple(sorted({e.parent_dataset_type_name for e in node.inputs.values()}))
+        outputs = tuple(sorted({e.parent_dataset_type_name for e in node.outputs.values()}))
+        tasks.append(TaskNode(label, dims[label], inputs, outputs))
+    edges = new_of_file[edges]
+    edges = np.unique(edges, axis=0) if len(edges) else edges
+    by_consumer = np.lexsort((edges[:, 0], edges[:, 1]))  # per consumer, producers ascending
+    pred_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(edges[:, 1], minlength=n), out=pred_ptr[1:])
+    pred_idx = edges[by_consumer, 0].astype(np.int32)
+    raw = np.frombuffer(b"".join(u.bytes for u in ids), dtype=np.uint8).reshape(n, 16)
+    ext_ids = np.empty_like(raw)
+    ext_ids[new_of_file] = raw
     metadata = {"source": "rubin", "qgraph_file": str(path.resolve()), "output_run": header.output_run,
                 "output": header.output, "inputs": list(header.inputs or [])}
-    qg = QuantumGraph(tasks, np.array(offsets), data_ids, pred_ptr, pred_idx, np.zeros(len(order) + 1, dtype=np.int64),
+    qg = QuantumGraph(tasks, np.array(offsets), data_ids, pred_ptr, pred_idx, np.zeros(n + 1, dtype=np.int64),
                       np.zeros(0, dtype=np.int64), [], metadata, vocab, ext_ids)
     qg.topological_order()  # a cycle would be a damaged file: say so here
     return qg
 
 
-def _task_order(xg: Any, by_label: dict[str, list[Any]]) -> list[str]:
+def _task_order(labels: list[str], producer_task: np.ndarray, consumer_task: np.ndarray) -> list[str]:
     """Task labels in dependency order (from the quanta's edges), ties by label."""
-    after: dict[str, set[str]] = {lab: set() for lab in by_label}
-    for u, v in xg.edges():
-        a, b = xg.nodes[u]["task_label"], xg.nodes[v]["task_label"]
+    pairs = np.unique(np.stack([producer_task, consumer_task], axis=1), axis=0) if len(producer_task) else []
+    after: dict[str, set[str]] = {lab: set() for lab in labels}
+    for a, b in (pairs.tolist() if len(pairs) else []):
         if a != b:
-            after[b].add(a)
+            after[labels[b]].add(labels[a])
     out: list[str] = []
     done: set[str] = set()
     while len(out) < len(after):
