@@ -83,6 +83,11 @@ def _check_end_to_end(cli: Any, r: dict[str, Any], site: dict[str, Any]) -> None
     assert sorted((o["dataset_type"], o["node_id"]) for o in outs) == sorted(zip(("a_out", "b_out"), ids, strict=True)) \
         or sorted(o["node_id"] for o in outs) == sorted(ids)
     assert {o["dataset_type"] for o in run.store.outputs()} == {"a_out", "b_out", "c_out"}
+    res = cli("provenance", run.submit_dir, "c_out:instrument=Cam")
+    assert res.exit_code == 0, res.output
+    assert "in the Butler (quantum " in res.output and "<- ab_detector1" in res.output, res.output
+    res = cli("provenance", run.submit_dir, "a_out:instrument=Cam,detector=2")
+    assert "raw_in  <- Butler (inputs)" in res.output, res.output
     result = json.loads(next((run.submit_dir / "logs" / "ab").glob("ab_detector1.2.result.json")).read_text())
     assert sorted(q["node_id"] for q in result["quanta"]) == sorted(ids)
 

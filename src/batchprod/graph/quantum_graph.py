@@ -196,7 +196,10 @@ class QuantumGraph:
         return int(order[i])
 
     def node_id(self, q: int) -> str:
-        """Stable id: hash of label + data ID, so a re-plan and a restart agree on identity."""
+        """Stable id: the quantum's id in the system its graph came from (a Rubin UUID, as text),
+        else a hash of label + data ID, so a re-plan and a restart agree on identity."""
+        if self.external_ids is not None:
+            return uuid_text(self.external_ids[q].tobytes().hex())
         return hashlib.blake2b(
             f"{self.label(q)}:{canonical(self.data_id(q))}".encode(), digest_size=8
         ).hexdigest()
@@ -397,3 +400,9 @@ def _check_arrays(tasks: list[TaskNode], arr: dict[str, np.ndarray], n_ext: int)
     check_csr(int_array(arr, "ext_ptr"), int_array(arr, "ext_idx"), n, n_ext, ("ext_ptr", "ext_idx"),
               "registry inputs")
     return data_ids
+
+
+def uuid_text(hex32: str) -> str:
+    """32 hex digits as a UUID's usual text (8-4-4-4-12), as pipetask and ctrl_bps write it."""
+    h = hex32
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" if len(h) == 32 else h

@@ -31,15 +31,23 @@ from batchprod.workflow.generic import FinalJob
 UPSTREAM, DOWNSTREAM = "up", "down"
 
 
-def parse_dataset(ref: str) -> tuple[str | None, str | None, dict[str, int] | None]:
+def _value(v: str) -> int | str:
+    """A data ID value: an integer, or a string (Rubin's ``instrument=Cam``; quotes optional)."""
+    v = v.strip()
+    try:
+        return int(v)
+    except ValueError:
+        return v.strip("'\"")
+
+
+def parse_dataset(ref: str) -> tuple[str | None, str | None, dict[str, int | str] | None]:
     """``path`` or ``TYPE:dim=value,dim=value`` -> (absolute path, dataset type, data ID)."""
     head, sep, tail = ref.partition(":")
     if sep and "=" in tail and "/" not in head:
-        try:
-            did = {k.strip(): int(v) for k, v in (kv.split("=", 1) for kv in tail.split(","))}
-        except ValueError:
-            raise QueryError(f"dataset '{ref}': expected TYPE:dim=int,dim=int") from None
-        return None, head, did
+        pairs = [kv.split("=", 1) for kv in tail.split(",")]
+        if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+            raise QueryError(f"dataset '{ref}': expected TYPE:dim=value,dim=value")
+        return None, head, {k.strip(): _value(v) for k, v in pairs}
     return os.path.abspath(ref), None, None
 
 
@@ -86,7 +94,37 @@ class Provenance:
         done = [a for a in self.run.store.attempts(job_id=job_id) if a["status"] == JobState.SUCCEEDED]
         return done[-1] if done else None
 
+    def _butler_inputs(self, q: int) -> list[dict[str, Any]]:
+        """A Rubin quantum's inputs: what its predecessor quanta made of the types it reads (by their
+        node ids and jobs), and the types it reads from the Butler's input collections."""
+        task = self.qg.tasks[int(self.qg.task_of[q])]
+        made: set[str] = set()
+        out = []
+        for p in self.qg.predecessors(q).tolist():
+            ptask = self.qg.tasks[int(self.qg.task_of[p])]
+            for dt in sorted(set(ptask.outputs) & set(task.inputs)):
+                made.add(dt)
+                out.append({"dataset_type": dt, "data_id": self.qg.data_id(p), "path": f"butler:{self.repo}#{self.out_run}",
+                            "checksum": None, "node_id": self.qg.node_id(p), "produced_by": self.wf.job_name(self._job_of[p])})
+        inputs = ", ".join(self.qg.metadata.get("inputs") or []) or "its input collections"
+        for dt in sorted(set(task.inputs) - made):
+            out.append({"dataset_type": dt, "data_id": {}, "path": f"butler:{self.repo}", "checksum": None,
+                        "produced_by": f"Butler ({inputs})"})
+        return out
+
+    @property
+    def _job_of(self) -> list[int]:
+        if "_jobs" not in self.__dict__:
+            job_of = [0] * len(self.qg)
+            for j in range(len(self.wf)):
+                for qq in self.wf.quanta(j).tolist():
+                    job_of[qq] = j
+            self.__dict__["_jobs"] = job_of
+        return self.__dict__["_jobs"]
+
     def _inputs(self, q: int) -> list[dict[str, Any]]:
+        if self.wf.run.get("protocol") == "butler":
+            return self._butler_inputs(q)
         refs: list[DatasetRef] = self.qg.inputs(q, self.repo, self.out_run)
         produced = self.run.store.outputs_by_path(r.path for r in refs)
         out = []
@@ -233,11 +271,12 @@ def _did(d: dict[str, Any]) -> str:
 def render_record(rec: dict[str, Any]) -> str:
     """A record as a few readable lines (``--json`` gives all of it)."""
     d, t, j, ctx = rec["dataset"], rec["task"], rec["job"], rec.get("context") or {}
-    what = t["python"] or t["command"]
+    what = t["python"] or t["command"] or ""
     lines = [
         f"dataset   {d['dataset_type']} {_did(d['data_id'])}  {d['path']}",
-        f"          {d['size']} bytes  {d['checksum']}",
-        f"task      {t['label']}  {what}",
+        f"          {d['size']} bytes  {d['checksum']}" if d.get("size") is not None
+        else f"          in the Butler (quantum {rec['quantum']['node_id']})",
+        f"task      {t['label']}  {what}".rstrip(),
         f"job       {j['name']} attempt {j['attempt']} on {j['host']}  wall {_num(j['wall_s'])} s  "
         f"cpu {_num(j['cpu_s'])} s  peak {_num(j['peak_rss_mb'])} MB (asked {j['request_memory_mb']} MB)",
         f"software  python {ctx.get('python')}  "
@@ -245,7 +284,8 @@ def render_record(rec: dict[str, Any]) -> str:
         f"config    {rec['run']['config']['path']} sha256:{(rec['run']['config']['sha256'] or '')[:16]}",
         f"inputs    {len(rec['inputs'])}",
     ]
-    lines += [f"  {i['dataset_type']} {_did(i['data_id'])}  {i['checksum']}  <- {i['produced_by']}" for i in rec["inputs"]]
+    lines += ["  " + "  ".join(x for x in (f"{i['dataset_type']} {_did(i['data_id'])}".strip(), i["checksum"],
+                                            f"<- {i['produced_by']}") if x) for i in rec["inputs"]]
     for v in rec.get("verify", []):
         lines.append(f"verify    {v['status']:<10} {v['path']}")
     return "\n".join(lines)

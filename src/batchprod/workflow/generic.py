@@ -238,7 +238,7 @@ class GenericWorkflow:
         for q in self.quanta(j):
             q = int(q)
             task = qg.tasks[int(qg.task_of[q])]
-            quanta.append({"node_id": uuid_text(qg.external_id(q) or ""), "label": task.label,
+            quanta.append({"node_id": qg.node_id(q), "label": task.label,
                            "data_id": qg.data_id(q), "inputs": [], "outputs": [], "datasets": list(task.outputs)})
         ids = ",".join(sorted(q["node_id"] for q in quanta))
         return {"name": self.job_name(j), "repo": self.run["repo"], "output_run": self.run["output_run"],
@@ -371,12 +371,6 @@ class GenericWorkflow:
             raise WorkflowError(f"{path}: damaged workflow: bad header ({type(exc).__name__}: {exc})") from None
         return cls(groups, job_group, a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, run,
                    walltime, part)
-
-
-def uuid_text(hex32: str) -> str:
-    """32 hex digits as a UUID's usual text (8-4-4-4-12), as pipetask and ctrl_bps write it."""
-    h = hex32
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" if len(h) == 32 else h
 
 
 def _resources(d: Any) -> Resources:
