@@ -76,8 +76,10 @@ def test_one_context_for_a_whole_local_run_and_every_attempt_points_to_it(done_r
 def test_unknown_dataset_is_one_line_and_exit_2(done_run: Path, cli) -> None:
     r = cli("provenance", done_run, "coadd:tract=0,patch=9")
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "no published output" in r.output
-    r = cli("provenance", done_run, "coadd:tract=zero")
-    assert r.exit_code == 2 and "expected TYPE:dim=int" in r.output
+    r = cli("provenance", done_run, "coadd:tract=,patch=1")
+    assert r.exit_code == 2 and "expected TYPE:dim=value,dim=value" in r.output
+    r = cli("provenance", done_run, "coadd:tract=zero")  # a string value (Rubin's instrument=Cam): not there
+    assert r.exit_code == 2 and "no published output 'coadd:tract=zero'" in r.output
 
 
 def test_prov_json_export_is_valid_w3c_prov(done_run: Path, cli) -> None:
