@@ -90,6 +90,8 @@ def _print_prepare(run: Any, timings: list[Any]) -> None:
     console.print(f"workflow: {len(wf)} jobs{final}, {wf.n_dependencies} dependencies, groups: "
                   + ", ".join(g.name for g in wf.groups))
     console.print(f"run:      {run.name}\nsubmit:   {run.submit_dir}")
+    for note in getattr(run, "notes", ()):
+        console.print(f"note:     {note}")
 
 
 @main.command()

@@ -134,3 +134,14 @@ def test_a_graph_for_another_output_run_is_moved_to_the_configs(rubin: dict[str,
     from batchprod.graph.rubin import read_rubin_qgraph
 
     assert read_rubin_qgraph(run.submit_dir / "rubin.qg").metadata["output_run"] == "u/test/out/other"
+
+
+def test_keys_without_effect_are_said_and_extend_run_is_refused(rubin: dict[str, Any], tmp_path: Path) -> None:
+    from batchprod.engine.prepare import prepare
+
+    path = _submit_file(rubin, {"submitPath": str(tmp_path / "{outputRun}"), "saveDot": True})
+    with pytest.raises(ConfigError, match=r"--extend-run is for batchprod repositories; a Butler's output run"):
+        prepare(path, existing="extend")
+    assert not (tmp_path / "u").exists()
+    run = prepare(path)
+    assert run.notes == ["ctrl_bps keys with no effect here (batchprod names its own files): saveDot"]

@@ -203,3 +203,8 @@ def test_equal_dimensions_join_tasks_that_name_a_dimension_differently(tmp_path:
 
     with pytest.raises(WorkflowError, match="task 'isr' has no dimension 'visit'"):
         rubin_workflow(qg, cfg, {"repo": "/r", "output_run": "o", "protocol": "butler"}, CUR)
+
+
+def test_a_ctrl_bps_wms_plugin_is_named_with_what_to_use(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a ctrl_bps plugin; batchprod runs the jobs itself: give wmsServiceClass"):
+        _cfg(tmp_path, {"wmsServiceClass": "lsst.ctrl.bps.htcondor.HTCondorService"})

@@ -441,6 +441,10 @@ class BpsConfig:
         # Python references name something real (imported now, as the job would).
         wms = self.typed("wmsServiceClass", TOP_KEYS["wmsServiceClass"])
         _, keypath = self.find_raw("wmsServiceClass")
+        if self.rubin and wms.startswith("lsst.ctrl.bps."):
+            raise ConfigError(f"{self.where(keypath)}: key '{keypath}': {wms} is a ctrl_bps plugin; batchprod runs "
+                              "the jobs itself: give wmsServiceClass local, slurm or parsl (or htcondor to export a "
+                              "DAG), or a site catalog")
         check_wms_class(wms, f"{self.where(keypath)}: key '{keypath}'")
         final = d.get("finalJob") or {}
         if "python" in final:

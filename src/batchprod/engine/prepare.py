@@ -209,7 +209,7 @@ def prepare(
     if cfg.rubin:
         from batchprod.engine.prepare_rubin import prepare_rubin
 
-        return prepare_rubin(cfg, timings, t0)
+        return prepare_rubin(cfg, timings, t0, existing)
     pipeline_path = cfg.resolve_path("pipelineYaml")
     pipeline = load_pipeline(pipeline_path)
     check_config_labels(cfg, pipeline)  # pipetask.<label> / cluster pipetasks name real tasks

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from batchprod.config import BpsConfig, Context
+from batchprod.config.keys import RUBIN_IGNORED_KEYS
 from batchprod.errors import ConfigError, GraphError
 from batchprod.state.run import Run
 
@@ -39,7 +40,7 @@ def _run_pipetask(cfg: BpsConfig, key: str, curvals: dict[str, str], what: str) 
                           f"command: {shlex.join(shlex.split(cmd)[:3])} ...")
 
 
-def prepare_rubin(cfg: BpsConfig, timings: list, t0: float) -> Run:  # type: ignore[type-arg]
+def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "refuse") -> Run:  # type: ignore[type-arg]
     from batchprod.engine.prepare import (
         Timing,
         _check_budget,
@@ -54,6 +55,10 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float) -> Run:  # type: ign
     from batchprod.graph.rubin import read_rubin_qgraph
     from batchprod.workflow.rubin import rubin_workflow
 
+    if existing != "refuse":
+        raise ConfigError(f"{cfg.path}: --{existing}-run is for batchprod repositories; a Butler's output run is "
+                          f"extended or replaced by pipetask (extraQgraphOptions: --{existing}-run) or given anew "
+                          "(payload.outputRun)")
     butler = cfg.resolve_path("butlerConfig")
     output_run = _safe_name(cfg.get("outputRun"), cfg.where(cfg.find_raw("outputRun")[1]))
     submit_dir = _submit_dir(cfg)
@@ -108,4 +113,8 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float) -> Run:  # type: ign
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     timings.append(Timing("write submit dir", time.perf_counter() - t0, _peak_mb()))
-    return _opened(Path(submit_dir), qg, wf)
+    run = _opened(Path(submit_dir), qg, wf)
+    ignored = sorted(k for k in cfg.data if k in RUBIN_IGNORED_KEYS)
+    if ignored:  # said, never silent
+        run.notes = [f"ctrl_bps keys with no effect here (batchprod names its own files): {', '.join(ignored)}"]
+    return run
