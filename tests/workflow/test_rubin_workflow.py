@@ -122,7 +122,8 @@ def test_variables_format_specs_and_environment(tmp_path: Path, monkeypatch: pyt
     ({"pacth": 3, "dataQuery": "patch = {patch}"}, "unknown key 'pacth' (did you mean 'patch'?)"),
     ({"computeCloud": "x"}, "key 'computeCloud': ctrl_bps key not supported by batchprod: clouds are PanDA's"),
     ({"pipetask": {"isr": {"queue": "q"}}}, "key 'pipetask.isr.queue': ctrl_bps key not supported"),
-    ({"cluster": {"c": {"pipetasks": "isr", "findDependencyMethod": "sink"}}}, "'cluster.c.findDependencyMethod'"),
+    ({"cluster": {"c": {"pipetasks": "isr", "profile": {}}}}, "key 'cluster.c.profile': ctrl_bps key not supported"),
+    ({"cluster": {"c": {"pipetasks": "isr", "findDependencyMethod": "up"}}}, "only source or sink here"),
     ({"whenSaveJobQgraph": "TRANSFORM"}, "batchprod supports only NEVER here"),
     ({"finalJob": {"whenRun": "SOMETIMES"}}, "expected ALWAYS, SUCCESS or NEVER"),
 ])
@@ -176,6 +177,10 @@ def test_partition_dimensions_cut_each_cluster_as_ctrl_bps_does(tmp_path: Path) 
     data = [wf.qgraph.data_id(int(q))["detector"] for q in wf.quanta(names.index("v_visit0_001"))]
     assert sorted(set(data)) == [0, 1, 2] and len(data) == 6  # detectors 0-2 of isr and calibrate
     assert len(names) == len(set(names))
+    same = _wf(tmp_path, {**base, "cluster": {"v": {"pipetasks": "isr, calibrate", "dimensions": "visit",
+                                                    "partitionDimensions": "detector", "partitionMaxSize": 3,
+                                                    "findDependencyMethod": "sink"}}})
+    assert same.job_names() == names and (same.job_qidx == wf.job_qidx).all()  # it changes no cluster
     n_visits = len(wf.qgraph.quanta_of("isr")) // 4
     wf = _wf(tmp_path, {**base, "cluster": {"v": {"pipetasks": "isr, calibrate", "dimensions": "visit",
                                                   "partitionDimensions": "detector",

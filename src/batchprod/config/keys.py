@@ -476,6 +476,8 @@ RUBIN_FINAL_JOB_KEYS: dict[str, Converter] = {
 RUBIN_CLUSTER_KEYS: dict[str, Converter] = {
     "pipetasks": _str_list, "dimensions": _str_list, "equalDimensions": _str_list,
     "partitionDimensions": _str_list, "partitionMaxClusters": _pos_int, "partitionMaxSize": _pos_int,
+    # ctrl_bps walks the graph from sources or sinks with it; the clusters are the same (data IDs decide)
+    "findDependencyMethod": _only("source", "sink"),
     **RUBIN_JOB_KEYS,
 }
 
@@ -498,7 +500,6 @@ RUBIN_UNSUPPORTED: dict[str, str] = {
     "queue": "not supported; give the Slurm partition as site.<name>.partition",
     "class": "a ctrl_bps Parsl site class; batchprod sites name their WMS with wmsServiceClass "
              "(local, slurm, parsl) and its settings",
-    "findDependencyMethod": "not needed: dependencies between clusters come from the graph's edges",
     "ordering": "not supported: jobs run in the graph's order",
 }
 
