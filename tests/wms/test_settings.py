@@ -3,6 +3,7 @@ checked at prepare (one line naming file and key, nothing written)."""
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import os
 import re
@@ -55,6 +56,9 @@ def test_values_are_substituted_and_typed(tmp_path: Path, monkeypatch: pytest.Mo
     assert (s.max_jobs, s.max_idle, s.poll_interval) == (50, 7, 1.0)
     args = SlurmBackend(s).sbatch_args(_launch(tmp_path))
     assert "--partition=debug" in args and "--qos=astro42" in args and "--comment=two words" in args
+    assert not any(a.startswith("--tmp") for a in args)
+    disk = dataclasses.replace(_launch(tmp_path), disk=512)  # ctrl_bps requestDisk: scratch space
+    assert "--tmp=512M" in SlurmBackend(s).sbatch_args(disk)
 
 
 def test_the_backend_gets_the_substituted_settings_of_the_run(tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ def test_search_order_payload_cluster_pipetask_site_top(tmp_path: Path) -> None:
 
 def test_a_cluster_own_values_win_and_walltime_sums_over_its_quanta(tmp_path: Path) -> None:
     wf = _wf(tmp_path, {"clusterAlgorithm": DIMS,
-                        "pipetask": {"isr": {"requestMemory": 3000, "requestWalltime": 60},
+                        "pipetask": {"isr": {"requestMemory": 3000, "requestWalltime": 60, "requestDisk": 10},
                                      "calibrate": {"requestMemory": 5000, "requestWalltime": 100}},
                         "cluster": {"visit": {"pipetasks": "isr, calibrate", "dimensions": "visit"},
                                     "own": {"pipetasks": "coadd", "dimensions": "tract, patch", "requestMemory": 700}}})
@@ -76,6 +76,7 @@ def test_a_cluster_own_values_win_and_walltime_sums_over_its_quanta(tmp_path: Pa
     j = wf.job_names().index("visit_visit0")
     assert len(wf.quanta(j)) == 8  # 4 detectors x 2 tasks
     assert wf.job_walltime[j] == 4 * 60 + 4 * 100  # the sum over the job's quanta
+    assert wf.job_disk[j] == 4 * 10  # requestDisk too
     assert wf.job_walltime[wf.job_names().index("measure_tract0_patch0")] == 0  # no walltime asked
 
 

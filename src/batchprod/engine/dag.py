@@ -143,6 +143,13 @@ class RunDag:
             return int(w[j])
         return self.resources(j).request_walltime
 
+    def disk(self, j: int) -> int:
+        """MB of scratch disk the job asks for (its own when its cluster sums its quanta's, as ctrl_bps)."""
+        d = self.wf.job_disk
+        if d is not None and j != self.final_id and d[j]:
+            return int(d[j])
+        return self.resources(j).request_disk
+
     def log_paths(self, j: int, attempt: int) -> tuple[Path, Path, Path]:
         return self.run.attempt_paths(self.job_label(j), self.name(j), attempt)
 
@@ -306,7 +313,8 @@ class RunDag:
         out, err = base + ".out", base + ".err"
         result = base + ".result.json"
         spec = functools.partial(self._launch_spec, j, attempt, mem, result)  # built if a backend asks
-        launch = Launch(j, name, label, attempt, cores, mem, self.walltime(j), spec, out, err, result, self.key)
+        launch = Launch(j, name, label, attempt, cores, mem, self.walltime(j), spec, out, err, result, self.key,
+                        self.disk(j))
         self.held += cores
         self._set(j, JobState.QUEUED, message=None)
         if self.record:

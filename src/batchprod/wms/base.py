@@ -66,6 +66,7 @@ class Launch:
     err: str | Path  # its stderr file
     res: str | Path  # its result manifest
     run: str = ""  # the run's submit directory: whose attempt this is
+    disk: int = 0  # MB of scratch disk asked (ctrl_bps requestDisk), 0 = none
 
     @cached_property
     def spec(self) -> dict[str, Any]:

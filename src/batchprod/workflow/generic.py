@@ -134,6 +134,7 @@ class GenericWorkflow:
         run: dict[str, Any],
         job_walltime: np.ndarray | None = None,
         job_part: np.ndarray | None = None,
+        job_disk: np.ndarray | None = None,
     ) -> None:
         self.groups = groups
         self.job_group = np.asarray(job_group, dtype=np.int32)
@@ -150,6 +151,8 @@ class GenericWorkflow:
         self.job_walltime = None if job_walltime is None else np.asarray(job_walltime, dtype=np.int64)
         #: per job, its part of a partitioned cluster (ctrl_bps partitionDimensions; 0: none); None: no parts
         self.job_part = None if job_part is None else np.asarray(job_part, dtype=np.int32)
+        #: MB of scratch disk per job where a cluster sums its quanta's (ctrl_bps requestDisk); None: the groups'
+        self.job_disk = None if job_disk is None else np.asarray(job_disk, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.job_group)
@@ -314,6 +317,8 @@ class GenericWorkflow:
             arrays["job_walltime"] = self.job_walltime
         if self.job_part is not None:
             arrays["job_part"] = self.job_part
+        if self.job_disk is not None:
+            arrays["job_disk"] = self.job_disk
         save_arrays(path, header, arrays)
 
     @classmethod
@@ -358,10 +363,10 @@ class GenericWorkflow:
             if len(empty) and any(groups[int(g)].labels for g in np.unique(job_group[empty])):
                 raise ArrayFileError(f"job {int(empty[0])} runs no quantum")
             check_csr(int_array(a, "dep_ptr"), int_array(a, "dep_idx"), n, n, ("dep_ptr", "dep_idx"), "jobs")
-            walltime = a.get("job_walltime")
-            if walltime is not None and (len(walltime) != n or walltime.dtype.kind != "i" or
-                                         (n and int(walltime.min()) < 0)):
-                raise ArrayFileError("bad job_walltime")
+            walltime, disk = a.get("job_walltime"), a.get("job_disk")
+            for name, arr in (("job_walltime", walltime), ("job_disk", disk)):
+                if arr is not None and (len(arr) != n or arr.dtype.kind != "i" or (n and int(arr.min()) < 0)):
+                    raise ArrayFileError(f"bad {name}")
             part = a.get("job_part")
             if part is not None and (len(part) != n or part.dtype.kind != "i"):
                 raise ArrayFileError("bad job_part")
@@ -370,7 +375,7 @@ class GenericWorkflow:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise WorkflowError(f"{path}: damaged workflow: bad header ({type(exc).__name__}: {exc})") from None
         return cls(groups, job_group, a["job_qptr"], a["job_qidx"], a["dep_ptr"], a["dep_idx"], final, qgraph, run,
-                   walltime, part)
+                   walltime, part, disk)
 
 
 def _resources(d: Any) -> Resources:

@@ -4,8 +4,8 @@
   absent, as ctrl_bps would ignore it) or dimension clustering; a cluster without ``dimensions`` is
   ONE job (ctrl_bps), not "grouped by shared dimensions" as in native files;
 * a cluster's own values (``cluster.<name>.requestMemory``, ...) win; what it leaves unset comes from
-  its tasks: the largest of each (cpus, memory, retries, multiplier), and for ``requestWalltime`` the
-  sum over the job's quanta (per job: ``GenericWorkflow.job_walltime``);
+  its tasks: the largest of each (cpus, memory, retries, multiplier), and for ``requestWalltime`` and
+  ``requestDisk`` the sum over the job's quanta (per job: ``GenericWorkflow.job_walltime``, ``job_disk``);
 * every job runs one command, the config's ``runQuantumCommand`` searched for its cluster / task,
   ``{qgraphNodeId}`` its quanta's UUIDs and ``{qgraphFile}`` the run's copy of the graph;
 * a ``pipetaskInit`` job (``pipetask pre-exec-init-qbb``) before every other, and a final job of the
@@ -104,33 +104,37 @@ def rubin_workflow(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any], curval
     wf = cluster_quanta(qg, clusters, resolve, None, run)
     # groups: a cluster's own values win over its tasks' combined ones; each group's command
     walltime_by_task = np.array([resolve(t.label, None).request_walltime for t in qg.tasks], dtype=np.int64)
+    disk_by_task = np.array([resolve(t.label, None).request_disk for t in qg.tasks], dtype=np.int64)
     groups = []
     own_walltime = np.zeros(len(wf.groups), dtype=bool)
+    own_disk = np.zeros(len(wf.groups), dtype=bool)
     for gi, g in enumerate(wf.groups):
         c = by_cluster.get(g.name)
         res, ctx = g.resources, Context(label=g.labels[0])
         if c is not None:
-            walltime_by_task[[qg.task_index(lab) for lab in c.labels]] = [
-                resolve(lab, c.name).request_walltime for lab in c.labels]
+            members = [qg.task_index(lab) for lab in c.labels]
+            walltime_by_task[members] = [resolve(lab, c.name).request_walltime for lab in c.labels]
+            disk_by_task[members] = [resolve(lab, c.name).request_disk for lab in c.labels]
             own = _own(cfg, c.name)
             own_walltime[gi] = "request_walltime" in own
+            own_disk[gi] = "request_disk" in own
             res = Resources(**{**res.__dict__, **own})
             ctx = Context(label=g.labels[0], cluster=c.name) if len(g.labels) == 1 else Context(cluster=c.name)
         groups.append(JobGroup(g.name, g.labels, g.dimensions, res, _with_environment(
             cfg.environment(ctx, curvals), cfg.render("runQuantumCommand", ctx, curvals)), g.equal))
-    job_walltime = _summed_walltime(wf, qg, walltime_by_task, own_walltime)
+    job_walltime = _summed(wf, qg, walltime_by_task, own_walltime)
+    job_disk = _summed(wf, qg, disk_by_task, own_disk)
     init_res = Resources.from_settings(cfg.job_settings(Context(label=INIT)))
     init_ctx = Context(label=INIT)
     init = JobGroup(INIT, (), (), init_res, _with_environment(
         cfg.environment(init_ctx, curvals), cfg.render("runQuantumCommand", init_ctx, curvals)))
     final = _final_job(cfg, curvals)
-    return _with_init(wf, groups, init, final, job_walltime)
+    return _with_init(wf, groups, init, final, job_walltime, job_disk)
 
 
-def _summed_walltime(wf: GenericWorkflow, qg: QuantumGraph, by_task: np.ndarray,
-                     own: np.ndarray) -> np.ndarray | None:
-    """Per job, the sum of its quanta's walltimes (ctrl_bps ``requestWalltime`` of a cluster), where its
-    cluster does not set its own; None when no task asks for one."""
+def _summed(wf: GenericWorkflow, qg: QuantumGraph, by_task: np.ndarray, own: np.ndarray) -> np.ndarray | None:
+    """Per job, the sum of its quanta's values (ctrl_bps ``requestWalltime`` and ``requestDisk`` of a
+    cluster), where its cluster does not set its own; None when no task asks for any."""
     if not by_task.any() or not len(wf):
         return None
     per_quantum = by_task[qg.task_of[wf.job_qidx]]
@@ -140,7 +144,7 @@ def _summed_walltime(wf: GenericWorkflow, qg: QuantumGraph, by_task: np.ndarray,
 
 
 def _with_init(wf: GenericWorkflow, groups: list[JobGroup], init: JobGroup, final: FinalJob | None,
-               job_walltime: np.ndarray | None) -> GenericWorkflow:
+               job_walltime: np.ndarray | None, job_disk: np.ndarray | None) -> GenericWorkflow:
     """Job 0 is pipetaskInit (no quanta); every job that had no parent now has it."""
     n = len(wf)
     job_group = np.concatenate([[len(groups)], wf.job_group]).astype(np.int32)
@@ -158,8 +162,9 @@ def _with_init(wf: GenericWorkflow, groups: list[JobGroup], init: JobGroup, fina
     dep_idx[dep_ptr[1:-1][roots]] = 0
     walltime = None if job_walltime is None else np.concatenate([[0], job_walltime])
     part = None if wf.job_part is None else np.concatenate([[0], wf.job_part])
+    disk = None if job_disk is None else np.concatenate([[0], job_disk])
     return GenericWorkflow([*groups, init], job_group, job_qptr, wf.job_qidx, dep_ptr, dep_idx, final, wf.qgraph,
-                           wf.run, walltime, part)
+                           wf.run, walltime, part, disk)
 
 
 def _final_job(cfg: BpsConfig, curvals: dict[str, str]) -> FinalJob | None:

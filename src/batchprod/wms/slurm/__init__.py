@@ -178,6 +178,8 @@ class SlurmBackend(Backend):
                 f"--mem={launch.memory}M"]
         if launch.walltime:
             args.append(f"--time={time_option(launch.walltime)}")
+        if launch.disk:
+            args.append(f"--tmp={launch.disk}M")
         for opt, val in (("partition", s.partition), ("account", s.account), ("qos", s.qos)):
             if val:
                 args.append(f"--{opt}={val}")
