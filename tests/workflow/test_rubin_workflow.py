@@ -214,3 +214,16 @@ def test_equal_dimensions_join_tasks_that_name_a_dimension_differently(tmp_path:
 def test_a_ctrl_bps_wms_plugin_is_named_with_what_to_use(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a ctrl_bps plugin; batchprod runs the jobs itself: give wmsServiceClass"):
         _cfg(tmp_path, {"wmsServiceClass": "lsst.ctrl.bps.htcondor.HTCondorService"})
+
+
+def test_ctrl_bps_parsl_local_site_is_our_parsl_site(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"wmsServiceClass": "lsst.ctrl.bps.parsl.ParslService", "computeSite": "local",
+                          "site": {"local": {"class": "lsst.ctrl.bps.parsl.sites.Local", "cores": 2}}})
+    assert cfg.data["site"]["local"] == {"wmsServiceClass": "parsl", "parslProvider": "local", "maxWorkers": 2}
+    from batchprod.wms.settings import settings_for
+
+    s = settings_for(cfg)
+    assert (s.provider, s.max_workers) == ("local", 2)
+    with pytest.raises(ConfigError, match=r"key 'site.tiger.class': ctrl_bps key not supported by batchprod: a "
+                                          r"ctrl_bps_parsl site class other than"):
+        _cfg(tmp_path, {"site": {"tiger": {"class": "lsst.ctrl.bps.parsl.sites.princeton.Tiger"}}})

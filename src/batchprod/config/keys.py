@@ -498,8 +498,9 @@ RUBIN_UNSUPPORTED: dict[str, str] = {
     "profile": "HTCondor profile values do not apply; give the site's scheduler options "
                "(e.g. site.<name>.extra_args for Slurm)",
     "queue": "not supported; give the Slurm partition as site.<name>.partition",
-    "class": "a ctrl_bps Parsl site class; batchprod sites name their WMS with wmsServiceClass "
-             "(local, slurm, parsl) and its settings",
+    "class": "a ctrl_bps_parsl site class other than lsst.ctrl.bps.parsl.sites.Local (which batchprod "
+             "takes); give the site's WMS and settings instead (wmsServiceClass: parsl, parslProvider: slurm, "
+             "partition, maxWorkers, ...: README, Site settings)",
     "ordering": "not supported: jobs run in the graph's order",
 }
 

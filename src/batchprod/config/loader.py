@@ -584,6 +584,33 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+#: ctrl_bps_parsl's service and its single-machine site class, and what they are here
+CTRL_BPS_PARSL = "lsst.ctrl.bps.parsl.ParslService"
+CTRL_BPS_PARSL_LOCAL = "lsst.ctrl.bps.parsl.sites.Local"
+
+
+def _translate_ctrl_bps(data: dict[str, Any], sources: dict[str, str]) -> None:
+    """A ctrl_bps file's Parsl choices in batchprod's words: ``ParslService`` is our ``parsl`` WMS and a
+    ``lsst.ctrl.bps.parsl.sites.Local`` site (``cores: N``) our Parsl site with local workers (N of
+    them). Other ctrl_bps_parsl site classes are refused by name at validation (their settings differ)."""
+    if data.get("wmsServiceClass") == CTRL_BPS_PARSL:
+        data["wmsServiceClass"] = "parsl"
+    for name, site in (data.get("site") or {}).items():
+        if not isinstance(site, dict):
+            continue
+        if site.get("wmsServiceClass") == CTRL_BPS_PARSL:
+            site["wmsServiceClass"] = "parsl"
+        if site.get("class") == CTRL_BPS_PARSL_LOCAL:
+            where = sources.get(f"site.{name}.class", "")
+            del site["class"]
+            site.setdefault("wmsServiceClass", "parsl")
+            site.setdefault("parslProvider", "local")
+            sources[f"site.{name}.parslProvider"] = where
+            if "cores" in site:
+                site["maxWorkers"] = site.pop("cores")
+                sources[f"site.{name}.maxWorkers"] = sources.get(f"site.{name}.cores", where)
+
+
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> BpsConfig:
     """Read a submit YAML with its includes, apply dotted-key overrides, and validate it.
 
@@ -594,6 +621,8 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
     data, sources = _load_tree(p)
     for dotted, value in (overrides or {}).items():
         _apply_override(data, sources, dotted, value)
+    if is_rubin(data):
+        _translate_ctrl_bps(data, sources)
     if "timestamp" not in data:
         # One timestamp per submission, frozen with the config so a restart keeps the same names.
         data["timestamp"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
