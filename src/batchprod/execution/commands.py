@@ -396,7 +396,8 @@ def _rubin_script(spec: dict[str, Any]) -> str:
     lines = ["_bp_what=job; _bp_cmd=", _exit_trap()]
     ids = ",".join(q["node_id"] for q in spec["quanta"][:3]) + ("..." if len(spec["quanta"]) > 3 else "")
     lines.append(f"{STRICT}; _bp_what={shlex.quote(spec['name'])}; _bp_cmd={shlex.quote(cmd)}")
-    said = f"job {spec['name']}: {len(spec['quanta'])} quanta {ids}"
+    n = len(spec["quanta"])
+    said = f"job {spec['name']}: {n} quant{'um' if n == 1 else 'a'} {ids}" if n else f"job {spec['name']}"
     lines.append(f"echo {shlex.quote(said)}")
     lines.append('eval "$_bp_cmd"\n_bp_rc=$?; if [ $_bp_rc -ne 0 ]; then exit $_bp_rc; fi')
     _completion_marker(spec, lines)
