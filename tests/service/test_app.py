@@ -93,8 +93,8 @@ def test_errors_are_json_and_nothing_outside_the_root_is_served(served: tuple[ht
     client, _ = served
     r = client.get("/api/runs/toy/ok/jobs/nosuch")
     assert r.status_code == 404 and r.json()["detail"] == "run 'toy/ok': no job named 'nosuch'"
-    r = client.get("/api/runs/toy/ok/provenance", params={"dataset": "coadd:tract=x"})
-    assert r.status_code == 400 and "expected TYPE:dim=int" in r.json()["detail"]
+    r = client.get("/api/runs/toy/ok/provenance", params={"dataset": "coadd:tract=,patch=1"})
+    assert r.status_code == 400 and "expected TYPE:dim=value,dim=value" in r.json()["detail"]
     assert client.get("/api/runs/nosuch/run").status_code == 404
     assert client.get("/api/runs/..%2Felsewhere%2Fsubmit%2Fother%2Frun").status_code == 404
     assert client.get("/api/runs/toy/ok/provenance", params={"dataset": "x", "lineage": "sideways"}).status_code == 422
