@@ -59,6 +59,7 @@ def _check_end_to_end(cli: Any, r: dict[str, Any], site: dict[str, Any]) -> None
     ids = [q["node_id"] for q in spec["quanta"]]
     assert len(ids) == 2 and f"--qgraph-node-id {','.join(sorted(ids))}" in spec["command"]
     assert " run-qbb " in spec["command"] and str(run.submit_dir / "rubin.qg") in spec["command"]
+    assert cli("report", run.submit_dir, "--job", "pipetaskInit").exit_code == 0
     res = cli("report", run.submit_dir, "--failures")
     assert "b {instrument: 'Cam', detector: 1}: ValueError: Simulated failure" in res.output.replace("\n", " ")
     # the final job ran (whenRun ALWAYS) and brought the 3 good detectors' outputs into the registry
@@ -145,3 +146,29 @@ def test_keys_without_effect_are_said_and_extend_run_is_refused(rubin: dict[str,
     assert not (tmp_path / "u").exists()
     run = prepare(path)
     assert run.notes == ["ctrl_bps keys with no effect here (batchprod names its own files): saveDot"]
+
+
+def test_the_default_final_job_fits_a_small_site_and_follows_restart_overrides(rubin: dict[str, Any],
+                                                                                tmp_path: Path) -> None:
+    from batchprod.engine.prepare import prepare
+    from batchprod.workflow.overrides import apply_overrides
+
+    path = _submit_file(rubin, {"submitPath": str(tmp_path / "{outputRun}"), "computeSite": "local",
+                                "site": {"local": {"cores": 2, "memory": "8GB"}}})
+    data = yaml.safe_load(path.read_text())
+    del data["finalJob"]["requestCpus"], data["finalJob"]["requestMemory"]  # ctrl_bps's 16 cores, 32 GB
+    path.write_text(yaml.safe_dump(data))
+    run = prepare(path)
+    res = run.workflow.final.resources
+    assert (res.request_cpus, res.request_memory) == (2, 8192)
+    assert any("finalJob: ctrl_bps's default resources do not fit site 'local' (cpus 16 -> 2, memory 32,768 -> "
+               "8,192)" in n for n in run.notes), run.notes
+    assert " -j 2 " in run.workflow.final_spec()["final"]["command"]
+    apply_overrides(run.workflow, {"finalJob.requestCpus": 1})  # what restart -o finalJob.requestCpus=1 does
+    assert " -j 1 " in run.workflow.final_spec()["final"]["command"]
+    # a value the file sets itself is kept, and checked against the site
+    data["finalJob"]["requestCpus"] = 4
+    data["submitPath"] = str(tmp_path / "b" / "{outputRun}")
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="requestCpus 4 exceeds site 'local' cores 2"):
+        prepare(path)

@@ -144,7 +144,8 @@ def test_job_bigger_than_site_is_rejected_at_prepare(tmp_path: Path, toy_repo: P
     from batchprod.errors import ConfigError
 
     cfg = write_submit(tmp_path, repo=toy_repo, site={"local": {"cores": 2}}, pipetask={"coadd": {"requestCpus": 4}})
-    with pytest.raises(ConfigError, match="job group 'coadd': requestCpus 4 exceeds site 'local' cores 2"):
+    with pytest.raises(ConfigError, match=r"submit.yaml: key 'pipetask.coadd.requestCpus': job group 'coadd': "
+                                          r"requestCpus 4 exceeds site 'local' cores 2"):
         prepare(cfg)
     assert not (tmp_path / "submit").exists() or not any((tmp_path / "submit").rglob("state.db"))
 

@@ -496,7 +496,7 @@ RUBIN_SECTIONS: dict[str, tuple[str, Mapping[str, Converter]]] = {
 RUBIN_UNSUPPORTED: dict[str, str] = {
     "computeCloud": "clouds are PanDA's; give sites in a site catalog (batchprod sites) instead",
     "profile": "HTCondor profile values do not apply; give the site's scheduler options "
-               "(e.g. site.<name>.extra_args for Slurm)",
+               "(e.g. site.<name>.sbatchOptions for Slurm)",
     "queue": "not supported; give the Slurm partition as site.<name>.partition",
     "class": "a ctrl_bps_parsl site class other than lsst.ctrl.bps.parsl.sites.Local (which batchprod "
              "takes); give the site's WMS and settings instead (wmsServiceClass: parsl, parslProvider: slurm, "

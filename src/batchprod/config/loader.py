@@ -203,6 +203,8 @@ class BpsConfig:
         self.path = path
         self.rubin = is_rubin(data)
         self._subst = _SUBST_RUBIN if self.rubin else _SUBST
+        #: what loading changed or assumed that the user should be told (prepare prints them)
+        self.notes: list[str] = []
         self._cache: dict[tuple[str, Context], Any] = {}
 
     # -- lookup -------------------------------------------------------------------------------------
@@ -589,17 +591,21 @@ CTRL_BPS_PARSL = "lsst.ctrl.bps.parsl.ParslService"
 CTRL_BPS_PARSL_LOCAL = "lsst.ctrl.bps.parsl.sites.Local"
 
 
-def _translate_ctrl_bps(data: dict[str, Any], sources: dict[str, str]) -> None:
+def _translate_ctrl_bps(data: dict[str, Any], sources: dict[str, str]) -> list[str]:
     """A ctrl_bps file's Parsl choices in batchprod's words: ``ParslService`` is our ``parsl`` WMS and a
     ``lsst.ctrl.bps.parsl.sites.Local`` site (``cores: N``) our Parsl site with local workers (N of
-    them). Other ctrl_bps_parsl site classes are refused by name at validation (their settings differ)."""
+    them). Other ctrl_bps_parsl site classes are refused by name at validation (their settings differ).
+    Returns notes saying what was taken as what."""
+    notes = []
     if data.get("wmsServiceClass") == CTRL_BPS_PARSL:
         data["wmsServiceClass"] = "parsl"
+        notes.append(f"wmsServiceClass {CTRL_BPS_PARSL} is batchprod's parsl WMS")
     for name, site in (data.get("site") or {}).items():
         if not isinstance(site, dict):
             continue
         if site.get("wmsServiceClass") == CTRL_BPS_PARSL:
             site["wmsServiceClass"] = "parsl"
+            notes.append(f"site.{name}.wmsServiceClass {CTRL_BPS_PARSL} is batchprod's parsl WMS")
         if site.get("class") == CTRL_BPS_PARSL_LOCAL:
             where = sources.get(f"site.{name}.class", "")
             del site["class"]
@@ -609,6 +615,9 @@ def _translate_ctrl_bps(data: dict[str, Any], sources: dict[str, str]) -> None:
             if "cores" in site:
                 site["maxWorkers"] = site.pop("cores")
                 sources[f"site.{name}.maxWorkers"] = sources.get(f"site.{name}.cores", where)
+            notes.append(f"site.{name}: {CTRL_BPS_PARSL_LOCAL} is batchprod's parsl site with local workers "
+                         f"(maxWorkers {site.get('maxWorkers', 'this machine')})")
+    return notes
 
 
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> BpsConfig:
@@ -621,12 +630,12 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
     data, sources = _load_tree(p)
     for dotted, value in (overrides or {}).items():
         _apply_override(data, sources, dotted, value)
-    if is_rubin(data):
-        _translate_ctrl_bps(data, sources)
+    translated = _translate_ctrl_bps(data, sources) if is_rubin(data) else []
     if "timestamp" not in data:
         # One timestamp per submission, frozen with the config so a restart keeps the same names.
         data["timestamp"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         sources["timestamp"] = "<batchprod>"
     cfg = BpsConfig(data, sources, _resolve(p))
+    cfg.notes.extend(translated)
     cfg.validate()
     return cfg

@@ -63,11 +63,23 @@ def _check_budget(cfg: BpsConfig, wf: GenericWorkflow) -> None:
     for g in groups:
         r = g.resources
         if cores is not None and r.request_cpus > cores:
-            raise ConfigError(f"job group '{g.name}': requestCpus {r.request_cpus} exceeds site '{site}' cores {cores}")
+            raise ConfigError(f"{_job_key(cfg, g, 'requestCpus')}: job group '{g.name}': requestCpus "
+                              f"{r.request_cpus} exceeds site '{site}' cores {cores}")
         if mem is not None and r.request_memory > mem:
-            raise ConfigError(
-                f"job group '{g.name}': requestMemory {r.request_memory} MB exceeds site '{site}' memory {mem} MB"
-            )
+            raise ConfigError(f"{_job_key(cfg, g, 'requestMemory')}: job group '{g.name}': requestMemory "
+                              f"{r.request_memory} MB exceeds site '{site}' memory {mem} MB")
+
+
+def _job_key(cfg: BpsConfig, g: Any, key: str) -> str:
+    """'<file>: key '<where the group's value comes from>'' for a resource error."""
+    if g.name == FinalJob.NAME:
+        ctx = Context(section="finalJob")
+    elif g.labels and (cfg.data.get("cluster") or {}).get(g.name) is not None:
+        ctx = Context(label=g.labels[0], cluster=g.name)
+    else:
+        ctx = Context(label=g.labels[0] if g.labels else g.name)
+    _, keypath = cfg.find_raw(key, ctx)
+    return f"{cfg.where(keypath) if not keypath.startswith('<defaults>') else cfg.path}: key '{keypath}'"
 
 
 def _check_commands(wf: GenericWorkflow, pipeline_path: Path) -> None:

@@ -70,6 +70,7 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "ref
     if given is None:
         cfg.resolve_path("pipelineYaml")
     wms = _check_wms(cfg)
+    notes: list[str] = list(cfg.notes)
     timings.append(Timing("load config", time.perf_counter() - t0, _peak_mb()))
     tmp = _make_tmp(cfg, submit_dir)
     try:
@@ -98,6 +99,7 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "ref
         run_info = {"repo": str(butler), "output_run": output_run, "submit_dir": str(submit_dir),
                     "name": output_run, "protocol": "butler", "qgraph_file": str(final)}
         wf = rubin_workflow(qg, cfg, run_info, {"qgraphFile": str(final), "butlerConfig": str(butler)})
+        notes.extend(_fit_final_job(cfg, wf))
         _check_budget(cfg, wf)
         timings.append(Timing("cluster + workflow", time.perf_counter() - t0, _peak_mb()))
 
@@ -116,5 +118,43 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "ref
     run = _opened(Path(submit_dir), qg, wf)
     ignored = sorted(k for k in cfg.data if k in RUBIN_IGNORED_KEYS)
     if ignored:  # said, never silent
-        run.notes = [f"ctrl_bps keys with no effect here (batchprod names its own files): {', '.join(ignored)}"]
+        notes.append(f"ctrl_bps keys with no effect here (batchprod names its own files): {', '.join(ignored)}")
+    out = qg.metadata.get("output")
+    if given is not None and out and cfg.has("output") and str(cfg.get("output")) != out:
+        notes.append(f"the graph's output collection is '{out}' (aggregate-graph chains the run there, as ctrl_bps "
+                     f"does); payload.output '{cfg.get('output')}' applies only when batchprod builds the graph")
+    run.notes = notes
     return run
+
+
+def _fit_final_job(cfg: BpsConfig, wf: object) -> list[str]:
+    """ctrl_bps's default final job asks for 16 cores and 32 GB; on a smaller compute site (a laptop) it
+    gets what the site has, said in a note. A value the file sets itself is kept (and checked)."""
+    import dataclasses
+
+    from batchprod.wms.settings import check_sites
+
+    final = getattr(wf, "final", None)
+    if final is None:
+        return []
+    ctx = Context(section="finalJob")
+    settings = check_sites(cfg)
+    cores, memory = getattr(settings, "cores", None), getattr(settings, "memory", None) or None
+    if str(cfg.get("wmsServiceClass", Context())) == "local":  # the local site defaults to this machine's
+        import os
+
+        import psutil
+
+        cores = cores or os.cpu_count() or 1
+        memory = memory or psutil.virtual_memory().total // 2**20
+    res, changes = final.resources, {}
+    if cores and res.request_cpus > cores and cfg.find_raw("requestCpus", ctx)[1].startswith("<defaults>"):
+        changes["request_cpus"] = cores
+    if memory and res.request_memory > memory and cfg.find_raw("requestMemory", ctx)[1].startswith("<defaults>"):
+        changes["request_memory"] = int(memory)
+    if not changes:
+        return []
+    wf.final = dataclasses.replace(final, resources=dataclasses.replace(res, **changes))  # type: ignore[attr-defined]
+    got = ", ".join(f"{k.removeprefix('request_')} {res.__dict__[k]:,} -> {v:,}" for k, v in changes.items())
+    return [f"finalJob: ctrl_bps's default resources do not fit site '{settings.site}' ({got}); set "
+            "finalJob.requestCpus / finalJob.requestMemory to choose"]

@@ -16,9 +16,13 @@ def _data_id(run: Run, job_id: int) -> dict[str, Any]:
     wf = run.workflow
     if job_id >= len(wf):
         return {}
-    g = wf.group(job_id)
-    did = run.qgraph.data_id(int(wf.quanta(job_id)[0]))
-    return {d: did[d] for d in g.dimensions}
+    g, quanta = wf.group(job_id), wf.quanta(job_id)
+    if not len(quanta):  # a Rubin run's pipetaskInit job
+        return {}
+    did = run.qgraph.data_id(int(quanta[0]))
+    for a, b in g.equal:  # (ctrl_bps equalDimensions: the job's quanta may name it the other way)
+        did.setdefault(a, did.get(b))
+    return {d: did.get(d) for d in g.dimensions}
 
 
 def _cause(r: dict[str, Any]) -> str:

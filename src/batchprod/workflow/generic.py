@@ -255,7 +255,9 @@ class GenericWorkflow:
             "name": FinalJob.NAME,
             "repo": self.run["repo"],
             "output_run": self.run["output_run"],
-            "final": {"python": self.final.python, "command": self.final.command,
+            "final": {"python": self.final.python,
+                      "command": self.final.command if self.run.get("protocol") != "butler" or not self.final.command
+                      else self.final.command.replace("{requestCpus}", str(self.final.resources.request_cpus)),
                       "outputs": [] if self.run.get("protocol") == "butler"
                       else self.final.output_refs(self.run["repo"], self.run["output_run"])},
             "quanta": [],

@@ -176,7 +176,10 @@ def _final_job(cfg: BpsConfig, curvals: dict[str, str]) -> FinalJob | None:
         return None
     names = sorted((k for k in cfg.section_keys("finalJob") if re.fullmatch(r"command\d+", k)),
                    key=lambda k: int(k[7:]))
-    commands = [c for c in (cfg.render(k, ctx, curvals) for k in names) if c.strip()]
+    # {requestCpus} (aggregate-graph -j N) is filled when the job starts, from its resources then: a
+    # restart -o finalJob.requestCpus=N or a site's cap reaches the command too
+    cur = {**curvals, "requestCpus": "{requestCpus}"}
+    commands = [c for c in (cfg.render(k, ctx, cur) for k in names) if c.strip()]
     if not commands:
         raise ConfigError(f"{cfg.where('finalJob')}: key 'finalJob': no command1..N to run (or whenRun: NEVER)")
     env = _with_environment(cfg.environment(ctx, curvals), "").strip()
