@@ -117,7 +117,8 @@ def _convert(path: Path, thin: Any, pipeline: Any, header: Any) -> QuantumGraph:
         new_of_file[first_of_label[label] + order] = offsets[-1] + np.arange(len(order))
         offsets.append(offsets[-1] + len(order))
         inputs = tuple(sorted({e.parent_dataset_type_name for e in node.inputs.values()}))
-        outputs = tuple(sorted({e.parent_dataset_type_name for e in node.outputs.values()}))
+        # every dataset a quantum writes: its outputs, and its metadata and log (the Butler holds them too)
+        outputs = tuple(sorted({e.parent_dataset_type_name for e in node.iter_all_outputs()}))
         tasks.append(TaskNode(label, dims[label], inputs, outputs))
     edges = new_of_file[edges]
     edges = np.unique(edges, axis=0) if len(edges) else edges

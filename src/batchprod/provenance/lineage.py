@@ -230,11 +230,14 @@ class Provenance:
 
 def verify_checksums(datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Re-read each file and compare with its recorded checksum (``ok``, ``changed``, ``missing``,
-    ``unrecorded``): provenance an operator can check, not only read."""
+    ``unrecorded``; ``in-butler`` for a Butler's dataset, not batchprod's to read): provenance an
+    operator can check, not only read."""
     out = []
     for d in datasets:
         path, want = d["path"], d.get("checksum")
-        if not Path(path).is_file():
+        if path.startswith("butler:"):  # a Butler's dataset: the Butler's own to check (butler query-datasets)
+            status = "in-butler"
+        elif not Path(path).is_file():
             status = "missing"
         elif not want:
             status = "unrecorded"
