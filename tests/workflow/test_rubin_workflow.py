@@ -45,8 +45,9 @@ def test_defaults_are_ctrl_bps_own(tmp_path: Path) -> None:
     assert (s["numberOfRetries"], s["memoryMultiplier"], s["requestMemory"], s["retryUnlessExit"]) == (5, 2.0, 2048, [1, 2])
     wf = _wf(tmp_path, {})
     assert (wf.final.resources.request_cpus, wf.final.resources.request_memory) == (16, 32768)
-    assert wf.final.command.startswith("butler --long-log --log-level=VERBOSE aggregate-graph /sub/rubin.qg /repo -j 16 ")
-    assert "--register-dataset-types --update-output-chain" in wf.final.command
+    command = wf.final_spec()["final"]["command"]
+    assert command.startswith("butler --long-log --log-level=VERBOSE aggregate-graph /sub/rubin.qg /repo -j 16 ")
+    assert "--register-dataset-types --update-output-chain" in command
     assert cfg.get("outputRun").startswith("u/") and cfg.rubin
 
 
@@ -105,7 +106,7 @@ def test_pipetask_init_runs_first_and_each_job_runs_its_node_ids(tmp_path: Path)
 def test_final_job_commands_and_when_run_never(tmp_path: Path) -> None:
     wf = _wf(tmp_path, {"finalJob": {"command2": "echo {payloadName} done", "requestCpus": 2}})
     assert wf.final.command.splitlines()[1] == "echo t done"
-    assert " -j 2 " in wf.final.command.splitlines()[0]  # {requestCpus}: the final job's own
+    assert " -j 2 " in wf.final_spec()["final"]["command"].splitlines()[0]  # {requestCpus}: the final job's own
     assert _wf(tmp_path, {"finalJob": {"whenRun": "NEVER"}}).final is None
 
 
@@ -227,3 +228,13 @@ def test_ctrl_bps_parsl_local_site_is_our_parsl_site(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"key 'site.tiger.class': ctrl_bps key not supported by batchprod: a "
                                           r"ctrl_bps_parsl site class other than"):
         _cfg(tmp_path, {"site": {"tiger": {"class": "lsst.ctrl.bps.parsl.sites.princeton.Tiger"}}})
+
+
+def test_payload_variables_and_task_labels(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, {"payload": {"payloadName": "t", "butlerConfig": "/repo", "weekly": "w_2026_47",
+                                      "output": "u/{operator}/{weekly}/{payloadName}"}})
+    assert "/w_2026_47/t" in cfg.get("output")
+    with pytest.raises(ConfigError, match="unknown key 'payload.wekly'"):
+        _cfg(tmp_path, {"payload": {"payloadName": "t", "butlerConfig": "/repo", "wekly": "x"}})
+    with pytest.raises(ConfigError, match=r"key 'pipetask.zz': the graph has no task 'zz' \(tasks: calibrate"):
+        _wf(tmp_path, {"pipetask": {"zz": {"requestMemory": 10}}})

@@ -117,7 +117,12 @@ def _load_tree(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
         raise ConfigError(f"{path}: key 'includeConfigs': expected a list of files, got {show(includes)}")
     for inc in includes:
         # relative to the file that names it, so a nested include finds its own neighbours
-        inc_path = Path(os.path.expanduser(os.path.expandvars(inc.strip())))
+        expanded = os.path.expandvars(inc.strip())
+        unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+        if unset:
+            raise ConfigError(f"{path}: key 'includeConfigs': environment variable ${unset.group(1)} is not set "
+                              f"(in {one_line(inc, 80)})")
+        inc_path = Path(os.path.expanduser(expanded))
         if not inc_path.is_absolute():
             inc_path = path.parent / inc_path
         if not is_file(inc_path):
@@ -205,6 +210,7 @@ class BpsConfig:
         self._subst = _SUBST_RUBIN if self.rubin else _SUBST
         #: what loading changed or assumed that the user should be told (prepare prints them)
         self.notes: list[str] = []
+        self._used: frozenset[str] = frozenset()
         self._cache: dict[tuple[str, Context], Any] = {}
 
     # -- lookup -------------------------------------------------------------------------------------
@@ -368,7 +374,7 @@ class BpsConfig:
         d = self.data
         check_plain(d, self._fail)
         sections, top = (RUBIN_SECTIONS, RUBIN_TOP_KEYS) if self.rubin else (SECTIONS, TOP_KEYS)
-        used = self._used_variables() if self.rubin else frozenset()
+        used = self._used = self._used_variables() if self.rubin else frozenset()
         # Sections first: every lookup below walks them.
         for key, (kind, _) in sections.items():
             if key not in d:
@@ -481,6 +487,9 @@ class BpsConfig:
                 continue
             if self.rubin and k not in allowed and k in RUBIN_UNSUPPORTED:
                 raise self._fail(path, f"ctrl_bps key not supported by batchprod: {RUBIN_UNSUPPORTED[k]}")
+            if self.rubin and prefix == "payload" and k not in allowed and k in self._used \
+                    and not isinstance(v, (Mapping, list)):
+                continue  # a user variable in the payload section (searched first, as in ctrl_bps)
             if k not in allowed:
                 raise ConfigError(
                     f"{self.where(path)}: unknown key '{one_line(path, 120)}'{_suggest(str(k), allowed)}"

@@ -233,6 +233,10 @@ def read_yaml(path: Path, what: str = "") -> Any:
     """Read one YAML file: a regular, readable, UTF-8 file of bounded size, parsed by parse_yaml."""
     hint = f" ({what})" if what else ""
     if not is_file(path):
+        if path.is_dir():
+            run = any((path / f).exists() for f in ("state.db", "state-db.json", "workflow.bpwf"))
+            raise ConfigError(f"{path}: a run's submit directory, not a submit file: run or continue it with "
+                              f"'batchprod restart {path}'" if run else f"{path}: a directory, not a submit file")
         raise ConfigError(f"{path}: file not found{hint}")
     try:
         with path.open("rb") as fh:

@@ -93,7 +93,8 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "ref
             else:
                 shutil.copyfile(given, staged)
         qg.metadata["qgraph_file"] = str(final)
-        timings.append(Timing("read quantum graph", time.perf_counter() - t0, _peak_mb()))
+        timings.append(Timing("read quantum graph" if given is not None else "pipetask qgraph + read",
+                              time.perf_counter() - t0, _peak_mb()))
 
         t0 = time.perf_counter()
         run_info = {"repo": str(butler), "output_run": output_run, "submit_dir": str(submit_dir),

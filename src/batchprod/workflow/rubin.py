@@ -91,6 +91,11 @@ def _own(cfg: BpsConfig, cluster: str) -> dict[str, Any]:
 def rubin_workflow(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any], curvals: dict[str, str]) -> GenericWorkflow:
     """Cluster a Rubin graph into ctrl_bps's jobs. ``curvals``: the values the jobs' commands take for
     ``{qgraphFile}`` (the run's copy) and ``{butlerConfig}`` (the repository's absolute path)."""
+    labels = {t.label for t in qg.tasks}
+    for label in cfg.data.get("pipetask") or {}:
+        if label not in labels and label != INIT:
+            raise ConfigError(f"{cfg.where(f'pipetask.{label}')}: key 'pipetask.{label}': the graph has no task "
+                              f"'{label}' (tasks: {', '.join(sorted(labels))})")
     clusters = _clusters(cfg)
     by_cluster = {c.name: c for c in clusters}
     cache: dict[tuple[str | None, str | None], Resources] = {}
