@@ -88,6 +88,20 @@ def test_submit_piped_prints_progress_lines(tmp_path: Path, toy_repo: Path) -> N
     assert any("jobs/s" in ln for ln in lines[1:-1]), lines
 
 
+def test_progress_goes_on_while_one_long_job_runs_and_the_last_line_is_said_once(tmp_path: Path,
+                                                                                 toy_repo: Path) -> None:
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"],
+                                                    "sleep 2; cp {inputs.raw} {outputs.calexp}")}}
+    cfg = write_submit(tmp_path, pipeline, repo=toy_repo, payload={"dataQuery": "visit = 1 AND detector = 0"})
+    env = {**os.environ, "BATCHPROD_PROGRESS_INTERVAL": "0.3"}
+    p = subprocess.run([sys.executable, "-m", "batchprod.cli", "submit", str(cfg)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if " jobs done (" in ln]
+    assert sum("0 of 1 jobs done (running 1)" in ln for ln in lines) >= 3, lines  # nothing changed, still said
+    assert sum(ln.endswith("1 of 1 jobs done (succeeded 1)") for ln in lines) == 1, lines
+
+
 def test_tables_off_a_terminal_are_never_cut(tmp_path: Path, toy_repo: Path) -> None:
     long = "calibrate_with_a_rather_long_task_label_that_an_operator_will_copy_and_paste_x"
     pipeline = {"tasks": {long[:60]: command_task(["visit", "detector"], ["raw"], ["calexp"])}}

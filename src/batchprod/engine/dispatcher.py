@@ -481,6 +481,8 @@ class Dispatcher:
         for dag in self.dags:
             if dag.dirty() or force:
                 dag.flush()
+            elif dag.progress is not None:  # nothing changed (a long job runs): progress still ticks
+                dag.progress(dag.counts(), dag.label_counts())
         self._last_flush = now
 
     def retire(self) -> None:

@@ -82,6 +82,7 @@ class ProgressView:
         self.rate = _Rate()
         self._last_line = 0.0
         self._last_cols: dict[str, int] = {}
+        self._printed: dict[str, int] = {}
         self._bar: Progress | None = None
         self._tasks: dict[str, Any] = {}
 
@@ -97,7 +98,7 @@ class ProgressView:
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.stop()
-        elif self._last_cols:
+        elif self._last_cols and self._last_cols != self._printed:  # (not the same line twice)
             self._line(time.monotonic(), self._last_cols, final=True)
 
     def __call__(self, counts: dict[str, int], by_label: dict[str, dict[str, int]]) -> None:
@@ -124,6 +125,7 @@ class ProgressView:
 
     def _line(self, now: float, cols: dict[str, int], final: bool = False) -> None:
         self._last_line = now
+        self._printed = dict(cols)
         done = sum(cols.get(c, 0) for c in DONE)
         rate = self.rate.add(now, done)
         pace = ""
