@@ -177,3 +177,24 @@ def test_the_default_final_job_fits_a_small_site_and_follows_restart_overrides(r
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="requestCpus 4 exceeds site 'local' cores 2"):
         prepare(path)
+
+
+def test_jobs_run_under_the_wrapper_as_an_htcondor_export_runs_them(rubin: dict[str, Any], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from batchprod.engine.prepare import prepare
+    from batchprod.wms.htcondor import export_dag
+
+    r = {**rubin}
+    (r["switch"]).unlink()
+    run = prepare(_submit_file(r, {"submitPath": str(tmp_path / "{outputRun}")}))
+    dag = export_dag(run)
+    assert "pipetaskInit" in dag.read_text()
+    for j in (0, 1):  # pipetaskInit, then ab_detector0: as a node runs them
+        p = subprocess.run([sys.executable, "-m", "batchprod.execution.runner", "--submit-dir", str(run.submit_dir),
+                            "--job-index", str(j), "--attempt", "1"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    name = run.workflow.job_name(1)
+    result = json.loads((run.submit_dir / "logs" / "ab" / f"{name}.1.result.json").read_text())
+    assert {o["dataset_type"] for o in result["outputs"]} >= {"a_out", "b_out"}

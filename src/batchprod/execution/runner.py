@@ -235,7 +235,30 @@ def main() -> int:
             _write_usage(usage, guard, spec)
 
 
+def _butler_job(spec: dict[str, Any]) -> int:
+    """A Rubin job under the wrapper (an HTCondor export runs every job this way): its script, then
+    the Butler protocol's post-job (summary -> result)."""
+    from batchprod.execution.butler import ButlerJobs
+    from batchprod.execution.commands import shell_script
+
+    t0 = time.time()
+    script = shell_script(spec, {})
+    assert script is not None
+    rc = subprocess.call([BASH, "-c", script])
+    if rc != 0:
+        sig = _kill_signal(rc)
+        if sig is not None:  # stopped from outside: die of it (the engine sees a kill, not an error)
+            if sig != signal.SIGKILL:
+                signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        return rc if rc > 0 else 128 - rc
+    code, _ = ButlerJobs().post_job(spec, Path("/dev/stderr"), {}, t0)
+    return code
+
+
 def _main(spec: dict[str, Any]) -> int:
+    if spec.get("protocol") == "butler" and not spec.get("final"):
+        return _butler_job(spec)
     t0 = time.time()
     staged = staging_map(spec)
     outputs: list[dict[str, Any]] = []
