@@ -7,6 +7,7 @@ Butler (``butler query-datasets``)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,15 @@ def test_jobs_run_under_the_wrapper_as_an_htcondor_export_runs_them(rubin: dict[
     name = run.workflow.job_name(1)
     result = json.loads((run.submit_dir / "logs" / "ab" / f"{name}.1.result.json").read_text())
     assert {o["dataset_type"] for o in result["outputs"]} >= {"a_out", "b_out"}
+
+
+def test_a_ctrl_bps_run_on_a_parsl_site(cli: Any, rubin: dict[str, Any]) -> None:
+    try:
+        import parsl  # noqa: F401
+    except ImportError:
+        if os.environ.get("BATCHPROD_REQUIRE_ENGINES") == "1":
+            pytest.fail("parsl is required here (BATCHPROD_REQUIRE_ENGINES=1)")
+        pytest.skip("parsl not installed")
+    # the ctrl_bps_parsl way of saying it: ParslService and a sites.Local site of 2 cores
+    _check_end_to_end(cli, rubin, {"wmsServiceClass": "lsst.ctrl.bps.parsl.ParslService", "computeSite": "local",
+                                   "site": {"local": {"class": "lsst.ctrl.bps.parsl.sites.Local", "cores": 2}}})
