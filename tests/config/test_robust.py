@@ -326,3 +326,14 @@ def test_env_in_the_final_command_stays_for_the_jobs_shell(d: Path, monkeypatch:
     frozen = yaml.safe_dump(c.to_dict())
     assert "hunter2" not in frozen and "${BP_SECRET_TOKEN}" in frozen
     assert os.environ["BP_SECRET_TOKEN"] == "hunter2"
+
+
+def test_a_directory_given_as_the_submit_file_says_what_it_is(d: Path) -> None:
+    run = d / "submit" / "run1"
+    run.mkdir(parents=True)
+    (run / "state.db").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"a run's submit directory, not a submit file: run or continue it with "
+                                          r"'batchprod restart .*run1'"):
+        load_config(run)
+    with pytest.raises(ConfigError, match=r"submit: a directory, not a submit file$"):
+        load_config(d / "submit")

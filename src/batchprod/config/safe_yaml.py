@@ -233,8 +233,8 @@ def read_yaml(path: Path, what: str = "") -> Any:
     """Read one YAML file: a regular, readable, UTF-8 file of bounded size, parsed by parse_yaml."""
     hint = f" ({what})" if what else ""
     if not is_file(path):
-        if path.is_dir():
-            run = any((path / f).exists() for f in ("state.db", "state-db.json", "workflow.bpwf"))
+        if exists(path):  # (a name too long or unusable is not there: file not found)
+            run = any(exists(path / f) for f in ("state.db", "state-db.json", "workflow.bpwf"))
             raise ConfigError(f"{path}: a run's submit directory, not a submit file: run or continue it with "
                               f"'batchprod restart {path}'" if run else f"{path}: a directory, not a submit file")
         raise ConfigError(f"{path}: file not found{hint}")
