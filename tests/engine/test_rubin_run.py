@@ -92,6 +92,8 @@ def _check_end_to_end(cli: Any, r: dict[str, Any], site: dict[str, Any]) -> None
     res = cli("provenance", run.submit_dir, "c_out:instrument=Cam")
     assert res.exit_code == 0, res.output
     assert "in the Butler (quantum " in res.output and "<- ab_detector1" in res.output, res.output
+    rec = json.loads(cli("provenance", run.submit_dir, "c_out:instrument=Cam", "--json").output)
+    assert rec["run"]["pipeline"]["path"].endswith("rubin.qg") and rec["run"]["pipeline"]["sha256"]
     res = cli("provenance", run.submit_dir, "a_out:instrument=Cam,detector=2", "--verify")
     assert "raw_in  <- Butler (inputs)" in res.output and "verify    in-butler" in res.output, res.output
     assert res.exit_code == 0  # a Butler's dataset is not "missing" from batchprod's files

@@ -170,7 +170,7 @@ class Provenance:
                         "size": row["size"], "checksum": row["checksum"]},
             "run": {"name": self.run.name, "submit_dir": str(self.run.submit_dir), "output_run": self.out_run,
                     "config": _file_digest(self.run.submit_dir / CONFIG_FILE),
-                    "pipeline": _file_digest(self.run.submit_dir / "pipeline.yaml")},
+                    "pipeline": self._pipeline_digest()},
             "task": task,
             "quantum": {"node_id": row["node_id"], "data_id": data_id},
             "job": {"name": job_name, "attempt": attempt.get("number"),
@@ -185,6 +185,14 @@ class Provenance:
         if verify:
             rec["verify"] = verify_checksums([rec["dataset"], *inputs])
         return rec
+
+    def _pipeline_digest(self) -> dict[str, Any]:
+        """The run's pipeline file; a Rubin run built from a .qg has none: its graph (tasks and their
+        configs are in it) stands for it."""
+        path = self.run.submit_dir / "pipeline.yaml"
+        if not path.exists() and self.wf.run.get("protocol") == "butler":
+            path = self.run.submit_dir / "rubin.qg"
+        return _file_digest(path)
 
     # -- lineage ----------------------------------------------------------------------------------
     def lineage(self, ref: str, direction: str = UPSTREAM) -> dict[str, Any]:
