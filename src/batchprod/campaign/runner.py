@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from batchprod._gc import long_lived
 from batchprod.campaign import db as cdb
 from batchprod.campaign.db import CampaignDB
 from batchprod.campaign.spec import CampaignSpec, parse
@@ -100,7 +101,7 @@ class CampaignRunner:
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, forever: bool = False, stop: Callable[[], str | None] = lambda: None) -> None:
         """Dispatch until no campaign has work left (``forever``: until stopped)."""
-        with using_db(self.db.url):  # runs prepared here go into the campaigns' database
+        with using_db(self.db.url), long_lived():  # runs prepared here go into the campaigns' database
             self._run(forever, stop)
 
     def _run(self, forever: bool, stop: Callable[[], str | None]) -> None:

@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from batchprod._gc import long_lived
 from batchprod._time import iso
 from batchprod.engine.dag import RunDag, classify
 from batchprod.engine.health import Health, HealthPolicy, SiteState
@@ -517,13 +518,14 @@ class Dispatcher:
 
     def run(self, stop: Callable[[], str | None] = lambda: None) -> dict[str, RunState]:
         """Until every run is finished; ``stop()`` returning a reason cancels all of them."""
-        while self.dags:
-            reason = stop()
-            if reason:
-                self.cancel_all(reason)
-                break
-            if not self.tick():
-                self.wait()
+        with long_lived():
+            while self.dags:
+                reason = stop()
+                if reason:
+                    self.cancel_all(reason)
+                    break
+                if not self.tick():
+                    self.wait()
         return self.results
 
     def wait(self) -> None:

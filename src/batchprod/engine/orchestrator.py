@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from batchprod._gc import settle
 from batchprod._time import iso
 from batchprod.engine.dag import Progress, RunDag, classify
 from batchprod.engine.dispatcher import Clock, Dispatcher, Site
@@ -107,6 +108,7 @@ class Engine:
         self.dags.append(dag)
         dag.prepare_queue()
         self.dispatcher.add(dag)
+        settle()  # (in an engine loop: the run's graph, workflow and states are long-lived)
         return dag
 
     def close_run(self, run: Run, state: RunState) -> str | None:
