@@ -60,6 +60,8 @@ def _check_end_to_end(cli: Any, r: dict[str, Any], site: dict[str, Any]) -> None
     ids = [q["node_id"] for q in spec["quanta"]]
     assert len(ids) == 2 and f"--qgraph-node-id {','.join(sorted(ids))}" in spec["command"]
     assert " run-qbb " in spec["command"] and str(run.submit_dir / "rubin.qg") in spec["command"]
+    res = cli("logs", run.submit_dir, "b")  # a task label inside a cluster: its jobs are named
+    assert "no job named 'b' (jobs named 'ab_detector0', 'ab_detector1', 'ab_detector2', ...)" in res.output
     res = cli("report", run.submit_dir, "--job", "pipetaskInit")  # (exit 1: the run failed)
     assert "pipetaskInit  label pipetaskInit" in res.output and "SUCCEEDED" in res.output, res.output
     res = cli("report", run.submit_dir, "--failures")

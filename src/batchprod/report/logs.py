@@ -7,6 +7,7 @@ refused), and the file is opened without following a symlink swapped in after th
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from batchprod.errors import RunError
+from batchprod.errors import RunError, WorkflowError
 from batchprod.execution.states import JobState, RunState
 from batchprod.state.run import Run
 
@@ -29,9 +30,14 @@ def _job(run: Run, job_name: str) -> dict[str, Any]:
     job = run.store.job_by_name(job_name)
     if job is not None:
         return job
-    names = [r[0] for r in run.store.job_columns("name")]
+    rows = run.store.job_columns("name", "label")
+    names = [r[0] for r in rows]
     close = difflib.get_close_matches(job_name, names, n=1)
     starting = [n for n in names if n.startswith(job_name)][:3]  # 'coadd' -> coadd_tract0_patch0, ...
+    if not starting:  # a task label run inside clusters: 'b' -> perDetector_detector0, ...
+        with contextlib.suppress(RunError, WorkflowError):  # (a damaged workflow: no hint)
+            groups = {g.name for g in run.workflow.groups if job_name in g.labels}
+            starting = [n for n, lab in rows if lab in groups][:3]
     hint = (f" (did you mean '{close[0]}'?)" if close else
             f" (jobs named {', '.join(repr(n) for n in starting)}{', ...' if len(starting) == 3 else ''})"
             if starting else "")
