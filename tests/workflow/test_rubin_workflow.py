@@ -238,3 +238,16 @@ def test_payload_variables_and_task_labels(tmp_path: Path) -> None:
         _cfg(tmp_path, {"payload": {"payloadName": "t", "butlerConfig": "/repo", "wekly": "x"}})
     with pytest.raises(ConfigError, match=r"key 'pipetask.zz': the graph has no task 'zz' \(tasks: calibrate"):
         _wf(tmp_path, {"pipetask": {"zz": {"requestMemory": 10}}})
+
+
+def test_a_pipetask_init_section_of_the_file_merges_with_ctrl_bps_defaults(tmp_path: Path) -> None:
+    wf = _wf(tmp_path, {"pipetask": {"pipetaskInit": {"requestMemory": 512}}})
+    init = wf.group(0)
+    assert init.resources.request_memory == 512 and " pre-exec-init-qbb " in init.command
+
+
+def test_native_files_keep_their_meaning_of_braces_and_dollars(tmp_path: Path, toy_repo: Path) -> None:
+    from batchprod.testing import write_submit
+
+    cfg = load_config(write_submit(tmp_path, repo=toy_repo, project="a {x: 1} $HOME b"))
+    assert cfg.get("project") == "a {x: 1} $HOME b" and not cfg.rubin

@@ -40,9 +40,11 @@ from batchprod.config.safe_yaml import check_plain, exists, is_file, one_line, p
 from batchprod.errors import ConfigError
 
 #: ``${ENV}`` (group 1) or ``{variable}`` (group 2), in one pass: a substituted value is never rescanned.
-_SUBST = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_.]*)(?::([^{}:!]{0,20}))?\}")
-#: the same for ctrl_bps files, which also expand ``$ENV`` (group 4) as ctrl_bps's expandvars does
-_SUBST_RUBIN = re.compile(_SUBST.pattern + r"|\$([A-Za-z_][A-Za-z0-9_]*)")
+_SUBST = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_.]*)\}()")
+#: ctrl_bps files: also ``{name:spec}`` format specs (group 3, ``{patch:03}``) and ``$ENV`` (group 4), as
+#: ctrl_bps's own substitution and expandvars do (native files keep their meaning: ``{x: 1}`` stays text)
+_SUBST_RUBIN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|(?<!\$)\{([A-Za-z_][A-Za-z0-9_.]*)(?::([^{}:!]{0,20}))?\}"
+                          r"|\$([A-Za-z_][A-Za-z0-9_]*)")
 #: a variable used somewhere: ``{name}`` or ``{name:spec}`` (user top-level variables of ctrl_bps files)
 _VAR_USE = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)(?::[^{}]*)?\}")
 _MISSING = object()
@@ -226,8 +228,9 @@ class BpsConfig:
         if ctx.cluster is not None and self.rubin:
             out.append((f"cluster.{ctx.cluster}.", (d.get("cluster") or {}).get(ctx.cluster) or {}))
         if ctx.label is not None:
-            out.append((f"pipetask.{ctx.label}.", (d.get("pipetask") or {}).get(ctx.label)
-                        or (dflt.get("pipetask") or {}).get(ctx.label) or {}))
+            out.append((f"pipetask.{ctx.label}.", (d.get("pipetask") or {}).get(ctx.label) or {}))
+            if self.rubin:  # (ctrl_bps's defaults name pipetask.pipetaskInit: merged under the file's)
+                out.append((f"<defaults>.pipetask.{ctx.label}.", (dflt.get("pipetask") or {}).get(ctx.label) or {}))
         if ctx.cluster is not None and not self.rubin:
             out.append((f"cluster.{ctx.cluster}.", (d.get("cluster") or {}).get(ctx.cluster) or {}))
         site = ctx.site if ctx.site is not None else d.get("computeSite", dflt["computeSite"])
