@@ -105,22 +105,12 @@ class Provenance:
             for dt in sorted(set(ptask.outputs) & set(task.inputs)):
                 made.add(dt)
                 out.append({"dataset_type": dt, "data_id": self.qg.data_id(p), "path": f"butler:{self.repo}#{self.out_run}",
-                            "checksum": None, "node_id": self.qg.node_id(p), "produced_by": self.wf.job_name(self._job_of[p])})
+                            "checksum": None, "node_id": self.qg.node_id(p), "produced_by": self.wf.job_name(self.producer(p))})
         inputs = ", ".join(self.qg.metadata.get("inputs") or []) or "its input collections"
         for dt in sorted(set(task.inputs) - made):
             out.append({"dataset_type": dt, "data_id": {}, "path": f"butler:{self.repo}", "checksum": None,
                         "produced_by": f"Butler ({inputs})"})
         return out
-
-    @property
-    def _job_of(self) -> list[int]:
-        if "_jobs" not in self.__dict__:
-            job_of = [0] * len(self.qg)
-            for j in range(len(self.wf)):
-                for qq in self.wf.quanta(j).tolist():
-                    job_of[qq] = j
-            self.__dict__["_jobs"] = job_of
-        return self.__dict__["_jobs"]
 
     def _inputs(self, q: int) -> list[dict[str, Any]]:
         if self.wf.run.get("protocol") == "butler":
