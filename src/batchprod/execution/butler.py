@@ -14,7 +14,6 @@ No lsst code is imported: the summary is plain JSON.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from batchprod.execution.base import JobProtocol
+from batchprod.execution.protocol import EXIT_INFRASTRUCTURE, _write_json, manifest_outputs, read_json
 
 #: quantum statuses of a run-qbb summary that count as done (skipped: it had succeeded before)
 DONE = frozenset({"success", "skipped"})
@@ -34,11 +34,7 @@ def summary_path(result_path: str | Path) -> str:
 
 def read_summary(path: str | Path) -> list[dict[str, Any]] | None:
     """The per-quantum reports of a summary file; None if it is missing or unreadable."""
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
+    data = read_json(path)
     reports = data.get("quantaReports") if isinstance(data, dict) else None
     return [r for r in reports if isinstance(r, dict)] if isinstance(reports, list) else None
 
@@ -82,13 +78,6 @@ def butler_outputs(spec: dict[str, Any], reports: list[dict[str, Any]] | None) -
     return out
 
 
-def _commit(result: str | Path, manifest: dict[str, Any]) -> None:
-    tmp = f"{result}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(manifest))
-    os.replace(tmp, result)
-
-
 class ButlerJobs(JobProtocol):
     """Rubin jobs: exit code + ``--summary``; outputs in the Butler."""
 
@@ -109,25 +98,17 @@ class ButlerJobs(JobProtocol):
                     "quanta": [{"node_id": q["node_id"], "label": q["label"], "data_id": q["data_id"]}
                                for q in spec["quanta"]]}
         try:
-            _commit(result, manifest)
+            _write_json(result, manifest, durable=False)
         except OSError as exc:
             with contextlib.suppress(OSError), open(stderr, "a") as fh:
                 fh.write(f"error: stage-out: cannot write the result manifest {result}: {exc}\n")
-            from batchprod.execution.protocol import EXIT_INFRASTRUCTURE
-
             return EXIT_INFRASTRUCTURE, None
         with contextlib.suppress(OSError):
             os.unlink(f"{result}.exit")
         return 0, outputs
 
     def outputs(self, result: Path) -> list[dict[str, Any]] | None:
-        try:
-            with open(result) as fh:
-                manifest = json.load(fh)
-        except (OSError, ValueError):
-            return None
-        outs = manifest.get("outputs") if isinstance(manifest, dict) else None
-        return outs if isinstance(outs, list) else None
+        return manifest_outputs(result, when_absent=None)
 
     def recover(self, result: Path, spec: Callable[[], dict[str, Any]]) -> list[dict[str, Any]] | None:
         if not result.exists() and Path(f"{result}.exit").exists():

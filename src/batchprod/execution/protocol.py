@@ -173,6 +173,24 @@ def _write_json(path: str | Path, data: Any, durable: bool = True, direct: bool 
         os.replace(tmp, path)
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; None if it is missing, unreadable or not JSON (a protocol's files are
+    read after crashes: half a file is no file)."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def manifest_outputs(result: str | Path, when_absent: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The output records of an attempt's committed result manifest, None if there is none usable;
+    ``when_absent`` for a manifest without an 'outputs' entry."""
+    manifest = read_json(result)
+    outs = manifest.get("outputs", when_absent) if isinstance(manifest, dict) else None
+    return outs if isinstance(outs, list) else None
+
+
 class FencedOff(StageError):
     """A later attempt of the job was started: this one must not publish (it may be a zombie that
     outlived an orchestrator's recovery, its replacement already running or done)."""
@@ -325,13 +343,7 @@ class NativeFiles(JobProtocol):
         return 0, outputs
 
     def outputs(self, result: Path) -> list[dict[str, Any]] | None:
-        try:
-            with open(result) as fh:
-                manifest = json.load(fh)
-        except (OSError, ValueError):
-            return None
-        outs = manifest.get("outputs", []) if isinstance(manifest, dict) else None
-        return outs if isinstance(outs, list) else None
+        return manifest_outputs(result, when_absent=[])
 
     def recover(self, result: Path, spec: Callable[[], dict[str, Any]]) -> list[dict[str, Any]] | None:
         if not result.exists() and Path(f"{result}.pending").exists():
