@@ -231,8 +231,8 @@ def final_job_from_config(cfg: BpsConfig) -> FinalJob | None:
                     outputs)
 
 
-def workflow_from_config(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any]) -> GenericWorkflow:
-    """Cluster a graph with the config's clusters, resources and final job."""
+def resource_resolver(cfg: BpsConfig) -> ResourceResolver:
+    """Resources of a (task label, cluster) from the config's search order, looked up once each."""
     cache: dict[tuple[str | None, str | None], Resources] = {}
 
     def resolve(label: str | None, cluster: str | None) -> Resources:
@@ -241,4 +241,9 @@ def workflow_from_config(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any]) 
             cache[key] = Resources.from_settings(cfg.job_settings(Context(label=label, cluster=cluster)))
         return cache[key]
 
-    return cluster_quanta(qg, clusters_from_config(cfg), resolve, final_job_from_config(cfg), run)
+    return resolve
+
+
+def workflow_from_config(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any]) -> GenericWorkflow:
+    """Cluster a graph with the config's clusters, resources and final job."""
+    return cluster_quanta(qg, clusters_from_config(cfg), resource_resolver(cfg), final_job_from_config(cfg), run)

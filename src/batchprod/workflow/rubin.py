@@ -23,18 +23,16 @@ from batchprod.config import BpsConfig, Context
 from batchprod.config.keys import RUBIN_CLUSTER_KEYS, RUBIN_FINAL_JOB_KEYS
 from batchprod.errors import ConfigError
 from batchprod.graph.quantum_graph import QuantumGraph
-from batchprod.workflow.clustering import ClusterSpec, cluster_quanta
+from batchprod.workflow.clustering import ClusterSpec, cluster_quanta, resource_resolver
 from batchprod.workflow.generic import FinalJob, GenericWorkflow, JobGroup, Resources
+from batchprod.workflow.overrides import RESOURCE_FIELD
 
 INIT = "pipetaskInit"
 DIMENSION_CLUSTERING = "lsst.ctrl.bps.quantum_clustering_funcs.dimension_clustering"
 
-#: Resources fields of the config keys a cluster may set itself
-_FIELDS = {"requestCpus": "request_cpus", "requestMemory": "request_memory", "requestWalltime": "request_walltime",
-           "priority": "priority", "numberOfRetries": "number_of_retries", "memoryMultiplier": "memory_multiplier",
-           "memoryLimit": "memory_limit", "requestMemoryMax": "memory_limit", "maxPreemptions": "max_preemptions",
-           "infraRetryDelay": "infra_retry_delay", "maxInfraRetries": "max_infra_retries",
-           "retryUnlessExit": "retry_unless_exit", "requestDisk": "request_disk", "preemptible": "preemptible"}
+#: Resources fields of the config keys a cluster may set itself: ours, and ctrl_bps's own
+_FIELDS = {**RESOURCE_FIELD, "requestMemoryMax": "memory_limit", "retryUnlessExit": "retry_unless_exit",
+           "requestDisk": "request_disk", "preemptible": "preemptible"}
 
 
 def _clusters(cfg: BpsConfig) -> list[ClusterSpec]:
@@ -98,14 +96,7 @@ def rubin_workflow(qg: QuantumGraph, cfg: BpsConfig, run: dict[str, Any], curval
                               f"'{label}' (tasks: {', '.join(sorted(labels))})")
     clusters = _clusters(cfg)
     by_cluster = {c.name: c for c in clusters}
-    cache: dict[tuple[str | None, str | None], Resources] = {}
-
-    def resolve(label: str | None, cluster: str | None) -> Resources:
-        key = (label, cluster)
-        if key not in cache:
-            cache[key] = Resources.from_settings(cfg.job_settings(Context(label=label, cluster=cluster)))
-        return cache[key]
-
+    resolve = resource_resolver(cfg)
     wf = cluster_quanta(qg, clusters, resolve, None, run)
     # groups: a cluster's own values win over its tasks' combined ones; each group's command
     walltime_by_task = np.array([resolve(t.label, None).request_walltime for t in qg.tasks], dtype=np.int64)
