@@ -49,7 +49,7 @@ from batchprod.engine.health import SiteState
 from batchprod.errors import ConfigError
 from batchprod.wms.base import Capacity
 from batchprod.wms.registry import get_wms
-from batchprod.wms.settings import SiteSettings, service_settings_model
+from batchprod.wms.settings import SiteSettings, service_settings_model, site_capacity
 
 #: A site's name: what ``[A-Za-z0-9_.-]{1,64}`` allows (it appears in paths, metrics and messages).
 SITE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -255,18 +255,6 @@ def _pydantic_problem(exc: ValidationError) -> tuple[str, str]:
     return loc, one_line(msg.removeprefix("Value error, "), 300)
 
 
-def _capacity(wms: str, settings: SiteSettings) -> Capacity:
-    """Capacity from the settings (see the module's doc for why not from a backend)."""
-    cores = getattr(settings, "cores", None) or getattr(settings, "max_workers", None)
-    memory = getattr(settings, "memory", None) or None
-    if wms == "local":
-        import psutil
-
-        cores = cores or os.cpu_count() or 1
-        memory = memory or int(psutil.virtual_memory().total / 2**20)
-    return Capacity(cores, memory, getattr(settings, "max_jobs", None), getattr(settings, "max_idle", None))
-
-
 def _load_site(path: Path, name: str, section: Any) -> CatalogSite:
     prefix = f"sites.{name}"
     if not isinstance(section, dict):
@@ -331,7 +319,7 @@ def _load_site(path: Path, name: str, section: Any) -> CatalogSite:
     for (_, a), (j, b) in zip(windows, windows[1:], strict=False):
         if b.start < a.end:
             raise _fail(path, f"{prefix}.downtimes[{j}]", f"window {b.describe()} overlaps {a.describe()}")
-    return CatalogSite(name, wms, settings, _capacity(wms, settings), keys.shared_filesystem, keys.opportunistic,
+    return CatalogSite(name, wms, settings, site_capacity(wms, settings), keys.shared_filesystem, keys.opportunistic,
                        keys.weight, tuple(d for _, d in windows), overrides)
 
 

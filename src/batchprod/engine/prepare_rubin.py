@@ -133,21 +133,15 @@ def _fit_final_job(cfg: BpsConfig, wf: object) -> list[str]:
     gets what the site has, said in a note. A value the file sets itself is kept (and checked)."""
     import dataclasses
 
-    from batchprod.wms.settings import check_sites
+    from batchprod.wms.settings import check_sites, site_capacity, site_wms
 
     final = getattr(wf, "final", None)
     if final is None:
         return []
     ctx = Context(section="finalJob")
     settings = check_sites(cfg)
-    cores, memory = getattr(settings, "cores", None), getattr(settings, "memory", None) or None
-    if str(cfg.get("wmsServiceClass", Context())) == "local":  # the local site defaults to this machine's
-        import os
-
-        import psutil
-
-        cores = cores or os.cpu_count() or 1
-        memory = memory or psutil.virtual_memory().total // 2**20
+    capacity = site_capacity(site_wms(cfg), settings)
+    cores, memory = capacity.cores, capacity.memory_mb
     res, changes = final.resources, {}
     if cores and res.request_cpus > cores and cfg.find_raw("requestCpus", ctx)[1].startswith("<defaults>"):
         changes["request_cpus"] = cores

@@ -29,6 +29,7 @@ from batchprod.config import BpsConfig, Context
 from batchprod.config.keys import MAX_COUNT, SITE_BASE_KEYS, float_in, int_in, memory_mb, poll_seconds, string
 from batchprod.config.safe_yaml import one_line
 from batchprod.errors import ConfigError
+from batchprod.wms.base import Capacity
 
 if TYPE_CHECKING:
     from batchprod.state.run import Run
@@ -114,6 +115,22 @@ def _site_name(cfg: BpsConfig, site: str | None) -> str:
 def site_wms(cfg: BpsConfig, site: str | None = None) -> str:
     """The WMS a site names (its ``wmsServiceClass``, else the top-level one)."""
     return str(cfg.get("wmsServiceClass", Context(site=_site_name(cfg, site))))
+
+
+def site_capacity(wms: str, settings: SiteSettings) -> Capacity:
+    """What a site can take at once, from its settings alone (no backend is built, nothing is asked of
+    a scheduler): cores (or Parsl workers), memory, maxJobs, maxIdle; a local site's default is this
+    machine's."""
+    cores = getattr(settings, "cores", None) or getattr(settings, "max_workers", None)
+    memory = getattr(settings, "memory", None) or None
+    if wms == "local":
+        import os
+
+        import psutil
+
+        cores = cores or os.cpu_count() or 1
+        memory = memory or int(psutil.virtual_memory().total / 2**20)
+    return Capacity(cores, memory, getattr(settings, "max_jobs", None), getattr(settings, "max_idle", None))
 
 
 def site_settings(cfg: BpsConfig, model: type[S], site: str | None = None) -> S:
