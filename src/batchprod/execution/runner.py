@@ -71,20 +71,25 @@ def _run_command(cmd: str, what: str) -> None:
     """Run one command with bash's strict mode (a failed or killed part of ``a; b`` or ``a | b``
     fails the command); a payload killed by a kill signal makes the wrapper die of it too."""
     print(f"+ {cmd}", flush=True)
-    rc = subprocess.call([BASH, "-c", f"{STRICT}\n{cmd}"])
+    code = _exit_code(subprocess.call([BASH, "-c", f"{STRICT}\n{cmd}"]), what)
+    if code:
+        print(f"error: {what}: command exited with code {code}: {cmd}", file=sys.stderr, flush=True)
+        raise SystemExit(code)
+
+
+def _exit_code(rc: int, what: str) -> int:
+    """A payload's exit code from its status; a payload killed by a kill signal kills the wrapper
+    with it (stopped from outside: the orchestrator must see a kill, not an error)."""
     if rc == 0:
-        return
+        return 0
     sig = _kill_signal(rc)
     if sig is not None:
-        # stopped from outside: die of the same signal so the orchestrator sees a kill, not an error
         print(f"error: {what}: payload killed by {signal.Signals(sig).name}", file=sys.stderr, flush=True)
         if sig != signal.SIGKILL:  # (its handler cannot be set)
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         os.kill(os.getpid(), signal.SIGKILL)  # the signal was blocked or ignored: still a kill
-    code = rc if rc > 0 else 128 - rc
-    print(f"error: {what}: command exited with code {code}: {cmd}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+    return rc if rc > 0 else 128 - rc
 
 
 def run_quantum(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str, Any]]:
@@ -244,14 +249,9 @@ def _butler_job(spec: dict[str, Any]) -> int:
     t0 = time.time()
     script = shell_script(spec, {})
     assert script is not None
-    rc = subprocess.call([BASH, "-c", script])
-    if rc != 0:
-        sig = _kill_signal(rc)
-        if sig is not None:  # stopped from outside: die of it (the engine sees a kill, not an error)
-            if sig != signal.SIGKILL:
-                signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-        return rc if rc > 0 else 128 - rc
+    code = _exit_code(subprocess.call([BASH, "-c", script]), spec["name"])
+    if code:
+        return code  # (the job's script said which command failed and how)
     code, _ = ButlerJobs().post_job(spec, Path("/dev/stderr"), {}, t0)
     return code
 
