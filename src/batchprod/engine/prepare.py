@@ -103,7 +103,8 @@ def _check_commands(wf: GenericWorkflow, pipeline_path: Path) -> None:
 
 
 def _submit_dir(cfg: BpsConfig) -> Path:
-    """The run's submit directory; a path the filesystem cannot take is a config error, not a crash."""
+    """The new run's submit directory; a path the filesystem cannot take is a config error, not a crash,
+    and one that exists already is another run's."""
     raw = str(cfg.get("submitPath"))
     where = f"{cfg.where(cfg.find_raw('submitPath')[1])}: key 'submitPath'"
     try:
@@ -113,6 +114,8 @@ def _submit_dir(cfg: BpsConfig) -> Path:
         raise ConfigError(f"{where}: unusable path {raw[:80]!r}: {getattr(exc, 'strerror', None) or exc}") from None
     if any(len(part.encode()) > 255 for part in p.parts) or len(str(p).encode()) > 4000:
         raise ConfigError(f"{where}: path too long ({len(str(p)):,} characters)")
+    if p.exists():
+        raise RunError(f"{p}: submit directory already exists (use 'batchprod restart' to continue that run)")
     return p
 
 
@@ -230,8 +233,6 @@ def prepare(
         raise ConfigError(f"{cfg.where(cfg.find_raw('repo')[1])}: key 'payload.repo': no {REGISTRY_FILE} in {repo}")
     output_run = _safe_name(cfg.get("outputRun"), cfg.where(cfg.find_raw("outputRun")[1]))
     submit_dir = _submit_dir(cfg)
-    if submit_dir.exists():
-        raise RunError(f"{submit_dir}: submit directory already exists (use 'batchprod restart' to continue that run)")
     query = cfg.get("dataQuery", default="")
     timings.append(Timing("load config", time.perf_counter() - t0, _peak_mb()))
 

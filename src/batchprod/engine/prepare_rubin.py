@@ -62,10 +62,6 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "ref
     butler = cfg.resolve_path("butlerConfig")
     output_run = _safe_name(cfg.get("outputRun"), cfg.where(cfg.find_raw("outputRun")[1]))
     submit_dir = _submit_dir(cfg)
-    if submit_dir.exists():
-        from batchprod.errors import RunError
-
-        raise RunError(f"{submit_dir}: submit directory already exists (use 'batchprod restart' to continue that run)")
     given = cfg.resolve_path("qgraphFile") if cfg.has("qgraphFile") else None
     if given is None:
         cfg.resolve_path("pipelineYaml")
