@@ -375,6 +375,10 @@ def _exit_trap() -> str:
 
 BASH = "/bin/bash"
 
+#: a job script runs each command through eval (a stray quote or here-document in one cannot swallow
+#: the rest of the script) and stops at the first that fails
+_EVAL = 'eval "$_bp_cmd"\n_bp_rc=$?; if [ $_bp_rc -ne 0 ]; then exit $_bp_rc; fi'
+
 
 def _completion_marker(spec: dict[str, Any], lines: list[str]) -> None:
     """The commands finished well: a marker lets a restart finish post-job if the orchestrator died."""
@@ -399,7 +403,7 @@ def _rubin_script(spec: dict[str, Any]) -> str:
     n = len(spec["quanta"])
     said = f"job {spec['name']}: {n} quant{'um' if n == 1 else 'a'} {ids}" if n else f"job {spec['name']}"
     lines.append(f"echo {shlex.quote(said)}")
-    lines.append('eval "$_bp_cmd"\n_bp_rc=$?; if [ $_bp_rc -ne 0 ]; then exit $_bp_rc; fi')
+    lines.append(_EVAL)
     _completion_marker(spec, lines)
     return "\n".join(lines) + "\n"
 
@@ -429,7 +433,7 @@ def shell_script(spec: dict[str, Any], staged: dict[str, str]) -> str | None:
         lines.append(f"{STRICT}; _bp_what={shlex.quote(what)}; _bp_cmd={shlex.quote(cmd)}")
         lines.append(f"echo {shlex.quote('quantum ' + what)}")
         # (a command that turned 'set -e' off still fails the job by its own exit status)
-        lines.append('eval "$_bp_cmd"\n_bp_rc=$?; if [ $_bp_rc -ne 0 ]; then exit $_bp_rc; fi')
+        lines.append(_EVAL)
     _completion_marker(spec, lines)
     # every backend starts it with bash itself (local and Parsl: bash -c, Slurm: #!/bin/bash): no
     # re-exec guard, which made bash parse the script twice per job (~1 ms CPU a job)

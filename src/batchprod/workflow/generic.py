@@ -211,10 +211,10 @@ class GenericWorkflow:
 
     def job_spec(self, j: int) -> dict[str, Any]:
         """Everything the job wrapper needs to run job j (JSON-serializable)."""
-        repo, run = self.run["repo"], self.run["output_run"]
-        qg = self.qgraph
         if self.run.get("protocol") == "butler":
             return self._butler_spec(j)
+        repo, run = self.run["repo"], self.run["output_run"]
+        qg = self.qgraph
         quanta = []
         for q in self.quanta(j):
             q = int(q)
