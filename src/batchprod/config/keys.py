@@ -401,6 +401,9 @@ RUNTIME_VARS = frozenset(
 # search order, its defaults (``rubin_defaults.yaml``) and these keys besides ours. README maps
 # every ctrl_bps key to batchprod's.
 
+#: ctrl_bps's final-job commands: ``finalJob.command1`` .. ``commandN``, run in order
+FINAL_COMMAND_RE = re.compile(r"command\d+")
+
 #: command keys: ``${ENV}`` and ``$ENV`` in them stay for the job's shell (never baked in at load)
 RUBIN_COMMAND_KEYS: dict[str, Converter] = {
     k: _str for k in (

@@ -22,6 +22,7 @@ import yaml
 
 from batchprod.config.imports import check_python_ref, check_wms_class
 from batchprod.config.keys import (
+    FINAL_COMMAND_RE,
     JOB_KEYS,
     RUBIN_COMMAND_KEYS,
     RUBIN_RESOURCE_KEYS,
@@ -181,7 +182,7 @@ def _formatted(name: str, spec: str, value: str, fail: Any) -> str:
 def _rubin_shell_key(keypath: str) -> bool:
     """A ctrl_bps key run by the job's shell: commands and their option strings, finalJob.commandN."""
     key = keypath.rsplit(".", 1)[-1]
-    return key in RUBIN_COMMAND_KEYS or bool(re.fullmatch(r"command\d+", key))
+    return key in RUBIN_COMMAND_KEYS or bool(FINAL_COMMAND_RE.fullmatch(key))
 
 
 @dataclass(frozen=True)
@@ -483,7 +484,7 @@ class BpsConfig:
     def _check_table(self, table: Mapping[str, Any], allowed: Mapping[str, Converter], prefix: str) -> None:
         for k, v in table.items():
             path = f"{prefix}.{k}"
-            if self.rubin and k not in allowed and prefix == "finalJob" and re.fullmatch(r"command\d+", str(k)):
+            if self.rubin and k not in allowed and prefix == "finalJob" and FINAL_COMMAND_RE.fullmatch(str(k)):
                 allowed = {**allowed, k: str}
             if self.rubin and k == "environment":
                 self._check_environment(v, path)

@@ -14,13 +14,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 
 from batchprod.config import BpsConfig, Context
-from batchprod.config.keys import RUBIN_CLUSTER_KEYS, RUBIN_FINAL_JOB_KEYS
+from batchprod.config.keys import FINAL_COMMAND_RE, RUBIN_CLUSTER_KEYS, RUBIN_FINAL_JOB_KEYS
 from batchprod.errors import ConfigError
 from batchprod.graph.quantum_graph import QuantumGraph
 from batchprod.workflow.clustering import ClusterSpec, cluster_quanta, resource_resolver
@@ -170,7 +169,7 @@ def _final_job(cfg: BpsConfig, curvals: dict[str, str]) -> FinalJob | None:
     when = str(cfg.typed("whenRun", RUBIN_FINAL_JOB_KEYS["whenRun"], ctx))
     if when == "NEVER":
         return None
-    names = sorted((k for k in cfg.section_keys("finalJob") if re.fullmatch(r"command\d+", k)),
+    names = sorted((k for k in cfg.section_keys("finalJob") if FINAL_COMMAND_RE.fullmatch(k)),
                    key=lambda k: int(k[7:]))
     # {requestCpus} (aggregate-graph -j N) is filled when the job starts, from its resources then: a
     # restart -o finalJob.requestCpus=N or a site's cap reaches the command too
