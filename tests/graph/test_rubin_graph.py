@@ -71,3 +71,60 @@ def test_a_file_that_is_not_a_graph_is_one_line(lsst: None, tmp_path: Path) -> N
         read_rubin_qgraph(bad)
     with pytest.raises(GraphError, match="quantum graph file not found"):
         read_rubin_qgraph(tmp_path / "none.qg")
+
+
+def _same(a: QuantumGraph, b: QuantumGraph) -> None:
+    assert a.counts() == b.counts() and a.vocab == b.vocab
+    assert (a.pred_ptr == b.pred_ptr).all() and (a.pred_idx == b.pred_idx).all()
+    assert (a.external_ids == b.external_ids).all()
+    assert [a.data_id(q) for q in range(len(a))] == [b.data_id(q) for q in range(len(b))]
+
+
+def test_the_scanned_thin_graph_is_pipe_bases_model_exactly(rubin_qg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block scanner (arrays, no object per quantum) and pipe_base's model give one graph; a block
+    the scanner does not recognise (here: pretty-printed) falls back to the model, same result."""
+    import json
+
+    from lsst.pipe.base.quantum_graph._common import BaseQuantumGraphReader
+
+    from batchprod.graph import rubin
+
+    scanned = rubin.read_rubin_qgraph(rubin_qg)
+    with monkeypatch.context() as m:
+        m.setattr(rubin, "_scan_thin", lambda reader, required: None)
+        modelled = rubin.read_rubin_qgraph(rubin_qg)
+    _same(scanned, modelled)
+    raw_block = BaseQuantumGraphReader._read_single_block_raw
+    seen: list[object] = []
+
+    def pretty(self: object, name: str) -> bytes:
+        data = raw_block(self, name)
+        return json.dumps(json.loads(data), indent=1).encode() if name == "thin_graph" else data
+
+    def spy(reader: object, required: dict[str, int]) -> object:
+        seen.append(result := scan(reader, required))
+        return result
+
+    scan = rubin._scan_thin
+    monkeypatch.setattr(BaseQuantumGraphReader, "_read_single_block_raw", pretty)
+    monkeypatch.setattr(rubin, "_scan_thin", spy)
+    _same(rubin.read_rubin_qgraph(rubin_qg), scanned)
+    assert seen == [None]
+
+
+def test_an_edge_to_a_quantum_not_in_the_graph_is_one_line(rubin_qg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lsst.pipe.base.quantum_graph._common import BaseQuantumGraphReader
+
+    from batchprod.graph import rubin
+
+    raw_block = BaseQuantumGraphReader._read_single_block_raw
+
+    def damaged(self: object, name: str) -> bytes:
+        data = raw_block(self, name)
+        if name != "thin_graph":
+            return data
+        head, edges = data.split(b',"edges":[["', 1)
+        return head + b',"edges":[["' + b"0" * 8 + edges[8:]
+    monkeypatch.setattr(BaseQuantumGraphReader, "_read_single_block_raw", damaged)
+    with pytest.raises(GraphError, match=rf"^{rubin_qg}: damaged Rubin quantum graph: an edge names a quantum"):
+        rubin.read_rubin_qgraph(rubin_qg)
