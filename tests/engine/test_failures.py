@@ -66,6 +66,19 @@ def test_going_over_the_memory_request_is_killed_as_oom_and_retried_bigger(tmp_p
     assert job["status"] == "SUCCEEDED" and job["request_memory"] == 375
 
 
+def test_a_shell_jobs_payload_killed_over_its_memory_reports_the_cpu_it_used(tmp_path: Path) -> None:
+    """The payload is the shell's child: killed with the tree before the shell reaps it, its CPU is
+    in no rusage we get, only in the samples taken while it ran."""
+    burn = tmp_path / "burn.py"
+    burn.write_text("import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0:\n    pass\n"
+                    "x = bytearray(300 * 2**20)\nfor i in range(0, len(x), 4096):\n    x[i] = 1\ntime.sleep(5)\n")
+    task = command_task(["visit", "detector"], ["raw"], ["calexp"], f"python3 {burn}; touch {{outputs.calexp}}")
+    run = one_job(tmp_path, task, requestMemory=100, numberOfRetries=0)
+    (a,) = attempts(run)
+    assert a["failure_class"] == "oom" and a["peak_rss_mb"] > 100
+    assert a["cpu_s"] >= 0.8, a["cpu_s"]
+
+
 def test_oom_at_the_cap_fails_for_good_with_a_clear_reason(tmp_path: Path) -> None:
     run = one_job(tmp_path, py_task("alloc_task", mb=300, hold=1.0), requestMemory=150, memoryMultiplier=2,
                   memoryLimit=200, numberOfRetries=5)

@@ -178,7 +178,7 @@ def _one_command_job(tmp_path: Path, command: str, **keys) -> list[dict]:
 def test_a_failed_part_of_a_command_fails_the_job(tmp_path: Path, command: str) -> None:
     (a,) = _one_command_job(tmp_path, command)
     assert (a["status"], a["failure_class"]) == ("FAILED", "user_error")
-    assert "error: calibrate {'visit': 1, 'detector': 0}: command exited with code" in Path(a["stderr"]).read_text()
+    assert "error: calibrate visit=1 detector=0: command exited with code" in Path(a["stderr"]).read_text()
 
 
 @pytest.mark.parametrize(("command", "sig"), [

@@ -38,6 +38,19 @@ def test_failures_grouped_by_what_the_payload_said(tmp_path: Path, toy_repo: Pat
     assert "cause: saturated reference star catalog for visit 1" in text
 
 
+def test_a_multi_line_commands_cause_is_what_it_printed_not_its_text(tmp_path: Path, toy_repo: Path, cli) -> None:
+    """batchprod's own error line names the command on one line: its second line is not 'the cause'."""
+    cmd = "echo saturated reference star catalog for visit {visit} >&2; exit 5\ncat {inputs.raw} > {outputs.calexp}"
+    run = _failing_run(tmp_path, toy_repo, cmd)
+    f = json.loads(cli("report", run.submit_dir, "--failures", "--json").output)
+    (g,) = f["groups"]
+    assert g["cause"].startswith("saturated reference star catalog for visit ")
+    assert {j["cause"] for j in f["jobs"]} == {f"saturated reference star catalog for visit {v}" for v in (1, 2)}
+    err = next(Path(run.submit_dir).rglob("calibrate_visit1_detector0*.err")).read_text()
+    assert err.splitlines()[-1].startswith("error: calibrate visit=1 detector=0: command exited with code 5: echo ")
+    assert "exit 5; cat " in err.splitlines()[-1]  # both lines of the command, on batchprod's one line
+
+
 def test_cause_falls_back_to_batchprod_only_when_the_payload_said_nothing(tmp_path: Path, toy_repo: Path,
                                                                            cli) -> None:
     run = _failing_run(tmp_path, toy_repo, "exit 3")
@@ -48,13 +61,13 @@ def test_cause_falls_back_to_batchprod_only_when_the_payload_said_nothing(tmp_pa
 
 def test_causal_line_reduces_tracebacks_and_skips_our_lines(tmp_path: Path) -> None:
     err = tmp_path / "err"
-    err.write_text("quantum calibrate {'visit': 1}\nWARNING: slow disk\nTraceback (most recent call last):\n"
+    err.write_text("quantum calibrate visit=1\nWARNING: slow disk\nTraceback (most recent call last):\n"
                    '  File "x.py", line 3, in f\n    raise ValueError("bad flat")\nValueError: bad flat for 3\n'
-                   "error: calibrate {'visit': 1}: command exited with code 1: python x.py\n")
+                   "error: calibrate visit=1: command exited with code 1: python x.py\n")
     assert causal_line(err) == "ValueError: bad flat for 3"
     out = tmp_path / "out"
     out.write_text("+ mytool\nprocessing 12 sources\n\n---\n")
-    err.write_text("error: calibrate {'visit': 1}: command exited with code 4: mytool\n")
+    err.write_text("error: calibrate visit=1: command exited with code 4: mytool\n")
     assert causal_line(err, out) == "processing 12 sources"
 
 

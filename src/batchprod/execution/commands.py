@@ -360,17 +360,36 @@ def render_command(template: str, q: dict[str, Any]) -> str:
     return _FORMATTER.vformat(template, (), fields)
 
 
+def quantum_what(q: dict[str, Any]) -> str:
+    """How batchprod's own log lines name a quantum: ``calibrate visit=1 detector=0``."""
+    return " ".join([q["label"], *(f"{k}={v}" for k, v in q["data_id"].items())])
+
+
+#: batchprod's own error line names the command on that one line (a multi-line command's later lines
+#: would read as the payload's), and not all of a long one
+MAX_CMD_SHOWN = 300
+
+
+def one_line(cmd: str) -> str:
+    """A command as batchprod's own error line shows it (the shell trap does the same in bash)."""
+    flat = "; ".join(ln.strip() for ln in cmd.splitlines() if ln.strip())
+    return flat if len(flat) <= MAX_CMD_SHOWN else flat[:MAX_CMD_SHOWN] + "..."
+
+
 def _exit_trap() -> str:
     """The job script's EXIT trap: says which command failed, and makes a payload killed by a kill
     signal (the shell reports 128+N) kill the job's shell with it, so the backend sees a kill."""
     names = " ".join(f"{128 + int(s)}) _bp_sig={signal.Signals(s).name.removeprefix('SIG')};;"
                      for s in sorted(KILL_SIGNALS))
     resets = " ".join(signal.Signals(s).name.removeprefix("SIG") for s in sorted(KILL_SIGNALS) if s != signal.SIGKILL)
+    # the command on one line (as one_line() does): newlines become "; ", cut at MAX_CMD_SHOWN
+    flat = ('printf -v _bp_nl "\\n"; _bp_c=${_bp_cmd//$_bp_nl/; }; '
+            f'[ ${{#_bp_c}} -gt {MAX_CMD_SHOWN} ] && _bp_c="${{_bp_c:0:{MAX_CMD_SHOWN}}}..."; ')
     return ("trap '_bp_rc=$?; set +eu; trap - EXIT; if [ $_bp_rc -ne 0 ]; then _bp_sig=; "
-            f"case $_bp_rc in {names} esac; "
-            'if [ -n "$_bp_sig" ]; then echo "error: $_bp_what: payload killed by SIG$_bp_sig: $_bp_cmd" >&2; '
+            f"case $_bp_rc in {names} esac; {flat}"
+            'if [ -n "$_bp_sig" ]; then echo "error: $_bp_what: payload killed by SIG$_bp_sig: $_bp_c" >&2; '
             f"trap - {resets}; kill -s $_bp_sig $$; kill -s KILL $$; fi; "
-            'echo "error: $_bp_what: command exited with code $_bp_rc: $_bp_cmd" >&2; fi; exit $_bp_rc\' EXIT')
+            'echo "error: $_bp_what: command exited with code $_bp_rc: $_bp_c" >&2; fi; exit $_bp_rc\' EXIT')
 
 
 BASH = "/bin/bash"
@@ -427,7 +446,7 @@ def shell_script(spec: dict[str, Any], staged: dict[str, str]) -> str | None:
         return None
     lines = ["_bp_what=job; _bp_cmd=", _exit_trap()]
     for q in spec["quanta"]:
-        what = f"{q['label']} {q['data_id']}"
+        what = quantum_what(q)
         cmd = render_command(q["command"], staged_quantum(q, staged))
         # the options again for every command: one may have changed them for the next
         lines.append(f"{STRICT}; _bp_what={shlex.quote(what)}; _bp_cmd={shlex.quote(cmd)}")

@@ -39,7 +39,7 @@ def first_error_line(path: str | Path | None) -> str | None:
 _OURS = re.compile(
     r"^(?:error: .*: (?:command exited with code -?\d+|payload killed by SIG\w+)\b.*"
     r"|error: (?:oom|stage-in|stage-out|timeout|finalJob|fenced|post-job)\b.*"
-    r"|quantum \S+ \{.*\}|\+ .*)$"
+    r"|quantum \S+(?: \S+=\S*)*|\+ .*)$"
 )
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure|Warning)?(?::.*)?$")
 _MEANINGFUL = re.compile(r"[A-Za-z0-9]")

@@ -79,6 +79,25 @@ def kill_group_of(pid: int, sig: int = signal.SIGKILL) -> None:
         kill_group(os.getpgid(pid), sig)
 
 
+def tree_usage(proc: psutil.Process) -> tuple[float, float]:
+    """Resident memory (MB) and CPU seconds so far of a process and all its descendants. The CPU of
+    a descendant that ended is in its parent's children times once reaped; of one killed with its
+    tree before anyone reaped it (a payload killed over its memory request), only a sample taken while
+    it ran knows it. Raises psutil.NoSuchProcess if the process itself is gone."""
+    rss, cpu = 0, 0.0
+    for i, p in enumerate([proc, *proc.children(recursive=True)]):
+        try:
+            with p.oneshot():
+                rss += p.memory_info().rss
+                t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            if i == 0:
+                raise
+            continue
+        cpu += t.user + t.system + t.children_user + t.children_system
+    return rss / 2**20, cpu
+
+
 def tree_rss_mb(proc: psutil.Process) -> float:
     """Resident memory of a process and all its descendants, in MB (what a memory request limits).
     Raises psutil.NoSuchProcess if the process itself is gone."""

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from batchprod.execution.commands import BASH, STRICT, render_command
+from batchprod.execution.commands import BASH, STRICT, one_line, quantum_what, render_command
 from batchprod.execution.protocol import (
     EXIT_INFRASTRUCTURE,
     EXIT_MEMORY_ERROR,
@@ -73,7 +73,7 @@ def _run_command(cmd: str, what: str) -> None:
     print(f"+ {cmd}", flush=True)
     code = _exit_code(subprocess.call([BASH, "-c", f"{STRICT}\n{cmd}"]), what)
     if code:
-        print(f"error: {what}: command exited with code {code}: {cmd}", file=sys.stderr, flush=True)
+        print(f"error: {what}: command exited with code {code}: {one_line(cmd)}", file=sys.stderr, flush=True)
         raise SystemExit(code)
 
 
@@ -103,7 +103,7 @@ def run_quantum(q: dict[str, Any], staged: dict[str, str]) -> list[dict[str, Any
     if q.get("python"):
         load_function(q["python"])(_context(lq))
     else:
-        _run_command(render_command(q["command"], lq), f"{q['label']} {q['data_id']}")
+        _run_command(render_command(q["command"], lq), quantum_what(q))
     try:
         return collect_outputs(q, staged)
     except MissingOutput as exc:
@@ -272,7 +272,7 @@ def _main(spec: dict[str, Any]) -> int:
                 _run_command(final["command"], "finalJob")
             outputs.extend(final_outputs(final))
         for q in spec["quanta"]:
-            print(f"quantum {q['label']} {q['data_id']}", flush=True)
+            print(f"quantum {quantum_what(q)}", flush=True)
             outputs.extend(run_quantum(q, staged))
         finish_attempt(spec, outputs, time.time() - t0)
     except StageError as exc:

@@ -36,7 +36,7 @@ import psutil
 from pydantic import Field
 
 from batchprod.execution.commands import BASH
-from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env, tree_rss_mb
+from batchprod.execution.process import kill_group, kill_group_of, pid_alive, processes_with_env, tree_usage
 from batchprod.execution.protocol import write_fence
 from batchprod.execution.states import FailureClass
 from batchprod.state.run import Run
@@ -109,6 +109,7 @@ class _Proc:
     files: list[IO[bytes]]
     proc: psutil.Process | None
     peak_rss: float = 0.0
+    tree_cpu: float = 0.0  # the CPU its whole tree had used at the last sample (see tree_usage)
     forced: FailureClass | None = None
     reason: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -233,10 +234,11 @@ class LocalBackend(Backend):
             try:
                 if p.proc is None:
                     p.proc = psutil.Process(pid)
-                mb = tree_rss_mb(p.proc)
+                mb, cpu = tree_usage(p.proc)
             except psutil.NoSuchProcess:
                 continue
             p.peak_rss = max(p.peak_rss, mb)
+            p.tree_cpu = max(p.tree_cpu, cpu)
             if mb > p.launch.memory:
                 p.forced = FailureClass.OOM
                 p.reason = f"oom: process tree used {mb:.0f} MB > requestMemory {p.launch.memory} MB"
@@ -277,7 +279,7 @@ class LocalBackend(Backend):
                 exit_code=code,
                 signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                 fclass=p.forced, reason=p.reason,
-                peak_rss_mb=job_peak_mb(p.peak_rss, ru.ru_maxrss, p.baseline_kb), cpu_s=ru.ru_utime + ru.ru_stime,
+                peak_rss_mb=job_peak_mb(p.peak_rss, ru.ru_maxrss, p.baseline_kb), cpu_s=max(ru.ru_utime + ru.ru_stime, p.tree_cpu),
                 host=self.host,
                 staged=p.staged if post else None, started=p.started,
             ))
