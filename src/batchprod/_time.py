@@ -1,7 +1,8 @@
-"""Times as operators read them, for every layer (the engine's run messages, the reports, the CLI)."""
+"""Times and counts as operators read them, for every layer (the engine's run messages, the reports, the CLI)."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 
@@ -10,3 +11,13 @@ def iso(ts: float | None) -> str:
     if ts is None:
         return ""
     return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def iso_now() -> str:
+    """Now, as :func:`iso` writes a time (``2026-11-27T07:18:03+01:00``): one form in every line."""
+    return iso(time.time())
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 job', '2 jobs', '12,345 jobs'."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"

@@ -80,6 +80,7 @@ def _private_files() -> None:
 
 
 def _print_prepare(run: Any, timings: list[Any]) -> None:
+    from batchprod._time import plural
     from batchprod.graph import describe
 
     wf = run.workflow
@@ -87,7 +88,7 @@ def _print_prepare(run: Any, timings: list[Any]) -> None:
         console.print(f"  {t.stage:<22} {t.seconds:8.2f}s  peak {t.peak_mb:8.0f} MB", style="dim")
     console.print(f"graph:    {describe(run.qgraph)}")
     final = " + finalJob" if wf.final is not None else ""
-    console.print(f"workflow: {len(wf)} jobs{final}, {wf.n_dependencies} dependencies, groups: "
+    console.print(f"workflow: {plural(len(wf), 'job')}{final}, {plural(wf.n_dependencies, 'dependency', 'dependencies')}, groups: "
                   + ", ".join(g.name for g in wf.groups))
     console.print(f"run:      {run.name}\nsubmit:   {run.submit_dir}")
     for note in getattr(run, "notes", ()):
@@ -241,6 +242,7 @@ def _watch(run: Any, interval: float) -> int:
 
     from rich.live import Live
 
+    from batchprod._time import iso_now
     from batchprod.engine import lock
     from batchprod.report import render_table, summarize
 
@@ -260,7 +262,7 @@ def _watch(run: Any, interval: float) -> int:
         while True:
             cols = {k: v for k, v in s["jobs"].items() if k != "total"}
             done = sum(cols.get(c, 0) for c in DONE)
-            click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {s['run']}: {s['status']}, {done:,} of "
+            click.echo(f"{iso_now()} {s['run']}: {s['status']}, {done:,} of "
                        f"{s['jobs']['total']:,} jobs done ({words(cols) or 'nothing yet'})")
             if not live():
                 break

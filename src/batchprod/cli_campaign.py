@@ -12,9 +12,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from batchprod._time import iso
+from batchprod._time import iso, plural
 from batchprod.cli_common import DB_OPTION, _user_errors, console, err_console
-from batchprod.report.failures import plural
 from batchprod.report.progress import duration
 
 

@@ -179,6 +179,8 @@ def test_killed_engine_shows_interrupted_with_the_hint_and_restart_says_what_it_
     assert s["hint"] == f"batchprod restart {run.submit_dir}"
     text = cli("report", run.submit_dir).output
     assert "INTERRUPTED" in text and f"batchprod restart {run.submit_dir}" in text and "running" not in text
+    assert s["ended"] == "" and s["last_seen"] and f"engine last seen {s['last_seen']}" in text
+    assert " ended " not in text  # its engine died: the run did not end
     flag.touch()
     r = cli("restart", run.submit_dir)
     assert r.exit_code == 0, r.output
@@ -232,7 +234,10 @@ def test_final_job_reflects_the_final_state_and_elapsed_skips_the_idle_gap(tmp_p
     assert (out / "count.txt").read_text().strip() == "2"  # the partial first run
     flag.unlink()
     time.sleep(2.0)  # the operator's coffee: not execution time
-    assert cli("restart", run.submit_dir).exit_code == 0
+    r = cli("restart", run.submit_dir)
+    assert r.exit_code == 0
+    # the final job had succeeded, but it runs again: it is not among the kept
+    assert "restart: kept 2 succeeded jobs, re-running 2 jobs and the final job" in r.output
     assert (out / "count.txt").read_text().strip() == "4"  # the final job ran again, on everything
     final_rows = [o for o in run.store.outputs() if o["path"].endswith("count.txt")]
     assert len(final_rows) == 1

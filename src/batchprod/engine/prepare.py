@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from batchprod._time import iso_now
 from batchprod.config import BpsConfig, Context, load_config
 from batchprod.config.keys import PAYLOAD_KEYS
 from batchprod.errors import ConfigError, RunError
@@ -186,7 +187,7 @@ def _replace_output_run(repo: Path, output_run: str, submit_dir: Path) -> str:
     area = repo / output_run
     n_files = sum(len(f) for _, _, f in os.walk(area)) if area.is_dir() else 0
     shutil.rmtree(area, ignore_errors=True)
-    note = (f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} --replace-run: removed {n:,} datasets of '{output_run}' "
+    note = (f"{iso_now()} --replace-run: removed {n:,} datasets of '{output_run}' "
             f"from the registry and {n_files:,} files under {area}\n")
     with open(submit_dir / HISTORY_FILE, "a") as fh:
         fh.write(note)

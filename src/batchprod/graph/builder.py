@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from batchprod._time import plural
 from batchprod.errors import GraphError, PipelineError
 from batchprod.graph.quantum_graph import QuantumGraph, TaskNode
 from batchprod.graph.query import DataQuery
@@ -193,6 +194,6 @@ def build_quantum_graph(
 
 def describe(qg: QuantumGraph) -> str:
     """One-line summary: quanta per task and edges."""
-    per = ", ".join(f"{k}={v}" for k, v in qg.counts().items())
-    return f"{len(qg)} quanta ({per}), {qg.n_edges} edges"
+    per = ", ".join(f"{k}={v:,}" for k, v in qg.counts().items())
+    return f"{plural(len(qg), 'quantum', 'quanta')} ({per}), {plural(qg.n_edges, 'edge')}"
 

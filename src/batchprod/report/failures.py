@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchprod._time import plural
 from batchprod.errors import RunError
 from batchprod.execution.logs import signature
 from batchprod.execution.paths import tail_in
@@ -80,11 +81,6 @@ def job_history(run: Run, name: str) -> dict[str, Any]:
     attempts = run.store.attempts(job["id"])
     return {**job, "data_id": _data_id(run, job["id"]), "attempts_detail": attempts,
             "outputs": run.store.outputs(job["id"])}
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """'1 job', '2 jobs', '12,345 jobs'."""
-    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def _exit_words(exit_code: Any, sig: Any) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, Task, TextColumn, TimeElapsedColumn
 
+from batchprod._time import iso_now
 from batchprod.report.report import COLUMNS, column_counts
 
 DONE = ("succeeded", "failed", "unready", "cancelled")
@@ -133,6 +134,6 @@ class ProgressView:
             left = self.total - done
             eta = f", ETA {duration(left / rate)}" if rate > 0 and left else ""
             pace = f"; {rate:,.1f} jobs/s{eta}"
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        stamp = iso_now()
         self.console.print(f"{stamp} {self.name}: {done:,} of {self.total:,} jobs done ({words(cols) or 'nothing yet'})"
                            f"{pace}", highlight=False, markup=False, soft_wrap=True)

@@ -113,7 +113,9 @@ def summarize(run: Run) -> dict[str, Any]:
         "created": info["created"],
         "created_iso": iso(info["created"]),
         "started": iso(started),
-        "ended": iso(ended),
+        # an engine that died did not end the run: when it was last seen is not when the run ended
+        "ended": iso(None if status == RunState.INTERRUPTED else ended),
+        "last_seen": iso(ended) if status == RunState.INTERRUPTED else None,
         "elapsed_s": round(elapsed, 3),
         "message": info["message"],  # e.g. the post-run ingest's outcome
         "jobs": totals,
@@ -137,6 +139,8 @@ def render_table(summary: dict[str, Any], width: int | None = None) -> Any:
     when = [f"started {summary['started']}" if summary.get("started") else "not started yet"]
     if summary.get("ended"):
         when.append(f"ended {summary['ended']}")
+    elif summary.get("last_seen"):
+        when.append(f"engine last seen {summary['last_seen']}")
     when.append(f"elapsed {duration(summary['elapsed_s'])} (while an engine ran it)")
     notes = [", ".join(when), *(summary[k] for k in ("message",) if summary.get(k))]
     if summary.get("hint"):
@@ -151,21 +155,35 @@ def render_table(summary: dict[str, Any], width: int | None = None) -> Any:
 def restart_plan(run: Run) -> tuple[str, int]:
     """What a restart is about to do, in words (kept N succeeded, re-running M, learned memory of K
     kept), and how many jobs it will run."""
-    from batchprod.report.failures import plural
+    from batchprod._time import plural
 
     wf = run.workflow
     base = [g.resources.request_memory for g in wf.groups]
     groups = wf.job_group.tolist()
     final_mem = wf.final.resources.request_memory if wf.final is not None else 0
     kept = rerun = learned = 0
+    final_pending = False
     for j, status, mem in run.store.job_columns("id", "status", "request_memory"):
+        if j >= len(groups):  # the final job: it runs again at the end of any execution that runs a job
+            final_pending = status != JobState.SUCCEEDED
+            if mem > final_mem:
+                learned += 1
+            continue
         if status == JobState.SUCCEEDED:
             kept += 1
             continue
         rerun += 1
-        if mem > (base[groups[j]] if j < len(groups) else final_mem):
+        if mem > base[groups[j]]:
             learned += 1
-    parts = [f"kept {plural(kept, 'succeeded job')}", f"re-running {plural(rerun, 'job')}"]
+    if wf.final is not None and (rerun or final_pending):
+        rerun += 1
+        kept_words = f"kept {plural(kept, 'succeeded job')}"
+        run_words = f"re-running {plural(rerun - 1, 'job')} and the final job" if rerun > 1 else \
+            "re-running the final job"
+    else:
+        kept += wf.final is not None  # a finished run's final job: nothing runs, so it is kept too
+        kept_words, run_words = f"kept {plural(kept, 'succeeded job')}", f"re-running {plural(rerun, 'job')}"
+    parts = [kept_words, run_words]
     if learned:
         parts.append(f"learned memory of {plural(learned, 'job')} kept")
     info = run.store.run_info()

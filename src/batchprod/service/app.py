@@ -20,6 +20,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from batchprod._time import plural
 from batchprod.errors import BatchprodError, GraphError, RunError, WorkflowError
 from batchprod.execution.paths import OutsideRunError, check_in
 from batchprod.execution.rundir import CONFIG_FILE, QGRAPH_FILE, WORKFLOW_FILE
@@ -173,7 +174,7 @@ def create_app(root: str | Path, db: str | None = None) -> FastAPI:
 
 def _dashboard(runs: list[dict[str, Any]], base: Path) -> str:
     e = html.escape
-    parts = [f"<h1>batchprod: {len(runs)} runs under {e(str(base))}</h1>"]
+    parts = [f"<h1>batchprod: {plural(len(runs), 'run')} under {e(str(base))}</h1>"]
     for r in runs:
         if r["status"] == DAMAGED:
             parts.append(f"<h2>{e(r['name'])} <small class='{DAMAGED}'>{DAMAGED}</small></h2>"
@@ -185,14 +186,14 @@ def _dashboard(runs: list[dict[str, Any]], base: Path) -> str:
         hint = f"<p class='INTERRUPTED'>its engine is gone; continue with: <code>{e(r['hint'])}</code></p>" \
             if r.get("hint") else ""
         parts.append(f"<h2>{e(r['name'])} <small class='{e(r['status'])}'>{e(r['status'])}</small></h2>"
-                     f"<p>{j['total']:,} jobs: {e(counts)}; {e(when)}, elapsed {duration(r['elapsed_s'])}</p>"
+                     f"<p>{plural(j['total'], 'job')}: {e(counts)}; {e(when)}, elapsed {duration(r['elapsed_s'])}</p>"
                      f"{hint}<table>")
         for label, row in r["labels"].items():
             done = 100 * row["succeeded"] / row["total"] if row["total"] else 0
             bad = 100 * row["failed"] / row["total"] if row["total"] else 0
             parts.append(f"<tr><td>{e(label)}</td><td class='bar'><span class='ok' style='width:{done:.1f}%'></span>"
                          f"<span class='bad' style='width:{bad:.1f}%'></span></td>"
-                         f"<td>{row['succeeded']}/{row['total']}</td><td>{row['failed'] or ''}</td></tr>")
+                         f"<td>{row['succeeded']:,}/{row['total']:,}</td><td>{format(row['failed'], ',') if row['failed'] else ''}</td></tr>")
         parts.append(f"</table><p><a href='api/runs/{e(r['name'])}/failures'>failures</a> · "
                      f"<a href='api/runs/{e(r['name'])}'>json</a></p>")
     style = ("body{font-family:sans-serif;margin:2em}td{padding:2px 8px}.bar{width:300px;background:#eee}"

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from batchprod._time import iso_now
 from batchprod.errors import ConfigError, RunError
 from batchprod.execution.rundir import (
     CONFIG_FILE,
@@ -218,6 +219,6 @@ def add_restart_overrides(run: Run, overrides: dict[str, Any]) -> list[str]:
     os.replace(tmp, path)
     said = [f"{k}={v}" for k, v in typed.items()]
     with open(run.submit_dir / HISTORY_FILE, "a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} restart -o {' -o '.join(said)}\n")
+        fh.write(f"{iso_now()} restart -o {' -o '.join(said)}\n")
     run.__dict__.pop("workflow", None)  # apply from now on
     return said
