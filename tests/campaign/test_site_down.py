@@ -73,3 +73,29 @@ def test_slurm_site_lost_mid_run_work_finishes_on_the_local_site(central: str, t
         assert not result.exists(), f"zombie attempt {number} of job {job} published"
     again = Run(sub).store.outputs()
     assert sorted((o["path"], o["checksum"]) for o in again) == sorted((o["path"], o["checksum"]) for o in outs)
+
+
+def test_a_slurm_site_that_refuses_every_submission_is_down_and_the_work_runs_elsewhere(
+        central: str, tmp_path: Path, slurm: str) -> None:
+    """A bad partition: sbatch is refused at once. Among several sites that is evidence against the
+    site (submissions fail repeatedly), not the end of the dispatcher and of every campaign."""
+    toy = Toy(tmp_path / "t", visits=2)  # 8 jobs
+    a = toy.config("a", "cat {inputs.raw} > {outputs.calexp}")
+    cat = toy.sites({"hpc": {"wmsServiceClass": "slurm", "pollInterval": 0.2, "partition": "nosuchpartition"},
+                     "laptop": {"cores": 2}})
+    create(central, toy.campaign("refused", [{"name": "s", "submit": [a]}]))
+    db = CampaignDB(central)
+    bg = Background(runner(central, cat, policy=HealthPolicy(probe_after=3600.0)), forever=False)
+    try:
+        bg.thread.join(120)
+    finally:
+        bg.stop()
+    assert db.get("refused")["state"] == "done"
+    run = Run(toy.root / "submit" / "a")
+    jobs = run.store.jobs()
+    assert len(jobs) == 8 and all(j["status"] == "SUCCEEDED" for j in jobs)
+    assert all(j["retries"] == 0 for j in jobs)  # a refused submission spends no retry
+    assert {x["site"] for x in run.store.attempts() if x["status"] == "SUCCEEDED"} == {"laptop"}
+    hpc = db.site_states()["hpc"]
+    assert hpc["state"] == "down" and "submissions in a row failed" in hpc["evidence"]
+    assert "partition" in hpc["evidence"].lower()

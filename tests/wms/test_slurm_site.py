@@ -117,3 +117,15 @@ def test_controller_lost_in_the_middle_of_a_batch(tmp_path: Path, monkeypatch: p
     with pytest.raises(SiteUnavailable):
         fresh.start([shell_launch(tmp_path / "run2", j) for j in (1, 2)])
     assert fresh.active() == 0 and fresh.poll() == []
+
+
+def test_a_refused_submission_is_submit_refused_naming_the_site(tmp_path: Path, live: str) -> None:
+    """The controller answers but refuses (a bad partition): SubmitRefused, a RunError (a lone run
+    stops with one line) that a dispatcher with other sites holds against this one."""
+    from batchprod.errors import RunError
+    from batchprod.wms.base import SubmitRefused
+
+    backend = site(partition="nosuchpartition")
+    with pytest.raises(SubmitRefused, match=r"^site 'hpc': submission refused: sbatch .*partition") as info:
+        backend.start([shell_launch(tmp_path / "run", 1, "true")])
+    assert isinstance(info.value, RunError) and backend.active() == 0

@@ -36,7 +36,7 @@ from batchprod._time import iso
 from batchprod.engine.dag import RunDag, classify
 from batchprod.engine.health import Health, HealthPolicy, SiteState
 from batchprod.execution.states import FailureClass, JobState, RunState
-from batchprod.wms.base import Backend, Ended, Launch, SiteUnavailable
+from batchprod.wms.base import Backend, Ended, Launch, SiteUnavailable, SubmitRefused
 
 FLUSH_INTERVAL = 0.25  # seconds between state commits of a run
 KILL_GRACE = 3.0  # seconds between the polite and the hard stop on cancel
@@ -345,9 +345,12 @@ class Dispatcher:
             launches = [launch for _, launch in batch]
             try:
                 handles = site.backend.start(launches)
-            except SiteUnavailable as exc:
+            except (SiteUnavailable, SubmitRefused) as exc:
+                if isinstance(exc, SubmitRefused) and len(self.sites) == 1:
+                    raise  # nowhere else to go: the operator must fix the site (one clear line)
                 site.health.submitted(False, self.clock.time(), exc.reason)
-                self._site_down(site, exc.reason)
+                if isinstance(exc, SiteUnavailable):  # (a refusal is evidence too: "submissions fail")
+                    self._site_down(site, exc.reason)
                 for dag, launch in batch:
                     site.release(launch.cores, launch.memory)
                     dag.not_started(launch, str(exc))

@@ -68,6 +68,7 @@ class Health:
     unanswered_since: float | None = None
     unanswered_reason: str = ""
     submit_failed: int = 0  # in a row
+    submit_reason: str = ""  # the last failure's
     recent: deque[bool] = field(default_factory=deque)  # last `window` ends: True = the site's fault
     faults: int = 0  # True values in `recent`
     lost: deque[float] = field(default_factory=deque)  # times of vanished attempts in the window
@@ -99,6 +100,8 @@ class Health:
 
     def submitted(self, ok: bool, now: float, reason: str = "") -> None:
         self.submit_failed = 0 if ok else self.submit_failed + 1
+        if not ok:
+            self.submit_reason = reason
         if not ok and self.state == SiteState.PROBING:
             self._down(now, f"probe: submission failed: {reason}")
 
@@ -150,7 +153,7 @@ class Health:
                             f"{self.unanswered_reason}")
             return
         if self.submit_failed >= p.submit_failures:
-            self._down(now, f"{self.submit_failed} submissions in a row failed")
+            self._down(now, f"{self.submit_failed} submissions in a row failed: {self.submit_reason}")
             return
         if len(self.lost) >= p.lost_jobs:
             self._down(now, f"{len(self.lost)} attempts vanished recently")

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchprod.errors import BatchprodError
+from batchprod.errors import BatchprodError, RunError
 from batchprod.execution.states import FailureClass
 
 if TYPE_CHECKING:
@@ -110,6 +110,17 @@ class SiteUnavailable(BatchprodError):
 
     def __init__(self, site: str, reason: str) -> None:
         super().__init__(f"site '{site}' unavailable: {reason}")
+        self.site = site
+        self.reason = reason
+
+
+class SubmitRefused(RunError):
+    """The site's scheduler answered but refused the submission (a bad partition or account, no
+    client installed). Alone, a run cannot go on (the operator must fix the site: one clear line);
+    among several sites it is evidence against this one ("submissions fail repeatedly")."""
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(f"site '{site}': submission refused: {reason}")
         self.site = site
         self.reason = reason
 

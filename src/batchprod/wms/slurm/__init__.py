@@ -23,8 +23,9 @@ withdrawn too: the batch is as if never started). If the controller goes away in
 batch, the jobs already submitted keep their handles, and the launch that failed and every launch
 after it get the handle ``-`` and end as ``infrastructure`` ("site unavailable") at the next poll:
 the engine retries them later without spending their retry budget, and no submitted job is
-unknown. An ``sbatch`` that the controller refuses (a bad partition or account) raises RunError when
-it is the batch's first submission, and otherwise ends that attempt as ``infrastructure``.
+unknown. An ``sbatch`` that the controller refuses (a bad partition or account) raises
+:class:`SubmitRefused` when it is the batch's first submission (the dispatcher holds it against the
+site, or stops a run that has no other), and otherwise ends that attempt as ``infrastructure``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,15 @@ from batchprod.errors import ConfigError, RunError
 from batchprod.execution.protocol import EXIT_INFRASTRUCTURE
 from batchprod.execution.states import FailureClass
 from batchprod.state.run import Run
-from batchprod.wms.base import Backend, BaseWmsService, Capacity, Ended, Launch, SiteUnavailable
+from batchprod.wms.base import (
+    Backend,
+    BaseWmsService,
+    Capacity,
+    Ended,
+    Launch,
+    SiteUnavailable,
+    SubmitRefused,
+)
 from batchprod.wms.inline import InlineJobs, job_variables, wrapper_usage, write_wrapper_spec
 from batchprod.wms.settings import Count, Seconds, SiteSettings, Text, run_site_settings
 
@@ -110,7 +119,8 @@ def _run_cmd(args: list[str], what: str, input_text: str | None = None, timeout:
         msg = p.stderr.strip() or p.stdout.strip()
         if _unreachable(msg):
             raise _SiteDown(f"{what}: {msg.splitlines()[-1] if msg else p.returncode}")
-        raise RunError(f"{what} failed ({p.returncode}): {msg}")
+        one = "; ".join(ln.strip() for ln in msg.splitlines() if ln.strip())  # one line for the operator
+        raise RunError(f"{what} failed ({p.returncode}): {one}")
     return p.stdout
 
 
@@ -224,7 +234,7 @@ class SlurmBackend(Backend):
                     del self._inline.early[early_before:]
                     if isinstance(exc, _SiteDown):
                         raise self._unavailable(exc) from None
-                    raise
+                    raise SubmitRefused(self.settings.site, str(exc)) from None
                 if isinstance(exc, _SiteDown):
                     down = str(exc)
                     self._site_down_end(launch, down)
