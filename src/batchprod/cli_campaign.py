@@ -4,6 +4,7 @@ commands of workload management (the run commands are in ``cli.py``)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -72,10 +73,16 @@ _verb("resume", "Undo pause.")
 _verb("cancel", "Stop the campaign: its running jobs are killed, nothing more starts.")
 
 
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and math.isnan(value):  # (nan passes every range comparison)
+        raise click.BadParameter("expected a finite number, got nan", ctx, param)
+    return value
+
+
 @campaign.command("reprioritize", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
-@click.argument("priority", type=int)
-@click.option("--share", type=click.FloatRange(min=0.0, min_open=True), default=None,
+@click.argument("priority", type=click.IntRange(-1_000_000, 1_000_000))  # (the campaign file's bounds)
+@click.option("--share", type=click.FloatRange(min=0.0, max=1e6, min_open=True), default=None, callback=_not_nan,
               help="Also set its fair-share target among campaigns of equal priority.")
 @DB_OPTION
 @_user_errors

@@ -90,6 +90,10 @@ def test_gate_pause_resume_and_reprioritize(central: str, toy: Toy, cli) -> None
         r = cli("campaign", "pause", "g")
         assert r.exit_code == 2 and "cannot pause" in r.output  # one line, not a traceback
         assert cli("campaign", "reprioritize", "g", "7", "--share", "2").exit_code == 0
+        for bad in (["--share", "nan"], ["--share", "inf"], ["--share", "0"], ["99999999999999999999"]):
+            args = ["campaign", "reprioritize", "g", *(["7", *bad] if bad[0].startswith("--") else bad)]
+            r = cli(*args)
+            assert r.exit_code == 2 and "Traceback" not in r.output, (bad, r.output)
         assert cli("campaign", "resume", "g").exit_code == 0
         wait_for(lambda: db.steps(db.get("g")["id"])[0]["state"] == "done", timeout=60)
         time.sleep(0.5)

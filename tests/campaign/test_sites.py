@@ -84,6 +84,20 @@ def test_defaults_and_unquoted_timestamps(tmp_path: Path) -> None:
     assert [(d.start, d.end) for d in b.downtimes] == [(nov30, nov30 + timedelta(hours=1)), (t(8), t(9))]
 
 
+
+def test_the_dispatchers_sites_carry_the_catalogs_weight_and_capacity(tmp_path: Path) -> None:
+    """What the catalog says reaches the dispatcher: the weight (placement divides load by it) and a
+    local site's capacity, also when the plugin is named by its dotted class path."""
+    from batchprod.campaign.sites import engine_sites
+
+    cat = load_catalog(write(tmp_path, "sites:\n  a: {weight: 3, cores: 2}\n"
+                             "  b: {wmsServiceClass: 'batchprod.wms.local:LocalService'}\n"))
+    a, b = engine_sites(cat)
+    assert a.weight == 3.0 and b.weight == 1.0 and a.cores == 2
+    assert cat["b"].capacity.cores == (os.cpu_count() or 1) and cat["b"].capacity.memory_mb
+    assert b.cores == cat["b"].capacity.cores
+
+
 BAD = [
     ("unknown plugin key", "sites: {cluster: {wmsServiceClass: slurm, maxJob: 3}}",
      "sites.cluster.maxJob: unknown key for a slurm site (did you mean 'maxJobs'?)"),

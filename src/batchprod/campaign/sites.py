@@ -450,5 +450,6 @@ def engine_sites(catalog: SiteCatalog, names: Sequence[str] | None = None) -> li
                     cap.max_queued or BIG)
         site.downtimes = [(d.start.timestamp(), d.end.timestamp()) for d in cs.downtimes]
         site.opportunistic = cs.opportunistic
+        site.weight = cs.weight
         out.append(site)
     return out

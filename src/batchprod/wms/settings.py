@@ -123,7 +123,7 @@ def site_capacity(wms: str, settings: SiteSettings) -> Capacity:
     machine's."""
     cores = getattr(settings, "cores", None) or getattr(settings, "max_workers", None)
     memory = getattr(settings, "memory", None) or None
-    if wms == "local":
+    if settings.wms == "local":  # (by the plugin's settings: 'batchprod.wms.local:LocalService' is local too)
         import os
 
         import psutil
