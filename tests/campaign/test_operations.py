@@ -158,6 +158,30 @@ def test_simulation_reports_makespan_priorities_and_outages(tmp_path: Path, cli)
     assert r.exit_code == 2 and "no such directory" in r.output and "Traceback" not in r.output
 
 
+def test_a_simulation_with_outages_gives_the_same_result_at_any_start(tmp_path: Path) -> None:
+    """Outages, failures and preemptions over real prepared runs, started at different fractions of a
+    second: one result (virtual time starts on a whole second)."""
+    from batchprod.campaign.simulate import simulate
+    from batchprod.campaign.sites import load_catalog
+    from batchprod.campaign.spec import load_campaign
+
+    toy = Toy(tmp_path / "t", visits=4, detectors=16)
+    sites = tmp_path / "sites.yaml"  # (in this order: the sites' order is part of the scenario)
+    sites.write_text("sites:\n  small: {cores: 1, memory: 2GB}\n  big: {cores: 2, memory: 4GB, weight: 2.0}\n"
+                     "  opp: {cores: 1, memory: 1GB, opportunistic: true}\n")
+    cat = load_catalog(sites)
+    keys = {"requestWalltime": "00:10:00"}
+    sim = {"defaultDuration": 60, "durations": {"work": 120}, "jitter": 0.2, "failureRate": 0.05,
+           "preemptionRate": 0.1, "outages": [{"site": "big", "start": 300, "end": 900}], "sample": 60}
+    path = toy.campaign("o", [{"name": "s1", "submit": [toy.config("p1", **keys), toy.config("p2", **keys)]},
+                              {"name": "s2", "submit": [toy.config("q1", **keys)]}], simulation=sim)
+    spec = load_campaign(path)
+    base = 1_790_000_000.0
+    results = [simulate(spec, cat, start=base + f).to_json() for f in (0.0, 0.37, 0.61, 0.89)]
+    keys = ("makespan_s", "assignments", "campaigns", "sites")
+    assert all({k: r[k] for k in keys} == {k: results[0][k] for k in keys} for r in results[1:])
+
+
 def test_simulation_shows_priorities(tmp_path: Path) -> None:
     from batchprod.campaign.simulate import simulate
     from batchprod.campaign.sites import load_catalog

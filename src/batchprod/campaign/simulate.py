@@ -199,14 +199,17 @@ class _SimRunner(CampaignRunner):
 def simulate(spec: CampaignSpec, catalog: SiteCatalog, where: str = "campaign", history: list[Run] | None = None,
              workdir: Path | None = None, extra: list[CampaignSpec] | None = None,
              control_interval: float | None = None,
-             instrument: Callable[[CampaignRunner], None] | None = None) -> SimResult:
-    """Run the campaign (and ``extra`` ones sharing the sites) in virtual time; see the module doc."""
+             instrument: Callable[[CampaignRunner], None] | None = None, start: float | None = None) -> SimResult:
+    """Run the campaign (and ``extra`` ones sharing the sites) in virtual time; see the module doc.
+    Virtual time starts at ``start`` (default: now, for the catalog's scheduled downtimes), on a whole
+    second: the same inputs then give the same result whatever the fraction of the second it was
+    started in (float sums of times differ in their last bits by the start's fraction)."""
     settings = sim_settings(spec, where)
     if history:
         settings = history_settings(settings, history)
     with tempfile.TemporaryDirectory(prefix="batchprod-sim-") as tmp:
         root = Path(workdir or tmp)
-        clock = VirtualClock(start=time.time())
+        clock = VirtualClock(start=float(int(time.time() if start is None else start)))
         db = CampaignDB(f"sqlite:///{root / 'sim.db'}")
         specs = [spec, *(extra or [])]
         step_of = {cfg: (s.name, len(s.submit)) for sp in specs for s in sp.steps for cfg in s.submit}
@@ -227,7 +230,9 @@ def simulate(spec: CampaignSpec, catalog: SiteCatalog, where: str = "campaign", 
                 return synthetic_run(root / "runs" / f"{counter[0]}", max(1, n // n_runs), f"sim{counter[0]}")
             from batchprod.engine.prepare import prepare as real_prepare
 
-            return real_prepare(config, {"submitPath": str(root / "runs" / f"{counter[0]}")}, existing="extend")
+            # every job as if the output run were empty (what the campaign will run is the question; a
+            # run that already holds outputs is not refused, and nothing is written to the registry)
+            return real_prepare(config, {"submitPath": str(root / "runs" / f"{counter[0]}")}, existing="ignore")
 
         _SimRunner.quantum = max(0.01, min([settings.default_duration, *settings.durations.values()]) / 100)
         runner = _SimRunner(db, sites, clock=clock, control_interval=control_interval or settings.sample,
