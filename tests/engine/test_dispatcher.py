@@ -306,3 +306,30 @@ def test_fair_share_between_runs_of_equal_priority_and_priority_first(tmp_path: 
     shared = [(x, y) for x, y, z in samples if z == 0]
     ratio = sum(x for x, _ in shared) / sum(y for _, y in shared)
     assert abs(ratio - 3.0) / 3.0 < 0.10, (ratio, shared[:5])
+
+
+def test_a_job_killed_on_a_dedicated_site_retries_elsewhere_not_there_again(tmp_path: Path) -> None:
+    """A site that kills what runs on it (a reaper, a bad node): each killed job's next attempt waits
+    for the other site instead of going back to be killed again until its retries run out."""
+    from batchprod.wms.base import Launch
+
+    clock = VirtualClock()
+    killer, good = _sites(clock, 2, duration=5.0)
+    killer.cores = 4  # the bigger, emptier site: least-loaded placement alone would go back there
+    killer.backend.capacity = Capacity(cores=4, memory_mb=10_000)
+    killed: list[str] = []
+
+    def reaper(la: Launch) -> FakeEnd | None:
+        killed.append(la.name)
+        return FakeEnd(exit_code=None, signal=9)
+
+    killer.backend.outcome = reaper
+    run = _run(tmp_path, "a", numberOfRetries=0)
+    d = Dispatcher([killer, good], clock)
+    d.add(_dag(run, clock, [killer, good]))
+    assert d.run()[str(run.submit_dir)] == "SUCCEEDED"
+    assert killed and len(killed) == len(set(killed))  # no job was killed there twice
+    for name in killed:
+        atts = run.store.attempts(run.store.job_by_name(name)["id"])
+        assert [(a["site"], a["failure_class"]) for a in atts] == [("s0", "killed"), ("s1", None)]
+    assert d.skips[("s0", "killed-here")] > 0

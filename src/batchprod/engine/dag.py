@@ -180,6 +180,9 @@ class RunDag:
         self.req_mem = [int(r[3]) for r in rows]
         self.counters = [JobCounters() for _ in rows]
         self.extra: list[dict[str, Any]] = [{} for _ in rows]
+        #: job -> the site its last attempt was killed on or lost to (infrastructure): its retry goes
+        #: elsewhere while another site can take it (few jobs at a time: a dict, not an array)
+        self.shun: dict[int, str] = {}
         for j, s in enumerate(self.status):
             if s in (JobState.FAILED, JobState.UNREADY, JobState.CANCELLED, JobState.KILLED, JobState.HELD):
                 self._set(j, JobState.PENDING, message="reset by restart", failure_class=None, exit_code=None)
@@ -400,6 +403,8 @@ class RunDag:
             if outputs is None:
                 fclass, reason = FailureClass.USER_ERROR, "exit 0 without a committed result manifest"
         if fclass is None and not self.record:  # a simulated success: nothing to keep but the state
+            if self.shun:
+                self.shun.pop(j, None)
             self._succeeded(j)
             return a
         row: dict[str, Any] = {
@@ -412,6 +417,7 @@ class RunDag:
         if e.context and e.context_record and e.context not in self._known_contexts:
             self._contexts[e.context] = e.context_record
         if fclass is None:
+            self.shun.pop(j, None)
             row["status"] = JobState.SUCCEEDED
             self._attempt_rows.append(row)
             self._add_outputs(j, outputs or [])
@@ -427,6 +433,10 @@ class RunDag:
         if fclass == FailureClass.CANCELLED:
             self._set(j, JobState.CANCELLED, failure_class=fclass, exit_code=e.exit_code, message=what)
             return a
+        if fclass in (FailureClass.KILLED, FailureClass.INFRASTRUCTURE):
+            self.shun[j] = a.site
+        else:
+            self.shun.pop(j, None)
         d = decide(fclass, self.resources(j), self.counters[j], self.req_mem[j], max_memory, e.exit_code)
         self.req_mem[j] = d.memory
         if d.retry and not self.stopping:

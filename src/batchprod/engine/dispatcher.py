@@ -298,6 +298,8 @@ class Dispatcher:
         # kills on preemptible resources are not the job's fault, but a job that was preempted (or
         # matters most) should not go back there while a dedicated site can take it
         avoid = dag.preemptions(j) >= PREFER_DEDICATED_AFTER or res.priority >= HIGH_PRIORITY
+        # nor, while another site can take it, to the site its last attempt was killed on or lost to
+        shun = dag.shun.get(j) if dag.shun else None
         now = self.clock.time()
         skips = self.skips
         weight = self._weight
@@ -317,16 +319,20 @@ class Dispatcher:
                 continue
             load = site.used_cores / site.cores if site.cores < BIG else site.jobs / max(site.max_jobs, 1)
             load = (load + 1e-9) / weight[k]
-            if avoid and site.opportunistic:
+            if (avoid and site.opportunistic) or site.name == shun:
                 if load < spare_load:
                     spare, spare_load = k, load
                 continue
             if load < best_load:
                 best, best_load = k, load
         if best is None and spare is not None:
+            if self.sites[spare].name == shun and self._elsewhere(dag, spare, res.preemptible, mem, now):
+                skips[(shun, "killed-here")] += 1
+                return None  # another site can take it once it has room: wait for that, not a new kill
             return spare  # nothing dedicated can take it: the opportunistic site, rather than wait
-        if avoid and spare is not None:
-            skips[(self.sites[spare].name, "opportunistic")] += 1
+        if spare is not None:
+            skips[(self.sites[spare].name, "opportunistic" if avoid and self.sites[spare].opportunistic
+                   else "killed-here")] += 1
         if best is None:  # bigger than every site's free room: alone on an empty site, if one is
             for k in sites:
                 site = self.sites[k]
@@ -335,6 +341,13 @@ class Dispatcher:
                         and not (site.downtimes and site.crosses_downtime(now, walltime))):
                     return k
         return best
+
+    def _elsewhere(self, dag: RunDag, k: int, preemptible: bool, mem: int, now: float) -> bool:
+        """Whether a site other than ``k`` takes work, may run the job and is big enough for it."""
+        allowed = dag.sites
+        return any(i != k and s.takes_work(now) and (allowed is None or s.name in allowed)
+                   and s.memory >= mem and (preemptible or not s.opportunistic)
+                   for i, s in enumerate(self.sites))
 
     def start(self, batches: dict[int, list[tuple[RunDag, Launch]]]) -> None:
         """Commit every run that changed (the attempts are durable before any starts), then start
