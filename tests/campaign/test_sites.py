@@ -34,7 +34,7 @@ sites:
   cluster: {wmsServiceClass: slurm, partition: debug, maxJobs: 500, maxIdle: 50, sharedFilesystem: true,
             opportunistic: false, weight: 1.0,
             downtimes: [{start: "2026-12-01T08:00:00Z", end: "2026-12-01T12:00:00Z", reason: "kernel update"}]}
-  spare:   {wmsServiceClass: local, cores: 1, opportunistic: true, requestMemory: 1GB}
+  spare:   {wmsServiceClass: local, cores: 1, opportunistic: true}
 """
 
 
@@ -69,7 +69,6 @@ def test_the_example_catalog_loads(catalog: Path) -> None:
     assert cluster.capacity == Capacity(None, None, 500, 50)  # cores and memory: the scheduler's
     assert cluster.downtimes == (Downtime(start=t(8), end=t(12), reason="kernel update"),)
     assert spare.opportunistic and spare.capacity.cores == 1 and spare.capacity.memory_mb  # this machine's
-    assert spare.overrides == {"requestMemory": 1024}
 
 
 def test_defaults_and_unquoted_timestamps(tmp_path: Path) -> None:
@@ -105,7 +104,8 @@ BAD = [
     ("unknown catalog key", "sites: {a: {oportunistic: true}}", "(did you mean 'opportunistic'?)"),
     ("bad plugin value", "sites: {cluster: {wmsServiceClass: slurm, maxJobs: 0}}",
      "sites.cluster.maxJobs: expected a positive integer, got 0"),
-    ("bad job value", "sites: {a: {requestMemory: 0}}", "sites.a.requestMemory: expected more than 0 MB"),
+    ("a job value", "sites: {a: {requestMemory: 1GB}}",
+     "sites.a.requestMemory: a job value, not a site's: set requestMemory in the submit config"),
     ("site name", "sites: {'a b': {}}", "sites.a b: a site name is 1 to 64"),
     ("long site name", "sites: {" + "x" * 65 + ": {}}", "a site name is 1 to 64"),
     ("unknown plugin", "sites: {a: {wmsServiceClass: nope}}", "sites.a.wmsServiceClass: wmsServiceClass 'nope': unknown WMS"),

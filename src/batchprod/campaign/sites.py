@@ -10,8 +10,7 @@ A catalog is one YAML file (``sites.yaml``)::
 
 A site names its WMS plugin (``wmsServiceClass``, default ``local``, found by ``get_wms``); its other
 keys are that plugin's own settings (checked by the plugin's ``settings_model``, as ``site.<name>`` of a
-submit config is), job values a site overrides (``requestMemory``, ...: ``SITE_BASE_KEYS``) and the
-catalog's own keys (:data:`CATALOG_KEYS`). The file is read with the bounded YAML reader; any problem is
+submit config is) and the catalog's own keys (:data:`CATALOG_KEYS`). The file is read with the bounded YAML reader; any problem is
 one :class:`ConfigError` line naming the file and the key (``sites.cluster.maxJobs: ...``).
 
 Capacity is derived from the settings directly, not from a backend's ``capacity()``: services build
@@ -34,7 +33,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -157,7 +156,7 @@ class CatalogKeys(BaseModel):
 
 @dataclass(frozen=True)
 class CatalogSite:
-    """One site of a catalog: its WMS, the plugin's typed settings, job-value overrides and catalog keys."""
+    """One site of a catalog: its WMS, the plugin's typed settings and catalog keys."""
 
     name: str
     wms: str
@@ -167,7 +166,6 @@ class CatalogSite:
     opportunistic: bool = False
     weight: float = 1.0
     downtimes: tuple[Downtime, ...] = ()
-    overrides: Mapping[str, Any] = field(default_factory=dict)  # job values (requestMemory, ...)
 
     def next_downtime(self, now: datetime) -> Downtime | None:
         """The window in force at ``now`` or the next one to come."""
@@ -189,7 +187,6 @@ class CatalogSite:
             "downtimes": [{"start": iso(d.start), "end": iso(d.end), "reason": d.reason} for d in self.downtimes],
             "next_downtime": None if nxt is None else {"start": iso(nxt.start), "end": iso(nxt.end),
                                                        "reason": nxt.reason},
-            "overrides": dict(self.overrides),
             "status": self.status_now(now).to_json(),
         }
 
@@ -268,7 +265,6 @@ def _load_site(path: Path, name: str, section: Any) -> CatalogSite:
     model = service_settings_model(service)
     plugin_keys = model.config_keys()
     values: dict[str, Any] = {}
-    overrides: dict[str, Any] = {}
     catalog: dict[str, Any] = {}
     for key, value in section.items():
         kp = f"{prefix}.{key}"
@@ -277,17 +273,17 @@ def _load_site(path: Path, name: str, section: Any) -> CatalogSite:
         if key in CATALOG_KEYS:
             catalog[key] = value
         elif key in SITE_BASE_KEYS:
-            try:
-                overrides[key] = SITE_BASE_KEYS[key](value)
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise _fail(path, kp, str(exc)) from None
+            # what a job asks for is its run's (the dispatcher places it as asked, on any site): a
+            # catalog value would be silently unused
+            raise _fail(path, kp, f"a job value, not a site's: set {key} in the submit config (top level, "
+                                  "pipetask.<label> or cluster.<name>)")
         elif key in plugin_keys:
             try:
                 values[key] = model.convert_key(key, value)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise _fail(path, kp, str(exc)) from None
         else:
-            allowed = [*plugin_keys, *SITE_BASE_KEYS, *CATALOG_KEYS]
+            allowed = [*plugin_keys, *CATALOG_KEYS]
             raise _fail(path, kp, f"unknown key for a {model.wms} site{_did_you_mean(key, allowed)}")
     try:
         settings = model.model_validate(values).for_site(name)
@@ -320,7 +316,7 @@ def _load_site(path: Path, name: str, section: Any) -> CatalogSite:
         if b.start < a.end:
             raise _fail(path, f"{prefix}.downtimes[{j}]", f"window {b.describe()} overlaps {a.describe()}")
     return CatalogSite(name, wms, settings, site_capacity(wms, settings), keys.shared_filesystem, keys.opportunistic,
-                       keys.weight, tuple(d for _, d in windows), overrides)
+                       keys.weight, tuple(d for _, d in windows))
 
 
 def catalog_from_data(data: Any, path: Path) -> SiteCatalog:
