@@ -92,6 +92,37 @@ def test_output_run_that_is_an_input_run_is_refused(tmp_path: Path, toy_repo: Pa
     assert "is also an input run" in line
 
 
+@pytest.mark.parametrize("flag", [[], ["--extend-run"], ["--replace-run"]])
+def test_an_input_run_is_never_an_output_run_even_without_in_collection(tmp_path: Path, toy_repo: Path, cli,
+                                                                       flag: list[str]) -> None:
+    """'raw' holds what the pipeline reads: extending would write into it, replacing would delete it."""
+    cfg = _submit(tmp_path, toy_repo, payload={"outputRun": "raw"})
+    line = _one_error_line(cli("prepare", cfg, *flag))
+    assert "holds raw datasets, which this pipeline reads" in line
+    assert len(list((toy_repo / "raw").iterdir())) == 4  # nothing removed
+    reg = Registry(toy_repo / "registry.db")
+    assert len(reg.run_datasets("raw")) == 4
+    reg.close()
+
+
+def test_a_run_that_would_share_its_output_area_with_another_is_refused(tmp_path: Path, toy_repo: Path,
+                                                                        cli) -> None:
+    """'toy' is the parent of 'toy/run': replacing it would remove the other run's files."""
+    assert cli("submit", _submit(tmp_path, toy_repo, "a")).exit_code == 0
+    files = sorted((toy_repo / "toy" / "run").rglob("*"))
+    for flag in ([], ["--replace-run"]):
+        line = _one_error_line(cli("prepare", _submit(tmp_path, toy_repo, "b", payload={"outputRun": "toy"}), *flag))
+        assert "would share files with run 'toy/run' (inside its output area)" in line
+    line = _one_error_line(cli("prepare", _submit(tmp_path, toy_repo, "c", payload={"outputRun": "toy/run/x"})))
+    assert "would share files with run 'toy/run' (whose output area holds it)" in line
+    assert sorted((toy_repo / "toy" / "run").rglob("*")) == files
+
+
+def test_an_output_area_under_a_file_is_refused(tmp_path: Path, toy_repo: Path, cli) -> None:
+    line = _one_error_line(cli("prepare", _submit(tmp_path, toy_repo, payload={"outputRun": "registry.db/x"})))
+    assert "which is a file" in line and not (tmp_path / "a" / "submit").exists()
+
+
 @pytest.mark.parametrize("outputs,message", [
     ([""], "must be a file path"),
     (["dir/"], "must be a file path"),

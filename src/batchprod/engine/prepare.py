@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,12 +162,30 @@ EXISTING_RUN = ("refuse", "extend", "replace")
 
 
 def _check_output_run(registry: Registry, repo: Path, output_run: str, in_runs: list[str] | None,
-                      existing: str, where: str) -> set[tuple[str, str]]:
-    """A finished output run is never overwritten by accident. Returns the datasets it holds (for extend)."""
+                      existing: str, where: str, reads: Sequence[str] = ()) -> set[tuple[str, str]]:
+    """A finished output run is never overwritten by accident, nor is anything else: an input run
+    (given in payload.inCollection, or holding a dataset type the pipeline reads) is never an output
+    run, and no run's output area holds another run's. Returns the datasets it holds (for extend)."""
+    key = f"{where}: key 'payload.outputRun'"
     if in_runs and output_run in in_runs:
-        raise ConfigError(f"{where}: key 'payload.outputRun': '{output_run}' is also an input run "
+        raise ConfigError(f"{key}: '{output_run}' is also an input run "
                           "(payload.inCollection): a run cannot read and write the same collection")
+    area = repo
+    for part in output_run.split("/"):
+        area = area / part
+        if area.exists() and not area.is_dir():
+            raise ConfigError(f"{key}: '{output_run}': its output area would be under {area}, which is a file")
     held = registry.run_datasets(output_run)
+    read = sorted({t for t, _ in held} & set(reads))
+    if read:
+        raise ConfigError(f"{key}: '{output_run}' holds {read[0]} datasets, which this pipeline reads: an input "
+                          "run is never an output run (extending or replacing it would write over or remove inputs)")
+    inside = sorted(r for r in registry.runs() if r.startswith(output_run + "/") or output_run.startswith(r + "/"))
+    if inside:
+        other = inside[0]
+        how = "inside its output area" if other.startswith(output_run + "/") else "whose output area holds it"
+        raise ConfigError(f"{key}: '{output_run}' would share files with run '{other}' ({how}): give a run "
+                          "that is neither a parent nor a child of another run")
     area = repo / output_run
     files = area.is_dir() and any(area.iterdir())
     if existing == "refuse" and (held or files):
@@ -246,7 +265,8 @@ def prepare(
             _, keypath = cfg.find_raw("inCollection")
             raise ConfigError(f"{cfg.where(keypath)}: key '{keypath}': run '{unknown[0]}' is not in the registry "
                               f"(runs: {', '.join(registry.runs())})")
-        held = _check_output_run(registry, repo, output_run, in_runs, existing, cfg.where(cfg.find_raw("outputRun")[1]))
+        held = _check_output_run(registry, repo, output_run, in_runs, existing, cfg.where(cfg.find_raw("outputRun")[1]),
+                                 pipeline.overall_inputs())
         qg = build_quantum_graph(pipeline, registry, query, input_runs=in_runs, metadata={"output_run": output_run})
     finally:
         registry.close()
