@@ -129,6 +129,9 @@ def test_an_output_area_under_a_file_is_refused(tmp_path: Path, toy_repo: Path, 
     (["a/./b.txt"], "must be a file path"),
     (["cat.txt", "sub/cat.fits"], "have one stem 'cat'"),
     (["calexp.fits"], "which the pipeline already has"),
+    (["a\nb.fits"], "the stem names a dataset type"),
+    (["x y;rm.fits"], "the stem names a dataset type"),
+    (["dir$(id)/x.fits"], "the path may hold only"),
 ])
 def test_bad_final_job_outputs(tmp_path: Path, toy_repo: Path, cli, outputs, message) -> None:
     cfg = _submit(tmp_path, toy_repo, finalJob={"command": "true", "outputs": outputs})

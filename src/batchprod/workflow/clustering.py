@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from batchprod.config import BpsConfig, Context
-from batchprod.config.keys import CLUSTER_KEYS, FINAL_JOB_KEYS
+from batchprod.config.keys import CLUSTER_KEYS, FINAL_JOB_KEYS, NAME_RE
+from batchprod.config.safe_yaml import one_line
 from batchprod.errors import ConfigError, WorkflowError
 from batchprod.graph.quantum_graph import QuantumGraph
 from batchprod.workflow.generic import FinalJob, GenericWorkflow, JobGroup, Resources
@@ -223,6 +225,9 @@ def final_job_from_config(cfg: BpsConfig) -> FinalJob | None:
         stem = os.path.splitext(parts[-1])[0]
         if not stem:
             raise ConfigError(f"{where}: '{o}' has no file name (its stem names the dataset type)")
+        if not NAME_RE.fullmatch(stem) or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", o):
+            raise ConfigError(f"{where}: {one_line(o, 80)!r}: the stem names a dataset type ({NAME_RE.pattern}) "
+                              "and the path may hold only letters, digits and _ . - /")
         if stem in stems:
             raise ConfigError(f"{where}: '{o}' and '{stems[stem]}' have one stem '{stem}' (the stem is the dataset "
                               "type: make them differ)")
