@@ -208,10 +208,12 @@ def test_failures_report_groups_by_signature(tmp_path: Path, cli, cls: str) -> N
     assert hist["attempts_detail"][0]["stderr"].endswith("calibrate_visit2_detector1.1.err")
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["sqlalchemy", "sqlite3"])
 def test_disk_full_under_the_engine_stops_cleanly_and_restart_finishes(tmp_path: Path, toy_repo: Path, cli,
-                                                                       monkeypatch) -> None:
+                                                                       monkeypatch, raw: bool) -> None:
     """SQLite says 'database or disk is full' mid-run: one clear line naming the place, jobs stopped, run
-    restartable, and no job spends its retry budget on it."""
+    restartable, and no job spends its retry budget on it. Either through SQLAlchemy or from the
+    sqlite3 module itself (the store's batched writes use it directly)."""
     import sqlite3
 
     import sqlalchemy as sa
@@ -228,7 +230,8 @@ def test_disk_full_under_the_engine_stops_cleanly_and_restart_finishes(tmp_path:
     def full_disk(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:
-            raise sa.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+            full = sqlite3.OperationalError("database or disk is full")
+            raise full if raw else sa.exc.OperationalError("INSERT", {}, full)
         return real_write(self, *args, **kwargs)
 
     monkeypatch.setattr(StateStore, "write", full_disk)
@@ -242,3 +245,38 @@ def test_disk_full_under_the_engine_stops_cleanly_and_restart_finishes(tmp_path:
     assert r.exit_code == 0, r.output
     jobs = run.store.jobs()
     assert all(j["status"] == "SUCCEEDED" and j["retries"] == 0 for j in jobs)
+
+
+def test_a_payload_that_cannot_write_for_a_full_disk_is_infrastructure_not_its_fault(tmp_path: Path) -> None:
+    """ENOSPC in the payload's own write (its stderr says so): retried later as infrastructure,
+    without spending the job's retries."""
+    flag = tmp_path / "full"
+    flag.touch()
+    cmd = (f"if test -e {flag}; then rm {flag}; echo 'cp: error writing out.fits: No space left on device' >&2; "
+           "exit 1; fi; cp {inputs.raw} {outputs.calexp}")
+    task = command_task(["visit", "detector"], ["raw"], ["calexp"], cmd)
+    run = one_job(tmp_path, task, numberOfRetries=0, infraRetryDelay=0)
+    a = attempts(run)
+    assert [(x["failure_class"], x["status"]) for x in a] == [("infrastructure", "FAILED"), (None, "SUCCEEDED")]
+    assert "No space left on device" in a[0]["error_line"] and "could not write" in a[0]["message"]
+    job = run.store.jobs()[0]
+    assert job["status"] == "SUCCEEDED" and job["retries"] == 0
+
+
+def test_a_payload_that_kills_itself_does_not_stall_the_rest_of_its_run(tmp_path: Path) -> None:
+    """SIGKILL from inside the job is a kill (not the payload's exit code), held against the site; on
+    the only site that takes work it degrades the site but never takes it away from the other jobs."""
+    import time
+
+    pipeline = {"tasks": {
+        "killer": command_task(["visit", "detector"], ["raw"], ["calexp"], "bash -c 'kill -9 $$'"),
+        "other": command_task(["visit", "detector"], ["raw"], ["flat"], "cp {inputs.raw} {outputs.flat}")}}
+    repo = make_toy_repo(tmp_path / "repo", visits=(1, 2, 3), detectors=(0, 1))
+    run = prepare(write_submit(tmp_path, pipeline, repo=repo, maxPreemptions=2, numberOfRetries=0,
+                               site={"local": {"cores": 2}}, pipetask={"killer": {"priority": 10}}))
+    t = time.monotonic()
+    LocalExecutor(run).execute()
+    assert time.monotonic() - t < 60
+    jobs = {j["name"]: j for j in run.store.jobs()}
+    assert all(j["status"] == "SUCCEEDED" for n, j in jobs.items() if n.startswith("other"))
+    assert all(j["status"] == "FAILED" for n, j in jobs.items() if n.startswith("killer"))

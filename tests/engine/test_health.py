@@ -74,6 +74,23 @@ def test_submissions_vanished_jobs_and_failure_rate() -> None:
     assert h.state == SiteState.ONLINE and "back to 0%" in h.evidence
 
 
+def test_the_only_site_taking_work_is_degraded_not_down_by_its_jobs_failures() -> None:
+    """Taking the last site away sends its work nowhere: failures of its attempts degrade it; silence
+    and refused submissions still take it down (nothing can run there then)."""
+    h = Health(P)
+    for t in range(10):
+        h.ended(FailureClass.KILLED, "killed by SIGKILL", False, t)
+    h.evaluate(10, None, None, alone=True)
+    assert h.state == SiteState.DEGRADED and "the only site taking work" in h.evidence and h.takes_work()
+    h.evaluate(11, None, None, alone=False)  # another site is up again: the same evidence takes it down
+    assert h.state == SiteState.DOWN
+    h = Health(P)
+    for t in range(3):
+        h.submitted(False, t, "sbatch refused")
+    h.evaluate(3, None, None, alone=True)
+    assert h.state == SiteState.DOWN
+
+
 def test_scheduled_downtime_drains_then_down_then_online_without_probing() -> None:
     h = Health(P)
     h.evaluate(0, None, "at 2026-12-01T08:00")

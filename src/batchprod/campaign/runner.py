@@ -40,7 +40,7 @@ from batchprod.config.safe_yaml import one_line
 from batchprod.engine.dag import RunDag
 from batchprod.engine.dispatcher import Clock, Site
 from batchprod.engine.health import HealthPolicy, SiteState
-from batchprod.engine.orchestrator import Engine
+from batchprod.engine.orchestrator import STATE_WRITE_ERRORS, Engine
 from batchprod.errors import BatchprodError
 from batchprod.execution.logs import signature
 from batchprod.execution.states import JobState, RunState
@@ -129,7 +129,7 @@ class CampaignRunner:
                 if not d.tick() and d.dags:
                     d.wait()
                 self._closed()
-        except (OSError, DBAPIError) as exc:
+        except STATE_WRITE_ERRORS as exc:
             self.engine.disk_stop(exc, [lv.run for lv in self.live.values()])
             raise
         finally:

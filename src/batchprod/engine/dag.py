@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import re
 import signal
 import time
 from collections import Counter
@@ -65,6 +66,10 @@ class Active:
     launch: Launch
     site: str = ""
     killing: bool = False
+
+
+#: a payload's causal line that says the disk refused its writes (errno ENOSPC, EDQUOT, EROFS)
+_DISK_ERROR = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system")
 
 
 class RunDag:
@@ -425,9 +430,15 @@ class RunDag:
             return a
         what = reason or (f"{fclass}: killed by {signal.Signals(e.signal).name}" if e.signal
                           else f"{fclass}: exit code {e.exit_code}")
+        line = (fclass == FailureClass.USER_ERROR and self.protocol.cause(a.launch.result)) \
+            or self._cause(fclass, a.launch, what, reason)
+        if fclass == FailureClass.USER_ERROR and _DISK_ERROR.search(line):
+            # the payload could not write (a full, over-quota or read-only disk): not its fault, and
+            # not worth its retries; retried as infrastructure, later
+            fclass, what = FailureClass.INFRASTRUCTURE, f"infrastructure: the payload could not write: {line}"
+            row["failure_class"] = fclass
         row.update(status=JobState.CANCELLED if fclass == FailureClass.CANCELLED else JobState.FAILED,
-                   message=what, error_line=(fclass == FailureClass.USER_ERROR and self.protocol.cause(a.launch.result))
-                   or self._cause(fclass, a.launch, what, reason))
+                   message=what, error_line=line)
         self.extra[j]["cause"] = row["error_line"]  # (incidents group failed jobs by it)
         self._attempt_rows.append(row)
         if fclass == FailureClass.CANCELLED:

@@ -441,7 +441,8 @@ class Dispatcher:
                     in_force = f"until {iso(nxt[1])}"
                 elif nxt is not None and nxt[0] - now <= h.policy.drain_horizon:
                     soon = f"at {iso(nxt[0])}"
-            h.evaluate(now, in_force, soon)
+            alone = not any(o is not site and o.health.takes_work() for o in self.sites)
+            h.evaluate(now, in_force, soon, alone)
             if not h.take_change():
                 continue
             if h.state == SiteState.DOWN:

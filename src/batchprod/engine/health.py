@@ -128,9 +128,12 @@ class Health:
                 self.backoff = 0.0
 
     # -- decisions ----------------------------------------------------------------------------------
-    def evaluate(self, now: float, in_downtime: str | None, downtime_soon: str | None) -> None:
+    def evaluate(self, now: float, in_downtime: str | None, downtime_soon: str | None, alone: bool = False) -> None:
         """Apply the policy to the evidence at ``now``. ``in_downtime``: the scheduled window in force
-        (its description), if any; ``downtime_soon``: the next one within the drain horizon."""
+        (its description), if any; ``downtime_soon``: the next one within the drain horizon.
+        ``alone``: no other site takes work. The attempts' failures (lost, killed, infrastructure) then
+        make it degraded, not down: taking the last site away sends the work nowhere and only stops
+        the jobs that do run there (a payload that kills itself would stall the rest of its run)."""
         p = self.policy
         while self.lost and now - self.lost[0] > max(p.unanswered_for * 10, 600.0):
             self.lost.popleft()
@@ -155,18 +158,19 @@ class Health:
         if self.submit_failed >= p.submit_failures:
             self._down(now, f"{self.submit_failed} submissions in a row failed: {self.submit_reason}")
             return
-        if len(self.lost) >= p.lost_jobs:
+        if len(self.lost) >= p.lost_jobs and not alone:
             self._down(now, f"{len(self.lost)} attempts vanished recently")
             return
         rate = self.fault_rate()
-        if len(self.recent) >= p.min_samples and rate >= p.down_rate:
+        if len(self.recent) >= p.min_samples and rate >= p.down_rate and not alone:
             self._down(now, f"{self.faults} of the last {len(self.recent)} attempts failed on the site "
                             f"(lost, killed or infrastructure)")
             return
         if len(self.recent) >= p.min_samples and rate >= p.degrade_rate:
             if self.state != SiteState.DEGRADED:
                 self._set(SiteState.DEGRADED, now, f"{self.faults} of the last {len(self.recent)} attempts "
-                                                   "failed on the site")
+                                                   "failed on the site" + (" (the only site taking work: kept in "
+                                                                           "use)" if alone else ""))
             return
         if self.state == SiteState.DEGRADED and rate < p.degrade_rate / 2:
             self._set(SiteState.ONLINE, now, f"failure rate back to {rate:.0%}")

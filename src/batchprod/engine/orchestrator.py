@@ -15,6 +15,7 @@ import errno
 import os
 import signal
 import socket
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ from batchprod.wms.base import Backend
 __all__ = ["INGEST_FAILED", "Engine", "Orchestrator", "Progress", "classify", "disk_trouble"]
 
 INGEST_FAILED = "outputs not ingested into the registry"  # the run's message when post-run ingest failed
+
+#: what writing the state can raise: the OS, SQLAlchemy, and the sqlite3 module the store's batched
+#: writes use directly (a full disk there is sqlite3's OperationalError, neither of the others)
+STATE_WRITE_ERRORS = (OSError, DBAPIError, sqlite3.Error)
 
 _DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem"}
 
@@ -132,7 +137,7 @@ class Engine:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             results = self.dispatcher.run(lambda: self._stop)
-        except (OSError, DBAPIError) as exc:
+        except STATE_WRITE_ERRORS as exc:
             self.disk_stop(exc, runs)
             raise  # (disk_stop raises RunError when it is the disk)
         finally:
@@ -166,10 +171,10 @@ class Engine:
             handles = [a.handle for dag in self.dags for a in dag.active.values() if a.site == site.name]
             site.backend.kill_many(handles, FailureClass.INFRASTRUCTURE,
                                    "stopped: the engine cannot write its state (disk full or read-only)")
-            with contextlib.suppress(OSError, DBAPIError):
+            with contextlib.suppress(*STATE_WRITE_ERRORS):
                 site.backend.escalate(0.0)
         for dag in self.dags:
-            with contextlib.suppress(OSError, DBAPIError):
+            with contextlib.suppress(*STATE_WRITE_ERRORS):
                 dag.run.store.set_run(status=RunState.INTERRUPTED, orchestrator_pid=None,
                                       message="stopped: disk full or read-only; restart when there is room")
 
