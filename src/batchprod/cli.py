@@ -131,11 +131,19 @@ def _execute_foreground(run: Any, show_progress: bool) -> int:
             state = execute(wms, run, view)
     else:
         state = execute(wms, run)
-    console.print(render_table(summarize(run), console.width))
+    from batchprod.engine.orchestrator import INGEST_FAILED
+
+    summary = summarize(run)
+    console.print(render_table(summary, console.width))
     if state != RunState.SUCCEEDED:
         console.print(f"next: batchprod report {run.submit_dir} --failures; after a fix: "
                       f"batchprod restart {run.submit_dir}", highlight=False, soft_wrap=True)
-    return 0 if state == RunState.SUCCEEDED else 1
+        return 1
+    if (summary.get("message") or "").startswith(INGEST_FAILED):  # every job done, the registry not told
+        console.print(f"next: batchprod restart {run.submit_dir} (it repeats the ingest)", highlight=False,
+                      soft_wrap=True)
+        return 1
+    return 0
 
 
 @main.command()

@@ -86,3 +86,20 @@ def test_a_failed_ingest_loses_nothing_and_restart_repeats_it(tmp_path: Path, to
     assert cli("restart", run.submit_dir).exit_code == 0
     assert len(Registry(registry).find_datasets("calexp", ["f/run"])) == 4
     assert run.store.run_info()["message"] == "4 outputs in the registry"
+
+
+def test_a_run_whose_ingest_failed_exits_1_with_one_line_and_the_next_step(tmp_path: Path, toy_repo: Path,
+                                                                          cli) -> None:
+    """Every job succeeded but the registry was not told: a script must not read that as done."""
+    from batchprod.engine.prepare import prepare
+
+    run = prepare(write_submit(tmp_path / "g", CALIBRATE, repo=toy_repo, payload={"outputRun": "g/run"}))
+    registry = toy_repo / "registry.db"
+    registry.rename(tmp_path / "away.db")
+    r = cli("restart", run.submit_dir)
+    (tmp_path / "away.db").rename(registry)
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if "outputs not ingested" in ln]
+    assert len(lines) == 1 and "restart ingests again" in lines[0] and "sqlalche.me" not in r.output
+    assert "next: batchprod restart" in r.output
+    assert cli("restart", run.submit_dir).exit_code == 0

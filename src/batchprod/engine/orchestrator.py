@@ -188,7 +188,8 @@ class Engine:
         try:
             n = ingest_outputs(run)
         except Exception as exc:  # noqa: BLE001 (any registry trouble: report it on the run, keep the result)
-            return f"{INGEST_FAILED}: {exc}"
+            said = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+            return f"{INGEST_FAILED}: {said[0]} (restart ingests again; nothing is lost)"
         return f"{n} outputs in the registry" if n else None
 
     def _on_site(self, site: Site, reason: str | None) -> None:
