@@ -134,16 +134,15 @@ def _execute_foreground(run: Any, show_progress: bool) -> int:
     from batchprod.engine.orchestrator import INGEST_FAILED
 
     summary = summarize(run)
+    ok = state == RunState.SUCCEEDED and not (summary.get("message") or "").startswith(INGEST_FAILED)
     console.print(render_table(summary, console.width))
     if state != RunState.SUCCEEDED:
         console.print(f"next: batchprod report {run.submit_dir} --failures; after a fix: "
                       f"batchprod restart {run.submit_dir}", highlight=False, soft_wrap=True)
-        return 1
-    if (summary.get("message") or "").startswith(INGEST_FAILED):  # every job done, the registry not told
+    elif not ok:  # every job done, the registry not told
         console.print(f"next: batchprod restart {run.submit_dir} (it repeats the ingest)", highlight=False,
                       soft_wrap=True)
-        return 1
-    return 0
+    return 0 if ok else 1
 
 
 @main.command()

@@ -14,7 +14,19 @@ from rich.console import Console
 from batchprod.errors import BatchprodError
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader of our output left (``batchprod restart RUN | head -1``): print nowhere from now
+        on and go on (rich's default exits, which would end an engine that is driving a run)."""
+        from batchprod.report.progress import stdout_gone
+
+        self.quiet = True
+        stdout_gone()
+
+
+console = _Console()
 err_console = Console(stderr=True)
 
 def _user_errors(fn: F) -> F:

@@ -307,3 +307,17 @@ def test_new_user_findings(tmp_path: Path, toy_repo: Path, cli) -> None:
                            payload={**data["payload"], "outputRun": "toy/failing"})
     r = cli("restart", failing.submit_dir)
     assert r.exit_code == 1 and f"next: batchprod report {failing.submit_dir} --failures" in r.output
+
+
+def test_restart_piped_into_head_runs_to_the_end(tmp_path: Path, toy_repo: Path) -> None:
+    """`batchprod restart RUN | head -1`: the reader leaves after one line; the run still finishes."""
+    pipeline = {"tasks": {"calibrate": command_task(["visit", "detector"], ["raw"], ["calexp"],
+                                                    "sleep 0.5; cp {inputs.raw} {outputs.calexp}")}}
+    run = prepare(write_submit(tmp_path, pipeline, repo=toy_repo, site={"local": {"cores": 1}}))
+    env = {**os.environ, "BATCHPROD_PROGRESS_INTERVAL": "0.2"}
+    exe = str(Path(sys.executable).parent / "batchprod")
+    p = subprocess.run(f"{exe} restart {run.submit_dir} | head -1; echo rc=${{PIPESTATUS[0]}}", shell=True,
+                       executable="/bin/bash", env=env, capture_output=True, text=True, timeout=120)
+    assert p.stdout.splitlines()[-1] == "rc=0", p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr
+    assert {j["status"] for j in run.store.jobs()} == {"SUCCEEDED"}

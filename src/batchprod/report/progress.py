@@ -9,6 +9,7 @@ job failed, yellow for jobs that cannot run because of that, green only when eve
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -68,6 +69,16 @@ def duration(seconds: float) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def stdout_gone() -> None:
+    """Whoever read our standard output went away (``batchprod restart RUN | head -1``): the run goes
+    on, and what it prints from now on goes nowhere (not a BrokenPipeError that ends the engine)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 class ProgressView:
@@ -135,5 +146,5 @@ class ProgressView:
             eta = f", ETA {duration(left / rate)}" if rate > 0 and left else ""
             pace = f"; {rate:,.1f} jobs/s{eta}"
         stamp = iso_now()
-        self.console.print(f"{stamp} {self.name}: {done:,} of {self.total:,} jobs done ({words(cols) or 'nothing yet'})"
-                           f"{pace}", highlight=False, markup=False, soft_wrap=True)
+        self.console.print(f"{stamp} {self.name}: {done:,} of {self.total:,} jobs done "
+                           f"({words(cols) or 'nothing yet'}){pace}", highlight=False, markup=False, soft_wrap=True)
