@@ -189,7 +189,8 @@ def campaign_run(catalog: Path, forever: bool, events: Path | None, hook_urls: t
     policy = HealthPolicy(unanswered_for=down_after, probe_after=probe_after)
     runner = CampaignRunner(db, engine_sites(cat), control_interval=control_interval, policy=policy, hooks=hooks,
                             events=EventLog(events) if events is not None else None,
-                            log=lambda line: err_console.print(f"{_iso(time.time())} {line}", highlight=False))
+                            log=lambda line: err_console.print(f"{_iso(time.time())} {line}", highlight=False),
+                            catalog_path=catalog)
     err_console.print(f"dispatching over {len(runner.sites)} sites ({', '.join(runner._site_names)}) from {db.where}")
     runner.run(forever=forever)
     left = [c["name"] for c in db.campaigns(states=("running", "paused"))]
@@ -206,7 +207,8 @@ def start_dispatcher(catalog: Path) -> Any:
 
     cat = load_catalog(catalog)
     runner = CampaignRunner(_db(), engine_sites(cat),
-                            log=lambda line: err_console.print(f"{_iso(time.time())} {line}", highlight=False))
+                            log=lambda line: err_console.print(f"{_iso(time.time())} {line}", highlight=False),
+                            catalog_path=catalog)
     reason: list[str] = []
     thread = threading.Thread(target=runner.run, kwargs={"forever": True, "stop": lambda: reason[0] if reason else None},
                               name="batchprod-dispatcher", daemon=True)

@@ -429,3 +429,28 @@ def test_a_catalog_drives_two_runs_on_its_two_local_sites(tmp_path: Path) -> Non
     assert used == {"small", "big"}
     assert engine.dispatcher.skips[("closed", "downtime")] > 0
     assert sites[0].peak["cores"] <= 1 and sites[1].peak["cores"] <= 2
+
+
+def test_a_running_dispatcher_takes_a_downtime_added_to_its_catalog(tmp_path: Path) -> None:
+    """``sites add-downtime`` while ``campaign run`` runs: the next control round drains the site;
+    a catalog edited into something unreadable is said and the one in use kept."""
+    from batchprod.campaign.sites import add_downtime
+    from batchprod.campaign.testing import runner
+
+    cat = write(tmp_path, "sites:\n  a: {cores: 1}\n  b: {cores: 1, weight: 2}\n")
+    said: list[str] = []
+    r = runner(f"sqlite:///{tmp_path / 'c.db'}", cat, catalog_path=cat, log=said.append)
+    a, b = r.sites
+    assert a.downtimes == [] and b.weight == 2.0
+    now = datetime.now(UTC).replace(microsecond=0)
+    add_downtime(cat, "a", now + timedelta(minutes=5), now + timedelta(hours=1), "disk swap")
+    r.control()
+    assert a.downtimes == [((now + timedelta(minutes=5)).timestamp(), (now + timedelta(hours=1)).timestamp())]
+    assert a.crosses_downtime(now.timestamp(), 3600) and said and "re-read" in said[-1]
+    text = cat.read_text()
+    cat.write_text(text.replace("weight: 2", "weight: -1"))
+    r.control()
+    assert "not taken" in said[-1] and "weight" in said[-1] and b.weight == 2.0
+    cat.write_text(text.replace("weight: 2", "weight: 3") + "  c: {cores: 1}\n")
+    r.control()
+    assert b.weight == 3.0 and "sites added (c)" in said[-1]

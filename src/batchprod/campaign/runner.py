@@ -28,6 +28,7 @@ import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -82,6 +83,9 @@ class CampaignRunner:
     #: prepare(config path) -> Run; the real one by default (the simulator gives its own)
     prepare: Callable[[str], Run] | None = None
     log: Callable[[str], None] = lambda _line: None
+    #: the site catalog file: re-read when it changes (``sites add-downtime`` while this runs), for
+    #: what can change under a running site (downtimes, weight, opportunistic)
+    catalog_path: Path | None = None
 
     def __post_init__(self) -> None:
         self.engine = Engine(self.sites, self.clock, self.poll, self.policy)
@@ -97,6 +101,41 @@ class CampaignRunner:
         self._stop: str | None = None
         self._site_names = [s.name for s in self.sites]
         self.stats: Counter[str] = Counter()
+        self._catalog_stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.catalog_path.stat() if self.catalog_path is not None else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size) if st is not None else None
+
+    def _reread_catalog(self) -> None:
+        """A catalog that changed on disk: its sites' downtimes, weights and opportunistic flags take
+        effect at once; a site added or removed, or other settings, need the dispatcher restarted. A
+        catalog that no longer loads is said once and the one in use is kept."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._catalog_stamp:
+            return
+        self._catalog_stamp = stamp
+        from batchprod.campaign.sites import load_catalog
+
+        assert self.catalog_path is not None
+        try:
+            cat = load_catalog(self.catalog_path)
+        except BatchprodError as exc:
+            self.log(f"site catalog changed but not taken: {exc} (the one read before stays in use)")
+            return
+        for site in self.sites:
+            if site.name in cat.sites:
+                cs = cat[site.name]
+                site.downtimes = [(d.start.timestamp(), d.end.timestamp()) for d in cs.downtimes]
+                site.weight, site.opportunistic = cs.weight, cs.opportunistic
+        added = sorted(set(cat.sites) - set(self._site_names))
+        gone = sorted(set(self._site_names) - set(cat.sites))
+        self.log(f"site catalog re-read from {self.catalog_path}: downtimes, weights and opportunistic flags in effect"
+                 + (f"; sites added ({', '.join(added)}) or removed ({', '.join(gone)}) take effect when the "
+                    "dispatcher is restarted" if added or gone else ""))
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, forever: bool = False, stop: Callable[[], str | None] = lambda: None) -> None:
@@ -149,6 +188,7 @@ class CampaignRunner:
     # -- control ------------------------------------------------------------------------------------
     def control(self) -> bool:
         """One control round; True while any campaign is running or paused."""
+        self._reread_catalog()
         now = self.clock.time()
         busy = False
         active = self.db.campaigns(states=(cdb.RUNNING, cdb.PAUSED, cdb.CANCELLED))
