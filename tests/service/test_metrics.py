@@ -144,6 +144,9 @@ def test_metrics_are_the_database_counts(populated: str, tmp_path: Path) -> None
     assert set(jobs) == {(c, s) for c in ("", "survey", "later") for s in JOB_STATES}
 
     assert by(m, "batchprod_attempts_running", "site") == {"": 1, "cluster": 1, "grid": 0, "local": 0}
+    on_site = {tuple(dict(k)[x] for x in ("campaign", "site", "state")): v
+               for k, v in m["batchprod_jobs_on_site"].items()}
+    assert on_site == {("survey", "cluster", "RUNNING"): 1, ("survey", "", "QUEUED"): 1}
     ended = {(dict(k)["site"], dict(k)["outcome"]): v for k, v in m["batchprod_attempts_total"].items()}
     assert ended == {("local", "succeeded"): 2, ("local", "user_error"): 2, ("cluster", "succeeded"): 1,
                      ("cluster", "oom"): 1, ("grid", "infrastructure"): 1}

@@ -54,6 +54,8 @@ class Snapshot:
     """What one scrape read from the database (label values -> counts)."""
 
     jobs: Counter[tuple[str, str]] = field(default_factory=Counter)  # (campaign, job state)
+    #: (campaign, site, QUEUED or RUNNING): where each campaign's work is now
+    on_site: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     in_flight: Counter[str] = field(default_factory=Counter)  # site
     ended: Counter[tuple[str, str]] = field(default_factory=Counter)  # (site, outcome)
     failures: Counter[str] = field(default_factory=Counter)  # failure class
@@ -63,14 +65,26 @@ class Snapshot:
     campaigns: dict[str, str] = field(default_factory=dict)  # name -> state
 
 
+def _owner() -> Any:
+    cr = campaign_run_t.c
+    return (sa.select(cr.submit_dir, sa.func.min(cr.campaign_id).label("campaign_id"))  # one campaign per run
+            .where(cr.submit_dir.is_not(None)).group_by(cr.submit_dir).subquery("owner"))
+
+
+def _campaign_of_runs() -> sa.Select[Any]:
+    """(run id, campaign name or None) of every run."""
+    owner = _owner()
+    return (sa.select(run_t.c.id, campaign_t.c.name)
+            .select_from(run_t.outerjoin(owner, owner.c.submit_dir == run_t.c.submit_dir)
+                         .outerjoin(campaign_t, campaign_t.c.id == owner.c.campaign_id)))
+
+
 def _jobs_query() -> sa.Select[Any]:
     """Jobs by (campaign, state): counted per (run, state) on the job table's (run_id, status) index
     first, so the joins only see one row per run and state."""
     per_run = (sa.select(job_t.c.run_id, job_t.c.status, sa.func.count().label("n"))
                .group_by(job_t.c.run_id, job_t.c.status).subquery("per_run"))
-    cr = campaign_run_t.c
-    owner = (sa.select(cr.submit_dir, sa.func.min(cr.campaign_id).label("campaign_id"))  # one campaign per run
-             .where(cr.submit_dir.is_not(None)).group_by(cr.submit_dir).subquery("owner"))
+    owner = _owner()
     return (sa.select(campaign_t.c.name, per_run.c.status, sa.func.sum(per_run.c.n))
             .select_from(per_run.join(run_t, run_t.c.id == per_run.c.run_id)
                          .outerjoin(owner, owner.c.submit_dir == run_t.c.submit_dir)
@@ -82,19 +96,21 @@ def _attempts_query(since: float) -> sa.Select[Any]:
     """Every attempt metric in one pass over the attempt table."""
     a = attempt_t.c
     recent = sa.func.sum(sa.case((a.start >= since, 1), else_=0))
-    return sa.select(a.site, a.status, a.failure_class, sa.func.count(), recent).group_by(
-        a.site, a.status, a.failure_class)
+    return sa.select(a.run_id, a.site, a.status, a.failure_class, sa.func.count(), recent).group_by(
+        a.run_id, a.site, a.status, a.failure_class)
 
 
 def read(conn: sa.Connection, now: float) -> Snapshot:
-    """The snapshot, in five queries whatever the number of jobs."""
+    """The snapshot, in six queries whatever the number of jobs."""
     snap = Snapshot()
     for campaign, status, n in conn.execute(_jobs_query()):
         snap.jobs[(campaign or "", status)] += int(n)
-    for site, status, fclass, n, recent in conn.execute(_attempts_query(now - DISPATCH_WINDOW)):
+    campaign_of = {rid: name or "" for rid, name in conn.execute(_campaign_of_runs())}
+    for run_id, site, status, fclass, n, recent in conn.execute(_attempts_query(now - DISPATCH_WINDOW)):
         site, n = site or "", int(n)
         if status in IN_FLIGHT:
             snap.in_flight[site] += n
+            snap.on_site[(campaign_of.get(run_id, ""), site, status)] += n
         else:
             outcome = "succeeded" if status == JobState.SUCCEEDED else (fclass or status.lower())
             snap.ended[(site, outcome)] += n
@@ -123,6 +139,13 @@ def families(snap: Snapshot) -> Iterator[Metric]:
         for state in _sorted([*JOB_STATES, *(s for c, s in snap.jobs if c == campaign)]):
             jobs.add_metric([campaign, state], snap.jobs.get((campaign, state), 0))
     yield jobs
+
+    on_site = GaugeMetricFamily("batchprod_jobs_on_site",
+                                "Jobs QUEUED or RUNNING per campaign and site (campaign=\"\": runs in none).",
+                                labels=["campaign", "site", "state"])
+    for (campaign, site, state), n in sorted(snap.on_site.items()):
+        on_site.add_metric([campaign, site, state], n)
+    yield on_site
 
     sites = _sorted([*snap.sites, *snap.in_flight, *snap.started])
     running = GaugeMetricFamily("batchprod_attempts_running", "Attempts RUNNING or QUEUED by site.",
