@@ -159,6 +159,28 @@ def test_follow_prints_what_comes_until_the_attempt_ends(tmp_path: Path) -> None
             engine.wait()
 
 
+def test_follow_of_a_job_that_has_not_started_waits_for_it(tmp_path: Path) -> None:
+    """``logs RUN JOB --follow`` before the job runs (it waits for another): as ``tail -F``, wait."""
+    repo = make_toy_repo(tmp_path / "repo", visits=(1,), detectors=(0, 1))
+    cmd = "sleep 1.5; echo hello {detector}; cp {inputs.raw} {outputs.calexp}"
+    run = prepare(write_submit(tmp_path, {"tasks": {"calibrate": command_task(
+        ["visit", "detector"], ["raw"], ["calexp"], cmd)}}, repo=repo, site={"local": {"cores": 1}}))
+    engine = start_orchestrator(run.submit_dir)
+    try:
+        wait_for(lambda: bool(run.store.attempts()), timeout=30)
+        started = {a["job_id"] for a in run.store.attempts()}
+        other = next(n for i, (n,) in enumerate(run.store.job_columns("name")) if i not in started)  # one core
+        buf = io.StringIO()
+        assert print_logs(run, other, out=buf, follow=True, poll=0.05) == "SUCCEEDED"
+        text = buf.getvalue()
+        assert "has not started" in text and "hello" in text
+        assert engine.wait(30) == 0
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+
+
 def test_follow_of_an_ended_attempt_returns_at_once(run: Run) -> None:
     buf = io.StringIO()
     t0 = time.monotonic()

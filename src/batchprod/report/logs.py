@@ -148,6 +148,12 @@ def print_logs(
         raise ValueError(f"stream must be 'both', 'stdout' or 'stderr', not {stream!r}")
     out = out if out is not None else sys.stdout
     job = _job(run, job_name)
+    if follow and attempt is None and not run.store.attempts(job["id"]) and run_status(run) == RunState.RUNNING:
+        # following a job that has not started: wait for its first attempt (as tail -F waits for a file)
+        out.write(f"==> job {job['name']} has not started ({job['status'].lower()}): waiting for it <==\n")
+        out.flush()
+        while not run.store.attempts(job["id"]) and run_status(run) == RunState.RUNNING:
+            time.sleep(poll)
     stdout, stderr, number = attempt_logs(run, job_name, attempt)
     tails = [_Tail(s, p) for s, p in zip(STREAMS, (stdout, stderr), strict=True) if stream in ("both", s)]
     status = _status(run, job["id"], number)
