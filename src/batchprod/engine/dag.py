@@ -428,7 +428,8 @@ class RunDag:
             self._add_outputs(j, outputs or [])
             self._succeeded(j)
             return a
-        what = reason or (f"{fclass}: killed by {signal.Signals(e.signal).name}" if e.signal
+        what = reason or (("" if fclass == FailureClass.KILLED else f"{fclass}: ")  # (not 'killed: killed by')
+                          + f"killed by {signal.Signals(e.signal).name}" if e.signal
                           else f"{fclass}: exit code {e.exit_code}")
         line = (fclass == FailureClass.USER_ERROR and self.protocol.cause(a.launch.result)) \
             or self._cause(fclass, a.launch, what, reason)
