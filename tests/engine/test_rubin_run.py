@@ -133,6 +133,39 @@ def test_without_qgraph_file_pipetask_qgraph_builds_it(rubin: dict[str, Any], tm
     assert sorted(p.name for p in (tmp_path / "submit" / "u" / "test" / "q").iterdir()) == ["r"]
 
 
+def test_without_user_pipetask_qgraph_and_the_submit_dir_name_one_operator(
+        rubin: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$USER unset (a batch environment): ctrl_bps's default output u/{operator}/... is the login name
+    in pipetask qgraph's command as in the submit directory's name (never ${USER} left to the job's
+    shell, set -u); a prepare that fails leaves none of the directories it made."""
+    import pwd
+
+    from batchprod.engine.prepare import prepare
+
+    try:
+        login = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        pytest.skip("no password entry for this uid")
+    for var in ("USER", "LOGNAME", "LNAME", "USERNAME"):  # the login name from the password database
+        monkeypatch.delenv(var, raising=False)
+    cfg = {"pipelineYaml": str(rubin["root"] / "pipeline.yaml"),
+           "payload": {"payloadName": "s1", "butlerConfig": str(rubin["repo"]), "inCollection": "inputs",
+                       "dataQuery": "detector IN (0, 2)"},
+           "submitPath": str(tmp_path / "sub" / "{outputRun}")}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(cfg))
+    run = prepare(tmp_path / "q.yaml")
+    output_run = run.qgraph.metadata["output_run"]
+    assert output_run.startswith(f"u/{login}/s1/") and run.qgraph.counts() == {"a": 2, "b": 2, "c": 1}
+    assert run.submit_dir == (tmp_path / "sub" / output_run).resolve()
+    assert yaml.safe_load((run.submit_dir / "config.yaml").read_text())["operator"] == login  # frozen
+    cfg["payload"]["dataQuery"] = "detectr = 1"
+    cfg["submitPath"] = str(tmp_path / "sub2" / "{outputRun}")
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"key 'createQuantumGraph': building the quantum graph .*detectr"):
+        prepare(tmp_path / "q.yaml")
+    assert not (tmp_path / "sub2").exists()
+
+
 def test_a_graph_for_another_output_run_is_moved_to_the_configs(rubin: dict[str, Any], tmp_path: Path) -> None:
     from batchprod.engine.prepare import prepare
 

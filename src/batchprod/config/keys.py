@@ -295,18 +295,37 @@ class _SiteKeys(Mapping[str, Converter]):
     WMS plugin declares (found through the ``batchprod.wms`` entry points when first asked, so this
     layer imports no plugin). The loader thus refuses a key no plugin knows (with a "did you mean")
     and type-checks a plugin key as its plugin would; prepare then checks each site against its own
-    WMS (``partition`` is a Slurm key, not a local one)."""
+    WMS (``partition`` is a Slurm key, not a local one).
+
+    A plugin that fails to import declares no keys; it is remembered in :meth:`broken` (name -> why)
+    so that the loader names it and its exception instead of calling its keys unknown, and the table
+    is built again at the next config load (:meth:`retry_broken`): one failed import, a plugin being
+    reinstalled or a source file caught mid-edit, is not kept for the life of the process."""
 
     def __init__(self) -> None:
         self._table: dict[str, Converter] | None = None
+        self._broken: dict[str, tuple[str, str]] = {}
 
     def _keys(self) -> dict[str, Converter]:
         if self._table is None:
             table: dict[str, Converter] = dict(SITE_BASE_KEYS)
-            for key, models in _plugin_site_keys().items():
+            keys, broken = _plugin_site_keys()
+            for key, models in keys.items():
                 table.setdefault(key, _any_of(key, models))
+            self._broken = broken
             self._table = table
         return self._table
+
+    def broken(self) -> dict[str, tuple[str, str]]:
+        """WMS plugins that failed to load: entry-point name -> (its ``module:Class``, the exception)."""
+        self._keys()
+        return dict(self._broken)
+
+    def retry_broken(self) -> None:
+        """If a plugin failed to load, forget the table: the next lookup loads the plugins again."""
+        if self._broken:
+            self._table = None
+            self._broken = {}
 
     def __getitem__(self, key: str) -> Converter:
         return self._keys()[key]
@@ -321,22 +340,27 @@ class _SiteKeys(Mapping[str, Converter]):
         return key in self._keys()
 
 
-def _plugin_site_keys() -> dict[str, list[Any]]:
-    """key -> the settings models (of installed WMS plugins) that declare it."""
+def _plugin_site_keys() -> tuple[dict[str, list[Any]], dict[str, tuple[str, str]]]:
+    """(key -> the settings models of installed WMS plugins that declare it, plugins that failed to
+    load: name -> (``module:Class``, ``ExceptionType: message``)). A broken plugin is reported, never
+    skipped silently: its keys would otherwise look unknown."""
     from importlib.metadata import entry_points
 
     out: dict[str, list[Any]] = {}
+    broken: dict[str, tuple[str, str]] = {}
     for ep in entry_points(group="batchprod.wms"):
         try:
             model = getattr(ep.load(), "settings_model", None)
-        except Exception:  # noqa: BLE001 (a broken plugin: get_wms reports it if a site uses it)
+        except Exception as exc:  # noqa: BLE001 (a broken plugin install: the loader names it and why)
+            why = " ".join(str(exc).split())
+            broken[ep.name] = (ep.value, f"{type(exc).__name__}: {why[:300]}" if why else type(exc).__name__)
             continue
         keys = getattr(model, "config_keys", None)
         if not callable(keys):
             continue
         for key in keys():
             out.setdefault(key, []).append(model)
-    return out
+    return out, broken
 
 
 def _any_of(key: str, models: list[Any]) -> Converter:
@@ -356,7 +380,7 @@ def _any_of(key: str, models: list[Any]) -> Converter:
     return conv
 
 
-SITE_KEYS: Mapping[str, Converter] = _SiteKeys()
+SITE_KEYS = _SiteKeys()
 
 FINAL_JOB_KEYS: dict[str, Converter] = {
     "command": _str,

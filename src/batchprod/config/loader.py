@@ -33,6 +33,7 @@ from batchprod.config.keys import (
     RUNTIME_VARS,
     SECTIONS,
     SHELL_KEYS,
+    SITE_KEYS,
     TOP_KEYS,
     Converter,
     check_name,
@@ -56,8 +57,21 @@ MAX_VALUE_CHARS = 100_000
 #: Where a value set by an override comes from, for error messages.
 COMMAND_LINE = "<command line>"
 _OVERRIDE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
-#: Environment variables a default needs that a batch or CI environment may not set.
-_ENV_FALLBACKS = {"PWD": os.getcwd, "USER": getpass.getuser}
+#: Environment variables a default needs that a batch or CI environment may not set (``USER``: the
+#: config's one resolved login, :attr:`BpsConfig.user`).
+_ENV_FALLBACKS = {"PWD": os.getcwd}
+
+
+def login_name() -> str | None:
+    """Who runs batchprod, as ctrl_bps tells its operator: ``$USER``, else the login name (getpass:
+    ``$LOGNAME``, ..., then the password database); None if nothing tells."""
+    user = os.environ.get("USER")
+    if user:
+        return user
+    try:
+        return getpass.getuser() or None
+    except Exception:  # noqa: BLE001 (OSError on 3.13+, KeyError before it: no password entry for this uid)
+        return None
 
 
 def _read_yaml(path: Path, key_hint: str = "") -> dict[str, Any]:
@@ -143,6 +157,15 @@ def _suggest(key: str, allowed: Mapping[str, Any] | frozenset[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _broken_plugins_note() -> str:
+    """For an unknown site key: the WMS plugins that failed to load (their keys are not known)."""
+    broken = SITE_KEYS.broken()
+    if not broken:
+        return ""
+    return "; WMS plugins that failed to load, whose keys are not known: " + "; ".join(
+        f"'{name}' ({value}): {why}" for name, (value, why) in sorted(broken.items()))
+
+
 def _kind(value: Any) -> str:
     return "a list" if isinstance(value, list) else f"{show(value, 40)}"
 
@@ -215,6 +238,16 @@ class BpsConfig:
         self.notes: list[str] = []
         self._used: frozenset[str] = frozenset()
         self._cache: dict[tuple[str, Context], Any] = {}
+        self._user: str | None = None
+        self._user_resolved = False
+
+    @property
+    def user(self) -> str | None:
+        """The login this config runs as (:func:`login_name`), resolved once per config: the default
+        ``operator`` and every ``${USER}`` of the config are this one value (None: nothing tells)."""
+        if not self._user_resolved:
+            self._user, self._user_resolved = login_name(), True
+        return self._user
 
     # -- lookup -------------------------------------------------------------------------------------
     def _scopes(self, ctx: Context) -> list[tuple[str, Mapping[str, Any]]]:
@@ -309,6 +342,12 @@ class BpsConfig:
             env, name, spec = m.group(1), m.group(2), m.group(3)
             if env is None and name is None:  # $ENV (ctrl_bps files)
                 env = m.group(4)
+            if env == "USER" and (self.rubin or not shell):
+                # the operator's login, resolved once: in a ctrl_bps file also in a command, so that a
+                # job's shell (its environment, set -u) never decides what u/${USER}/... means
+                if self.user is None:
+                    raise fail("environment variable ${USER} is not set and the login name is unknown")
+                return self.user
             if env is not None:
                 if shell:
                     return m.group(0)
@@ -375,6 +414,7 @@ class BpsConfig:
     # -- validation ---------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every key and value once, before anything is written."""
+        SITE_KEYS.retry_broken()  # a plugin that failed to load at an earlier load is tried again
         d = self.data
         check_plain(d, self._fail)
         sections, top = (RUBIN_SECTIONS, RUBIN_TOP_KEYS) if self.rubin else (SECTIONS, TOP_KEYS)
@@ -423,6 +463,8 @@ class BpsConfig:
                     self._check_table(value, table, key)
                 else:
                     for name, sub in value.items():
+                        if key == "site":
+                            self._check_site_plugin(str(name))
                         self._check_table(sub, table, f"{key}.{name}")
             elif key in top:
                 if isinstance(value, Mapping):
@@ -497,6 +539,7 @@ class BpsConfig:
             if k not in allowed:
                 raise ConfigError(
                     f"{self.where(path)}: unknown key '{one_line(path, 120)}'{_suggest(str(k), allowed)}"
+                    + (_broken_plugins_note() if allowed is SITE_KEYS else "")
                 )
             if isinstance(v, Mapping):
                 raise self._fail(path, "expected a value, got a mapping")
@@ -505,6 +548,17 @@ class BpsConfig:
                 allowed[k](value)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise self._fail(path, one_line(exc)) from None
+
+    def _check_site_plugin(self, site: str) -> None:
+        """A site whose WMS plugin cannot be loaded: one line naming the plugin and its exception (its
+        keys would otherwise be reported as unknown)."""
+        raw, keypath = self.find_raw("wmsServiceClass", Context(site=site))
+        if not isinstance(raw, str):
+            return
+        for name, (value, why) in SITE_KEYS.broken().items():
+            if raw in (name, value, value.replace(":", ".")):
+                raise ConfigError(f"{self.where(keypath)}: key '{keypath}' (site '{one_line(site, 80)}'): WMS plugin "
+                                  f"'{name}' ({value}) cannot be loaded: {why}")
 
     def _check_environment(self, env: Any, path: str) -> None:
         """A job environment (ctrl_bps ``environment``): variable names and plain values."""
@@ -649,6 +703,14 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
         data["timestamp"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         sources["timestamp"] = "<batchprod>"
     cfg = BpsConfig(data, sources, _resolve(p))
+    if "operator" not in data:
+        # Resolved once here and frozen with the config (as the timestamp): the submit directory, the
+        # output run and every command then name the same operator, also on restart.
+        if cfg.user is None:
+            raise ConfigError(f"{cfg.path}: key 'operator' is not set and neither $USER nor the login name "
+                              "says who runs this: set operator")
+        data["operator"] = cfg.user
+        sources["operator"] = "<batchprod>"
     cfg.notes.extend(translated)
     cfg.validate()
     return cfg

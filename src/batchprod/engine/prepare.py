@@ -283,7 +283,7 @@ def prepare(
 
     t0 = time.perf_counter()
     wms = _check_wms(cfg)
-    tmp = _make_tmp(cfg, submit_dir)
+    tmp, created = _make_tmp(cfg, submit_dir)
     try:
         shutil.copyfile(pipeline_path, tmp / "pipeline.yaml")  # not copy: our umask, not the source's mode
         _write_run(cfg, tmp, output_run, wms, qg, wf, done)
@@ -291,7 +291,7 @@ def prepare(
             _replace_output_run(repo, output_run, tmp)
         tmp.rename(submit_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, created)
         raise
     timings.append(Timing("write submit dir", time.perf_counter() - t0, _peak_mb()))
     return _opened(submit_dir, qg, wf)
@@ -317,17 +317,35 @@ def _check_wms(cfg: BpsConfig) -> str:
     return wms
 
 
-def _make_tmp(cfg: BpsConfig, submit_dir: Path) -> Path:
-    """The submit directory's temporary twin, renamed into place only when complete."""
+def _make_tmp(cfg: BpsConfig, submit_dir: Path) -> tuple[Path, list[Path]]:
+    """The submit directory's temporary twin, renamed into place only when complete, and the directories
+    above it that this call created (deepest first): a failed prepare removes them again (:func:`_discard`)."""
     tmp = submit_dir.with_name(f".{submit_dir.name}.preparing")
+    created: list[Path] = []
+    parent = tmp.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     except OSError as exc:
+        _discard(tmp, created)
         raise ConfigError(f"{cfg.where(cfg.find_raw('submitPath')[1])}: key 'submitPath': cannot create "
                           f"{submit_dir}: {exc.strerror or exc}") from None
-    return tmp
+    return tmp, created
+
+
+def _discard(tmp: Path, created: list[Path]) -> None:
+    """A failed prepare leaves nothing: its temporary twin, then the directories it created above it,
+    each only while empty (another prepare may have put its run there meanwhile)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (or gone): it and everything above it stay
 
 
 def _write_run(cfg: BpsConfig, tmp: Path, output_run: str, wms: str, qg: QuantumGraph, wf: GenericWorkflow,

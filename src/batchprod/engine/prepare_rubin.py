@@ -45,6 +45,7 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "ref
         Timing,
         _check_budget,
         _check_wms,
+        _discard,
         _make_tmp,
         _opened,
         _peak_mb,
@@ -68,7 +69,7 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "ref
     wms = _check_wms(cfg)
     notes: list[str] = list(cfg.notes)
     timings.append(Timing("load config", time.perf_counter() - t0, _peak_mb()))
-    tmp = _make_tmp(cfg, submit_dir)
+    tmp, created = _make_tmp(cfg, submit_dir)
     try:
         t0 = time.perf_counter()
         staged = tmp / RUBIN_QG
@@ -106,10 +107,10 @@ def prepare_rubin(cfg: BpsConfig, timings: list, t0: float, existing: str = "ref
         _write_run(cfg, tmp, output_run, wms, qg, wf, [])
         tmp.rename(submit_dir)
     except GraphError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, created)  # nothing left behind: the twin and the directories made for it
         raise ConfigError(str(exc)) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, created)
         raise
     timings.append(Timing("write submit dir", time.perf_counter() - t0, _peak_mb()))
     run = _opened(Path(submit_dir), qg, wf)
