@@ -159,6 +159,25 @@ def test_injection_through_task_config_runs_nothing(tmp_path: Path) -> None:
     assert out.read_text() == value + "\n"
 
 
+@pytest.mark.parametrize("template", ["echo final '{v}'", 'echo final "{v}"', "echo final {v}"])
+def test_a_variable_in_the_final_jobs_command_cannot_inject_code(tmp_path: Path, template: str) -> None:
+    """A native finalJob.command takes a variable's value only as one plain word, whatever quotes the
+    placeholder stands in; a plain word still works."""
+    from batchprod.errors import ConfigError
+
+    repo = make_toy_repo(tmp_path / "repo", **ONE)
+    pwned = tmp_path / "pwned"
+    task = command_task(["visit", "detector"], ["raw"], ["calexp"], "cp {inputs.raw} {outputs.calexp}")
+    for value in (f"'; touch {pwned}; echo '", f'"; touch {pwned}; echo "', f"x; touch {pwned}", "$(id)"):
+        with pytest.raises(ConfigError, match=r"key 'finalJob.command': variable \{v\} is .* not a plain word"):
+            prepare(write_submit(tmp_path / "a", {"tasks": {"calibrate": task}}, repo=repo, variables={"v": value},
+                                 finalJob={"command": template}))
+    run = prepare(write_submit(tmp_path / "b", {"tasks": {"calibrate": task}}, repo=repo,
+                               variables={"v": "catalog-v2.fits"}, finalJob={"command": template + f" > {pwned}.ok"}))
+    assert LocalExecutor(run).execute() == "SUCCEEDED"
+    assert Path(f"{pwned}.ok").read_text() == "final catalog-v2.fits\n" and not pwned.exists()
+
+
 # -- shell semantics: a failed or killed part of a command fails it ------------------------------------
 def _one_command_job(tmp_path: Path, command: str, **keys) -> list[dict]:
     repo = make_toy_repo(tmp_path / "repo", **ONE)

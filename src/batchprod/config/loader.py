@@ -10,6 +10,7 @@ import difflib
 import getpass
 import os
 import re
+import shlex
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ _MISSING = object()
 MAX_VAR_DEPTH = 32
 #: A value after substitution ("{a}{a}" with a = "{b}{b}" ... doubles per level).
 MAX_VALUE_CHARS = 100_000
+_ENV_REF_IN_VALUE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 #: Where a value set by an override comes from, for error messages.
 COMMAND_LINE = "<command line>"
 _OVERRIDE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
@@ -356,9 +358,16 @@ class BpsConfig:
                         return _ENV_FALLBACKS[env]()
                     raise fail(f"environment variable ${{{env}}} is not set")
                 return os.environ[env]
-            if spec:
-                return _formatted(name, spec, sub_value(name), fail)
-            return sub_value(name)
+            text = _formatted(name, spec, sub_value(name), fail) if spec else sub_value(name)
+            plain = _ENV_REF_IN_VALUE.sub("", text)  # (${NAME}: left for the job's shell, not code)
+            if shell and not self.rubin and plain and shlex.quote(plain) != plain and text != "{" + name + "}":
+                # a native command takes a variable's value as one plain word only: anything a shell
+                # would read as more (a quote, ;, $, a space) could be code, whatever quotes surround
+                # the placeholder (ctrl_bps files paste values as ctrl_bps does: option strings)
+                raise fail(f"variable {{{name}}} is {one_line(text, 60)!r}, not a plain word (letters, digits, "
+                           "and @%+=:,./-): a command takes a variable's value only as one word; pass other "
+                           "values through the environment (${NAME} is the job's)")
+            return text
 
         def sub_value(name: str) -> str:
             if name in memo:
