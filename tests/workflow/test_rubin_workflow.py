@@ -134,6 +134,25 @@ def test_keys_we_do_not_support_are_named(tmp_path: Path, extra: dict[str, Any],
         _cfg(tmp_path, extra)
 
 
+def test_queue_is_a_slurm_sites_partition(tmp_path: Path) -> None:
+    """ctrl_bps's queue: on a Slurm compute site, its partition (said in a note); on a local site there
+    is no queue, and it is refused by name."""
+    from batchprod.wms.settings import site_settings
+    from batchprod.wms.slurm import SlurmSettings
+
+    slurm = {"computeSite": "hpc", "site": {"hpc": {"wmsServiceClass": "slurm"}}}
+    for extra in ({**slurm, "queue": "debug"}, {"computeSite": "hpc",
+                                                "site": {"hpc": {"wmsServiceClass": "slurm", "queue": "debug"}}}):
+        cfg = _cfg(tmp_path, extra)
+        assert site_settings(cfg, SlurmSettings).partition == "debug"
+        assert any("is Slurm site 'hpc''s partition" in n for n in cfg.notes)
+    refused = re.escape("key 'queue': ctrl_bps key not supported by batchprod: a queue is a Slurm site's partition")
+    for extra in ({"queue": "debug"},  # the default local site
+                  {**slurm, "queue": "debug", "site": {"hpc": {"wmsServiceClass": "slurm", "partition": "x"}}}):
+        with pytest.raises(ConfigError, match=refused):  # (a site's own partition is not overridden silently)
+            _cfg(tmp_path, extra)
+
+
 def test_clusters_need_dimension_clustering(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="clusters apply only with clusterAlgorithm"):
         _wf(tmp_path, {"cluster": {"c": {"pipetasks": "isr"}}})

@@ -524,7 +524,8 @@ RUBIN_UNSUPPORTED: dict[str, str] = {
     "computeCloud": "clouds are PanDA's; give sites in a site catalog (batchprod sites) instead",
     "profile": "HTCondor profile values do not apply; give the site's scheduler options "
                "(e.g. site.<name>.sbatchOptions for Slurm)",
-    "queue": "not supported; give the Slurm partition as site.<name>.partition",
+    "queue": "a queue is a Slurm site's partition (taken as site.<name>.partition when the compute site "
+             "is a Slurm site and gives no partition of its own); this site has no queue",
     "class": "a ctrl_bps_parsl site class other than lsst.ctrl.bps.parsl.sites.Local (which batchprod "
              "takes); give the site's WMS and settings instead (wmsServiceClass: parsl, parslProvider: slurm, "
              "partition, maxWorkers, ...: README, Site settings)",

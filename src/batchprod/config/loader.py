@@ -693,7 +693,28 @@ def _translate_ctrl_bps(data: dict[str, Any], sources: dict[str, str]) -> list[s
                 sources[f"site.{name}.maxWorkers"] = sources.get(f"site.{name}.cores", where)
             notes.append(f"site.{name}: {CTRL_BPS_PARSL_LOCAL} is batchprod's parsl site with local workers "
                          f"(maxWorkers {site.get('maxWorkers', 'this machine')})")
+    notes.extend(_queue_as_partition(data, sources))
     return notes
+
+
+def _queue_as_partition(data: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """ctrl_bps's ``queue`` (top level, or the compute site's) on a Slurm compute site is its
+    partition, unless the site gives one; anywhere else it stays, and validation refuses it by name."""
+    site_name = data.get("computeSite", "local")
+    sites = data.get("site")
+    site = sites.get(site_name) if isinstance(sites, dict) else None
+    if not isinstance(site_name, str) or not isinstance(site, dict):
+        return []
+    wms = site.get("wmsServiceClass", data.get("wmsServiceClass", "local"))
+    if wms not in ("slurm", "batchprod.wms.slurm:SlurmService", "batchprod.wms.slurm.SlurmService"):
+        return []
+    key = f"site.{site_name}.queue" if "queue" in site else "queue" if "queue" in data else None
+    if key is None or "partition" in site:
+        return []
+    queue = site.pop("queue") if key != "queue" else data.pop("queue")
+    site["partition"] = queue
+    sources[f"site.{site_name}.partition"] = sources.get(key, "")
+    return [f"{key} {queue!r} is Slurm site '{site_name}''s partition"]
 
 
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> BpsConfig:
