@@ -245,7 +245,10 @@ def test_python_wrapper_commands_are_strict_and_report_kills(command: str, rc: i
     import sys
 
     code = f"from batchprod.execution.runner import _run_command; _run_command({command!r}, 'finalJob')"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # the default disposition of the signals sent (a test run under nohup ignores SIGHUP, and an
+    # ignored signal kills nothing: the payload would exit 0)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     assert p.returncode == rc, p.stderr
 
 
