@@ -162,3 +162,18 @@ def test_resolve_path_relative_to_the_file_that_set_it(base: Path) -> None:
     cfg2 = load_config(write(base / "t.yaml", {"pipelineYaml": "missing.yaml"}))
     with pytest.raises(ConfigError, match=r"t\.yaml: key 'pipelineYaml': file not found"):
         cfg2.resolve_path("pipelineYaml")
+
+
+def test_a_site_defined_but_not_chosen_is_said(tmp_path: Path, toy_repo: Path, cli) -> None:
+    """wmsServiceClass slurm and site.slurm.partition, without computeSite: the run uses the default
+    site 'local', so the partition would be silently unused. prepare says so."""
+    from batchprod.testing import TOY_PIPELINE, write_submit
+
+    cfg = write_submit(tmp_path, TOY_PIPELINE, repo=toy_repo, site={"hpc": {"wmsServiceClass": "local", "cores": 1}})
+    r = cli("prepare", cfg)
+    assert r.exit_code == 0, r.output
+    assert "note:     site 'hpc' is defined in the file but computeSite is 'local' (the default): its settings are " \
+           "not used (set computeSite to use it)" in r.output
+    cfg2 = write_submit(tmp_path / "b", TOY_PIPELINE, repo=toy_repo, computeSite="hpc",
+                        site={"hpc": {"wmsServiceClass": "local", "cores": 1}}, payload={"outputRun": "toy/b"})
+    assert "is defined in the file" not in cli("prepare", cfg2).output

@@ -488,6 +488,11 @@ class BpsConfig:
                 f"{self.where('computeSite')}: key 'computeSite': site '{one_line(site, 80)}' is not defined under 'site'"
                 f"{_suggest(site, {**(d.get('site') or {}), **dflt['site']})}"
             )
+        defined = sorted(str(n) for n in (d.get("site") or {}) if n != site)
+        if defined and site not in (d.get("site") or {}):
+            how = "the default" if "computeSite" not in d else "the one chosen"
+            self.notes.append(f"site {', '.join(repr(n) for n in defined)} is defined in the file but computeSite is "
+                              f"'{one_line(site, 80)}' ({how}): its settings are not used (set computeSite to use it)")
         for label in d.get("pipetask") or {}:
             self.job_settings(Context(label=label))
         for name in d.get("cluster") or {}:

@@ -294,7 +294,9 @@ def prepare(
         _discard(tmp, created)
         raise
     timings.append(Timing("write submit dir", time.perf_counter() - t0, _peak_mb()))
-    return _opened(submit_dir, qg, wf)
+    run = _opened(submit_dir, qg, wf)
+    run.notes = list(cfg.notes)  # what the config's reading noticed (prepare prints them)
+    return run
 
 
 def _opened(submit_dir: Path, qg: QuantumGraph, wf: GenericWorkflow) -> Run:
