@@ -315,7 +315,7 @@ def _load_site(path: Path, name: str, section: Any) -> CatalogSite:
     for (_, a), (j, b) in zip(windows, windows[1:], strict=False):
         if b.start < a.end:
             raise _fail(path, f"{prefix}.downtimes[{j}]", f"window {b.describe()} overlaps {a.describe()}")
-    return CatalogSite(name, wms, settings, site_capacity(wms, settings), keys.shared_filesystem, keys.opportunistic,
+    return CatalogSite(name, wms, settings, site_capacity(settings), keys.shared_filesystem, keys.opportunistic,
                        keys.weight, tuple(d for _, d in windows))
 
 

@@ -130,14 +130,14 @@ def _fit_final_job(cfg: BpsConfig, wf: object) -> list[str]:
     gets what the site has, said in a note. A value the file sets itself is kept (and checked)."""
     import dataclasses
 
-    from batchprod.wms.settings import check_sites, site_capacity, site_wms
+    from batchprod.wms.settings import check_sites, site_capacity
 
     final = getattr(wf, "final", None)
     if final is None:
         return []
     ctx = Context(section="finalJob")
     settings = check_sites(cfg)
-    capacity = site_capacity(site_wms(cfg), settings)
+    capacity = site_capacity(settings)
     cores, memory = capacity.cores, capacity.memory_mb
     res, changes = final.resources, {}
     if cores and res.request_cpus > cores and cfg.find_raw("requestCpus", ctx)[1].startswith("<defaults>"):

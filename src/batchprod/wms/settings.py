@@ -117,13 +117,13 @@ def site_wms(cfg: BpsConfig, site: str | None = None) -> str:
     return str(cfg.get("wmsServiceClass", Context(site=_site_name(cfg, site))))
 
 
-def site_capacity(wms: str, settings: SiteSettings) -> Capacity:
+def site_capacity(settings: SiteSettings) -> Capacity:
     """What a site can take at once, from its settings alone (no backend is built, nothing is asked of
     a scheduler): cores (or Parsl workers), memory, maxJobs, maxIdle; a local site's default is this
     machine's."""
     cores = getattr(settings, "cores", None) or getattr(settings, "max_workers", None)
     memory = getattr(settings, "memory", None) or None
-    if settings.wms == "local":  # (by the plugin's settings: 'batchprod.wms.local:LocalService' is local too)
+    if settings.wms == "local":  # (the plugin's own name: 'batchprod.wms.local:LocalService' is local too)
         import os
 
         import psutil
