@@ -128,9 +128,7 @@ class CampaignRunner:
             return
         for site in self.sites:
             if site.name in cat.sites:
-                cs = cat[site.name]
-                site.downtimes = [(d.start.timestamp(), d.end.timestamp()) for d in cs.downtimes]
-                site.weight, site.opportunistic = cs.weight, cs.opportunistic
+                cat[site.name].apply_to(site)
         added = sorted(set(cat.sites) - set(self._site_names))
         gone = sorted(set(self._site_names) - set(cat.sites))
         self.log(f"site catalog re-read from {self.catalog_path}: downtimes, weights and opportunistic flags in effect"

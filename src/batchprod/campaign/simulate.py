@@ -267,9 +267,7 @@ def _site(clock: VirtualClock, cs: Any, settings: SimSettings) -> Site:
     backend = FakeBackend(clock, duration=duration, outcome=outcome, name=cs.name,
                           capacity=Capacity(cores=cores, memory_mb=cap.memory_mb or cores * 4096))
     site = Site(cs.name, backend, cores, cap.memory_mb or cores * 4096, cap.max_jobs or BIG, BIG)
-    site.downtimes = [(d.start.timestamp(), d.end.timestamp()) for d in cs.downtimes]
-    site.opportunistic = cs.opportunistic
-    site.weight = cs.weight
+    cs.apply_to(site)
     return site
 
 

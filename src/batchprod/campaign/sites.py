@@ -10,8 +10,9 @@ A catalog is one YAML file (``sites.yaml``)::
 
 A site names its WMS plugin (``wmsServiceClass``, default ``local``, found by ``get_wms``); its other
 keys are that plugin's own settings (checked by the plugin's ``settings_model``, as ``site.<name>`` of a
-submit config is) and the catalog's own keys (:data:`CATALOG_KEYS`). The file is read with the bounded YAML reader; any problem is
-one :class:`ConfigError` line naming the file and the key (``sites.cluster.maxJobs: ...``).
+submit config is) and the catalog's own keys (:data:`CATALOG_KEYS`). The file is read with the bounded
+YAML reader; any problem is one :class:`ConfigError` line naming the file and the key
+(``sites.cluster.maxJobs: ...``).
 
 Capacity is derived from the settings directly, not from a backend's ``capacity()``: services build
 backends only for a run, and a Parsl backend starts a DataFlowKernel and its interchange, which showing a
@@ -166,6 +167,13 @@ class CatalogSite:
     opportunistic: bool = False
     weight: float = 1.0
     downtimes: tuple[Downtime, ...] = ()
+
+    def apply_to(self, site: Site) -> None:
+        """What of the catalog a dispatcher's site follows, also while it runs (a catalog re-read):
+        its downtime windows (epoch seconds), whether it is opportunistic, its weight."""
+        site.downtimes = [(d.start.timestamp(), d.end.timestamp()) for d in self.downtimes]
+        site.opportunistic = self.opportunistic
+        site.weight = self.weight
 
     def next_downtime(self, now: datetime) -> Downtime | None:
         """The window in force at ``now`` or the next one to come."""
@@ -444,8 +452,6 @@ def engine_sites(catalog: SiteCatalog, names: Sequence[str] | None = None) -> li
         cap = cs.capacity
         site = Site(name, backend, cap.cores or BIG, cap.memory_mb or BIG, cap.max_jobs or BIG,
                     cap.max_queued or BIG)
-        site.downtimes = [(d.start.timestamp(), d.end.timestamp()) for d in cs.downtimes]
-        site.opportunistic = cs.opportunistic
-        site.weight = cs.weight
+        cs.apply_to(site)
         out.append(site)
     return out
