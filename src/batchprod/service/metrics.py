@@ -65,31 +65,20 @@ class Snapshot:
     campaigns: dict[str, str] = field(default_factory=dict)  # name -> state
 
 
-def _owner() -> Any:
-    cr = campaign_run_t.c
-    return (sa.select(cr.submit_dir, sa.func.min(cr.campaign_id).label("campaign_id"))  # one campaign per run
-            .where(cr.submit_dir.is_not(None)).group_by(cr.submit_dir).subquery("owner"))
-
-
 def _campaign_of_runs() -> sa.Select[Any]:
-    """(run id, campaign name or None) of every run."""
-    owner = _owner()
+    """(run id, campaign name or None) of every run; a run in several campaigns counts for the first."""
+    cr = campaign_run_t.c
+    owner = (sa.select(cr.submit_dir, sa.func.min(cr.campaign_id).label("campaign_id"))
+             .where(cr.submit_dir.is_not(None)).group_by(cr.submit_dir).subquery("owner"))
     return (sa.select(run_t.c.id, campaign_t.c.name)
             .select_from(run_t.outerjoin(owner, owner.c.submit_dir == run_t.c.submit_dir)
                          .outerjoin(campaign_t, campaign_t.c.id == owner.c.campaign_id)))
 
 
 def _jobs_query() -> sa.Select[Any]:
-    """Jobs by (campaign, state): counted per (run, state) on the job table's (run_id, status) index
-    first, so the joins only see one row per run and state."""
-    per_run = (sa.select(job_t.c.run_id, job_t.c.status, sa.func.count().label("n"))
-               .group_by(job_t.c.run_id, job_t.c.status).subquery("per_run"))
-    owner = _owner()
-    return (sa.select(campaign_t.c.name, per_run.c.status, sa.func.sum(per_run.c.n))
-            .select_from(per_run.join(run_t, run_t.c.id == per_run.c.run_id)
-                         .outerjoin(owner, owner.c.submit_dir == run_t.c.submit_dir)
-                         .outerjoin(campaign_t, campaign_t.c.id == owner.c.campaign_id))
-            .group_by(campaign_t.c.name, per_run.c.status))
+    """Jobs by (run, state), on the job table's (run_id, status) index: one row per run and state
+    (runs are mapped to their campaigns with :func:`_campaign_of_runs`)."""
+    return sa.select(job_t.c.run_id, job_t.c.status, sa.func.count()).group_by(job_t.c.run_id, job_t.c.status)
 
 
 def _attempts_query(since: float) -> sa.Select[Any]:
@@ -103,9 +92,9 @@ def _attempts_query(since: float) -> sa.Select[Any]:
 def read(conn: sa.Connection, now: float) -> Snapshot:
     """The snapshot, in six queries whatever the number of jobs."""
     snap = Snapshot()
-    for campaign, status, n in conn.execute(_jobs_query()):
-        snap.jobs[(campaign or "", status)] += int(n)
     campaign_of = {rid: name or "" for rid, name in conn.execute(_campaign_of_runs())}
+    for run_id, status, n in conn.execute(_jobs_query()):
+        snap.jobs[(campaign_of.get(run_id, ""), status)] += int(n)
     for run_id, site, status, fclass, n, recent in conn.execute(_attempts_query(now - DISPATCH_WINDOW)):
         site, n = site or "", int(n)
         if status in IN_FLIGHT:
