@@ -14,7 +14,7 @@ import shlex
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -240,16 +240,12 @@ class BpsConfig:
         self.notes: list[str] = []
         self._used: frozenset[str] = frozenset()
         self._cache: dict[tuple[str, Context], Any] = {}
-        self._user: str | None = None
-        self._user_resolved = False
 
-    @property
+    @cached_property
     def user(self) -> str | None:
         """The login this config runs as (:func:`login_name`), resolved once per config: the default
         ``operator`` and every ``${USER}`` of the config are this one value (None: nothing tells)."""
-        if not self._user_resolved:
-            self._user, self._user_resolved = login_name(), True
-        return self._user
+        return login_name()
 
     # -- lookup -------------------------------------------------------------------------------------
     def _scopes(self, ctx: Context) -> list[tuple[str, Mapping[str, Any]]]:

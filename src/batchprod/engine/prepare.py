@@ -186,7 +186,6 @@ def _check_output_run(registry: Registry, repo: Path, output_run: str, in_runs: 
         how = "inside its output area" if other.startswith(output_run + "/") else "whose output area holds it"
         raise ConfigError(f"{key}: '{output_run}' would share files with run '{other}' ({how}): give a run "
                           "that is neither a parent nor a child of another run")
-    area = repo / output_run
     files = area.is_dir() and any(area.iterdir())
     if existing == "refuse" and (held or files):
         what = f"holds {len(held):,} datasets in {repo / REGISTRY_FILE}" if held else f"has files in {area}"
